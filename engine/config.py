@@ -1,0 +1,72 @@
+"""Engine configuration: one dataclass per concern, gathered in EngineConfig.
+
+`EngineConfig.from_kwargs(model=..., block_size=..., ...)` is what `LLM(model, **kwargs)` and the CLI call: every
+field of every concern is a keyword, so users pass the flat options they know from vLLM.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class ModelConfig:
+    model: str = DEFAULT_MODEL            # alias, local Hugging Face directory, .gguf file, or a dummy shape name
+    load_format: str = "auto"             # "auto" (real weights) or "dummy" (random weights of the real shape)
+    dtype: str = "auto"                   # auto: bf16 on GPU (fp16 if the checkpoint says so), fp32 on CPU
+    device: str = "auto"                  # auto: cuda when available, else cpu
+    max_model_len: int | None = None      # default: the model's max_position_embeddings
+    seed: int = 0                         # seeds dummy weights and the draws of unseeded requests
+    tokenizer: str | None = None          # default: the model directory; "none" runs on token ids only
+    attention_backend: str = "auto"       # auto: triton on GPU, torch reference on CPU
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16                  # tokens per KV block
+    num_blocks: int | None = None         # set directly, or derived from the memory budget below
+    kv_cache_memory_gb: float | None = None       # CPU: KV pool size (default 2 GiB, capped by max_num_seqs x max_model_len)
+    gpu_memory_utilization: float = 0.9   # GPU: fraction of device memory for weights, activations and KV
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256               # running sequences at once
+    max_num_batched_tokens: int = 8192    # token budget of one step, shared by prefill chunks and decodes
+    enable_chunked_prefill: bool = True   # off: a prompt is prefilled in one step or waits
+    policy: str = "fcfs"                  # "fcfs" or "priority" (lower value first, then arrival)
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        parts = {}
+        for name, part_cls in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+            names = {f.name for f in dataclasses.fields(part_cls)}
+            parts[name] = part_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        if kwargs:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(kwargs))}")
+        config = cls(**parts)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        c, s = self.cache, self.scheduler
+        if c.block_size <= 0 or c.block_size & (c.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {c.block_size}")
+        if not 0.0 < c.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
+        if s.max_num_seqs <= 0 or s.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if s.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {s.policy!r}")
+        if self.model.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.model.load_format!r}")

@@ -1,0 +1,59 @@
+"""The offline API, like vLLM's: `LLM(model, **options).generate(prompts, params)` runs whole batches."""
+from __future__ import annotations
+
+import itertools
+
+from tqdm import tqdm
+
+from engine.config import DEFAULT_MODEL, EngineConfig
+from engine.llm_engine import LLMEngine, Prompt
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+Conversation = list[dict]
+
+
+class LLM:
+    def __init__(self, model: str = DEFAULT_MODEL, progress: bool = True, **options):
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **options), progress=progress)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False, priority: list[int] | None = None) -> list[RequestOutput]:
+        """Prompts are strings or token-id lists; outputs come back in the same order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params)):
+            try:
+                self.engine.add_request(rid, prompt, p, priority[i] if priority else 0)
+            except Exception:
+                for added in ids[:i]:
+                    self.engine.abort_request(added)
+                raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, conversations: Conversation | list[Conversation],
+             params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Conversations (lists of {"role", "content"} messages) through the model's chat template."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer")
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.generate([self.tokenizer.encode_chat(c) for c in conversations], params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[i] for i in ids]

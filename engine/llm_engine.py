@@ -1,0 +1,164 @@
+"""The engine core in one process: scheduler, model runner and detokenizer, one step at a time.
+
+    plan = scheduler.schedule()      # which sequences compute how many tokens
+    result = runner.execute(plan)    # forward + sample
+    scheduler.update(result)         # append tokens, finish on EOS / stop ids / length
+    detokenize, cut at stop strings  # a stop string finishes the sequence through the scheduler
+
+LLM (offline batches) and AsyncLLM (streaming) drive this; the services split the same objects across processes.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model_files import resolve_model
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerStats
+from engine.sequence import FinishReason, Sequence
+from engine.tokenizer import Tokenizer
+
+Prompt = str | list[int]
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+    completions: dict[int, CompletionOutput] = field(default_factory=dict)
+    detokenizers: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        self.config = config
+        mc = config.model
+        files = resolve_model(mc.model, mc.load_format)
+        self.model_name = files.name
+        self.tokenizer = _load_tokenizer(mc.tokenizer, files.path)
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else _config_eos_ids(files.config)
+        self.runner = ModelRunner(config, files.config, files.path, eos, progress)
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.args.vocab_size
+        block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+                                     config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, block_manager, self.max_model_len, eos)
+        self.requests: dict[str, _Request] = {}
+        self._rng = random.Random(mc.seed)
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass token ids")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
+        return ids
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    priority: int = 0, prompt_token_ids: list[int] | None = None) -> None:
+        """Queue a request. Raises ValueError, queuing nothing, if it is invalid."""
+        params = params or SamplingParams()
+        ids = self.tokenize(prompt) if prompt_token_ids is None else self.tokenize(prompt_token_ids)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        self.scheduler.add_request(request_id, ids, params, seed, priority)
+        self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
+                                             RequestMetrics(arrival_time=time.monotonic()))
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort_request(request_id)
+        self.requests.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    # ---- one step ------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        result = self.runner.execute(plan)
+        sampled_logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else {}
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        for seq in self.scheduler.update(result):
+            request = self.requests.get(seq.request_id)
+            if request is None:
+                continue
+            self._append(request, seq, seq.token_ids[-1], sampled_logprobs.get(seq.seq_id))
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+                request.num_cached_tokens = seq.num_cached_tokens
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            finished = request.request_id not in self.scheduler.requests
+            if finished:
+                request.metrics.finished_time = now
+                del self.requests[request.request_id]
+            outputs.append(self._output(request, finished))
+        return outputs
+
+    def _append(self, request: _Request, seq: Sequence, token: int, logprobs) -> None:
+        out = request.completions.get(seq.index)
+        if out is None:
+            out = request.completions[seq.index] = CompletionOutput(
+                index=seq.index, logprobs=[] if request.params.logprobs is not None else None)
+            if self.tokenizer is not None:
+                request.detokenizers[seq.index] = IncrementalDetokenizer(
+                    self.tokenizer.backend, request.prompt_token_ids, request.params)
+        out.token_ids.append(token)
+        out.delta_token_ids.append(token)
+        if out.logprobs is not None and logprobs is not None:
+            out.logprobs.append(logprobs)
+        detok = request.detokenizers.get(seq.index)
+        if detok is not None:
+            out.delta_text += detok.add([token])
+            if detok.stop_reason is not None and not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.STOP, stop_reason=detok.stop_reason)
+            if seq.is_finished:
+                out.delta_text += detok.flush()
+            out.text = detok.text[:detok.released]
+        if seq.is_finished:
+            out.finish_reason, out.stop_reason = seq.finish_reason.value, seq.stop_reason
+
+    def _output(self, request: _Request, finished: bool) -> RequestOutput:
+        completions = [request.completions[i] for i in sorted(request.completions)]
+        snapshot = [CompletionOutput(c.index, c.text, list(c.token_ids),
+                                     list(c.logprobs) if c.logprobs is not None else None, c.finish_reason,
+                                     c.stop_reason, c.delta_text, c.delta_token_ids) for c in completions]
+        for c in completions:               # deltas are per output
+            c.delta_text, c.delta_token_ids = "", []
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, snapshot, finished,
+                             request.num_cached_tokens, request.metrics)
+
+
+def _load_tokenizer(option: str | None, model_dir) -> Tokenizer | None:
+    """An explicit --tokenizer must load; the model directory's is used when it has one (dummy and tiny test
+    models have none, and run on token ids)."""
+    if option == "none":
+        return None
+    if option:
+        return Tokenizer(option)
+    if model_dir is not None and Tokenizer.present_in(model_dir):
+        return Tokenizer(model_dir)
+    return None
+
+
+def _config_eos_ids(hf_config: dict) -> frozenset[int]:
+    eos = hf_config.get("eos_token_id")
+    return frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])

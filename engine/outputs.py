@@ -1,0 +1,44 @@
+"""What callers get back: one RequestOutput per request and step, with one CompletionOutput per sequence.
+
+Fields are cumulative (text and token ids so far); `delta_text` and `delta_token_ids` hold what this output adds,
+for streaming.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.plan import TokenLogprobs
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None      # aligned with token_ids when logprobs were asked
+    finish_reason: str | None = None                 # "stop", "length", "abort" once finished
+    stop_reason: int | str | None = None             # the stop token id or stop string that hit
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0                       # prompt tokens served from the prefix cache
+    metrics: RequestMetrics | None = None

