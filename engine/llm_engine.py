@@ -43,7 +43,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.config = config
         mc = config.model
-        files = resolve_model(mc.model, mc.load_format)
+        files = resolve_model(mc.model, mc.load_format, progress=progress)
         self.model_name = files.name
         self.tokenizer = _load_tokenizer(mc.tokenizer, files.path)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else _config_eos_ids(files.config)

@@ -75,11 +75,17 @@ class Scheduler:
                              f"at most {self.max_model_len - 1} prompt tokens leave room for one generated token")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
-        if not self.config.enable_chunked_prefill and n > self.config.max_num_batched_tokens:
-            raise ValueError(f"the prompt has {n} tokens, more than max_num_batched_tokens="
-                             f"{self.config.max_num_batched_tokens} without chunked prefill")
-        if -(-(n + 1) // self.block_manager.block_size) > self.block_manager.num_blocks:
-            raise ValueError(f"the prompt has {n} tokens, more than the whole KV cache holds")
+        # The most KV this request can hold (every token but the last sampled one). A preempted sequence is
+        # recomputed whole, so that must fit the pool, and one step when prompts cannot be chunked.
+        final = min(n + params.max_tokens, self.max_model_len) if params.max_tokens else self.max_model_len
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if final - 1 > capacity:
+            raise ValueError(f"the request can grow to {final} tokens ({n} prompt + up to {final - n} generated), "
+                             f"more than the KV cache's {capacity} slots hold; lower max_tokens")
+        if not self.config.enable_chunked_prefill and final - 1 > self.config.max_num_batched_tokens:
+            raise ValueError(f"the request can grow to {final} tokens, more than one step of "
+                             f"max_num_batched_tokens={self.config.max_num_batched_tokens} recomputes without "
+                             f"chunked prefill; lower max_tokens")
 
     def abort_request(self, request_id: str) -> list[Sequence]:
         """Finish every sequence of the request; its blocks are free at once. Unknown ids are ignored."""
@@ -142,7 +148,9 @@ class Scheduler:
         # Then admit waiting sequences, unless this step had to preempt (the pool is tight).
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
-            if len(self.running) + 1 + seq.num_pending_forks > self.config.max_num_seqs:
+            # Count the siblings that running parents will fork when their prompts complete.
+            promised = sum(s.num_pending_forks for s in self.running)
+            if len(self.running) + promised + 1 + seq.num_pending_forks > self.config.max_num_seqs:
                 break
             cached = self.block_manager.find_cached_prefix(seq)
             num_new = seq.num_tokens - len(cached) * self.block_manager.block_size

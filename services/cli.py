@@ -1,7 +1,8 @@
 """The `pagestream` command.
 
-    pagestream generate [--model M] [--chat] "prompt" ...     complete prompts (or chat) and stream the text
-    pagestream generate --chat                                an interactive chat in the terminal
+    pagestream generate [--model M] "prompt" ...   answer prompts (through the chat template if the model has one)
+    pagestream generate --raw "text"               complete the text as is
+    pagestream generate --chat                     an interactive chat in the terminal
     pagestream bench throughput [--workload w256] ...         offline throughput (see loadtest/throughput.py)
 
 Every engine option (ModelConfig, CacheConfig, SchedulerConfig fields) is a flag: --max-num-seqs, --block-size...
@@ -41,7 +42,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) ->
     group.add_argument("--top-p", type=float, default=1.0)
     group.add_argument("--top-k", type=int, default=0)
     group.add_argument("--min-p", type=float, default=0.0)
-    group.add_argument("--seed", type=int, default=None, dest="sampling_seed", help="per-request sampling seed")
+    group.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (--seed seeds the engine)")
     group.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
 
 
@@ -86,11 +87,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     if not args.prompts:
         raise SystemExit("give a prompt, e.g. pagestream generate \"What is the capital of France?\"")
+    # An instruct model answers a question asked through its template; as raw text it may just end it.
+    as_chat = args.chat or (not args.raw and engine.tokenizer is not None and engine.tokenizer.has_chat_template)
     for prompt in args.prompts:
-        if args.chat:
-            stream(engine.tokenizer.encode_chat([{"role": "user", "content": prompt}]))
-        else:
-            stream(engine.tokenize(prompt))
+        stream(engine.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if as_chat
+               else engine.tokenize(prompt))
     return 0
 
 
@@ -100,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate text for prompts, or chat")
-    gen.add_argument("prompts", nargs="*", help="prompts to complete (with --chat: user messages)")
-    gen.add_argument("--chat", action="store_true",
-                     help="send each prompt as a chat message through the model's template; "
-                          "with no prompt, chat interactively")
+    gen.add_argument("prompts", nargs="*",
+                     help="prompts: sent as chat messages when the model has a chat template, else completed")
+    mode = gen.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true", help="with no prompt: chat interactively")
+    mode.add_argument("--raw", action="store_true", help="complete the prompt text as is, without the template")
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)

@@ -1,0 +1,167 @@
+"""Typed msgpack messages: a dataclass's annotations are its schema.
+
+    @message("plan", version=1)
+    @dataclass
+    class PlanMessage: ...
+
+    data = encode(msg)                  # msgpack map: {"t": type, "v": version, field: value, ...}
+    msg = decode(PlanMessage, data)     # checks type, version, every field's type and size; else SchemaError
+
+Field types: bool, int, float, str, bytes, None, X | None, unions, list[X], tuple[X, ...], dict[K, V] and nested
+dataclasses. Sizes: strings, bytes, lists and maps are bounded (field(metadata={"max_len": n}) or the defaults),
+so a malformed or hostile message fails with a message naming the field, never with a crash downstream.
+No pickle: only plain msgpack values cross a wire.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from functools import cache
+from typing import Any, TypeVar
+
+import msgpack
+
+MAX_MESSAGE_BYTES = 64 << 20
+MAX_STR = 1 << 22        # characters
+MAX_LIST = 1 << 22       # items
+MAX_MAP = 1 << 16        # keys
+
+T = TypeVar("T")
+
+
+class SchemaError(ValueError):
+    """A message that is not what its schema says: wrong type, version, field type or size."""
+
+
+def message(type_name: str, version: int = 1):
+    """Class decorator: names a dataclass as a wire message type with a version."""
+    def wrap(cls):
+        cls.MESSAGE_TYPE, cls.MESSAGE_VERSION = type_name, version
+        return cls
+    return wrap
+
+
+def encode(msg: Any) -> bytes:
+    body = _to_wire(msg)
+    body["t"], body["v"] = msg.MESSAGE_TYPE, msg.MESSAGE_VERSION
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(cls: type[T], data: bytes) -> T:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SchemaError(f"{cls.MESSAGE_TYPE}: expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise SchemaError(f"{cls.MESSAGE_TYPE}: message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as e:
+        raise SchemaError(f"{cls.MESSAGE_TYPE}: not valid msgpack ({e})") from None
+    if not isinstance(body, dict):
+        raise SchemaError(f"{cls.MESSAGE_TYPE}: expected a map, got {type(body).__name__}")
+    kind, version = body.pop("t", None), body.pop("v", None)
+    if kind != cls.MESSAGE_TYPE:
+        raise SchemaError(f"expected a {cls.MESSAGE_TYPE!r} message, got {kind!r}")
+    if version != cls.MESSAGE_VERSION:
+        raise SchemaError(f"{cls.MESSAGE_TYPE}: version {version!r}, this build speaks {cls.MESSAGE_VERSION}")
+    return _from_wire(body, cls, cls.MESSAGE_TYPE)
+
+
+# ---- to the wire ---------------------------------------------------------------------------------------------
+def _to_wire(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_wire(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_wire(v) for k, v in value.items()}
+    return value
+
+
+# ---- from the wire, checked ----------------------------------------------------------------------------------
+@cache
+def _hints(cls) -> dict[str, tuple[Any, int | None, bool]]:
+    """field name -> (type, max_len, required) for a dataclass."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        out[f.name] = (hints[f.name], f.metadata.get("max_len"), required)
+    return out
+
+
+def _from_wire(value: Any, tp: Any, path: str, max_len: int | None = None) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SchemaError(f"{path}: expected a map, got {type(value).__name__}")
+        fields = _hints(tp)
+        unknown = set(value) - set(fields)
+        if unknown:
+            raise SchemaError(f"{path}: unknown field(s) {sorted(map(str, unknown))}")
+        kwargs = {}
+        for name, (ftype, flen, required) in fields.items():
+            if name in value:
+                kwargs[name] = _from_wire(value[name], ftype, f"{path}.{name}", flen)
+            elif required:
+                raise SchemaError(f"{path}: missing field {name!r}")
+        try:
+            return tp(**kwargs)
+        except (TypeError, ValueError) as e:              # the dataclass's own validation (__post_init__)
+            raise SchemaError(f"{path}: {e}") from None
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _from_wire(value, option, path, max_len)
+            except SchemaError as e:
+                errors.append(str(e))
+        raise SchemaError(errors[0] if len(errors) == 1 else f"{path}: matches none of {args}")
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise SchemaError(f"{path}: expected a list, got {type(value).__name__}")
+        _check_len(path, len(value), max_len or MAX_LIST)
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise SchemaError(f"{path}: expected {len(args)} items, got {len(value)}")
+            return tuple(_from_wire(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_from_wire(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SchemaError(f"{path}: expected a map, got {type(value).__name__}")
+        _check_len(path, len(value), max_len or MAX_MAP)
+        kt, vt = args
+        return {_from_wire(k, kt, f"{path} key"): _from_wire(v, vt, f"{path}[{k!r}]") for k, v in value.items()}
+    return _scalar(value, tp, path, max_len)
+
+
+def _scalar(value: Any, tp: Any, path: str, max_len: int | None) -> Any:
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise SchemaError(f"{path}: expected nothing, got {type(value).__name__}")
+        return None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SchemaError(f"{path}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise SchemaError(f"{path}: expected an integer, got a boolean")
+    if tp in (int, bool, str, bytes):
+        if not isinstance(value, tp):
+            raise SchemaError(f"{path}: expected {tp.__name__}, got {type(value).__name__}")
+        if tp in (str, bytes):
+            _check_len(path, len(value), max_len or MAX_STR)
+        return value
+    raise TypeError(f"{path}: unsupported schema type {tp!r}")
+
+
+def _check_len(path: str, n: int, limit: int) -> None:
+    if n > limit:
+        raise SchemaError(f"{path}: {n} items exceed the limit of {limit}")

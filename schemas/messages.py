@@ -1,0 +1,146 @@
+"""Every message between the services, one dataclass per stream hop.
+
+    gateway --GenerateRequest--> [tokenize] --> tokenizer --ScheduleRequest--> [schedule] --> scheduler
+    gateway, detokenizer --Abort--> [abort] --> scheduler
+    scheduler --PlanMessage--> [plan:<worker>] --> worker --StepEvent--> [events:<worker>] --> scheduler
+    worker --StepTokens--> [tokens:<partition>] --> detokenizer --Reply--> [reply:<gateway>] --> gateway
+    tokenizer --Reply (error)--> [reply:<gateway>]
+
+Messages carry (request_id, seq) where a consumer must drop duplicates: a message can be delivered twice when a
+consumer dies after its effect but before its acknowledgement. Encoding and checking: schemas.codec.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.plan import Fork, NewSequence, RunningSequence
+from engine.sampling_params import SamplingParams
+from schemas.codec import message
+
+MAX_PROMPT_TOKENS = 1 << 20
+
+
+@dataclass
+class ChatMessage:
+    role: str = field(metadata={"max_len": 64})
+    content: str
+
+
+@message("generate")
+@dataclass
+class GenerateRequest:
+    """A request as the gateway took it: text or token ids, or a chat conversation, still to be tokenized."""
+    request_id: str = field(metadata={"max_len": 256})
+    gateway: str = field(metadata={"max_len": 256})          # its reply stream is reply:<gateway>
+    params: SamplingParams
+    arrival: float                                            # unix time the gateway accepted it
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = field(default=None, metadata={"max_len": MAX_PROMPT_TOKENS})
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    priority: int = 0
+
+
+@message("schedule")
+@dataclass
+class ScheduleRequest:
+    """A tokenized, validated request, ready for admission."""
+    request_id: str = field(metadata={"max_len": 256})
+    gateway: str = field(metadata={"max_len": 256})
+    prompt_token_ids: list[int] = field(metadata={"max_len": MAX_PROMPT_TOKENS})
+    params: SamplingParams
+    arrival: float
+    priority: int = 0
+
+
+@message("abort")
+@dataclass
+class Abort:
+    """Finish a request (index None: all its sequences) or one sequence of it (a stop string hit)."""
+    request_id: str = field(metadata={"max_len": 256})
+    index: int | None = None
+    reason: str = "abort"                                     # "abort" (client gone) or "stop" (stop string)
+    stop_reason: str | None = None
+
+
+@message("plan")
+@dataclass
+class PlanMessage:
+    """engine.plan.Plan for one worker, plus what only the pipeline needs: who each new sequence belongs to."""
+    plan_id: int
+    num_steps: int
+    new: list[NewSequence]
+    new_request_ids: list[str]                                # aligned with `new`
+    new_indexes: list[int]
+    running: list[RunningSequence]
+    scheduled_seq_ids: list[int]
+    scheduled_tokens: list[int]
+    forks: list[Fork]
+    fork_indexes: list[int]                                   # the child's completion index, aligned with forks
+    block_copies: list[tuple[int, int]]
+    freed_seq_ids: list[int]
+
+
+@message("step_event")
+@dataclass
+class StepEvent:
+    """Worker -> scheduler, once per plan: what every sequence sampled, and which ones finished on the worker."""
+    plan_id: int
+    seq_ids: list[int]
+    token_ids: list[list[int]]                                # per sequence, one per step it sampled
+    finish_reasons: list[str | None]                          # "stop" / "length" where the worker ended it
+    stop_reasons: list[int | None]                            # the stop token id, where one ended it
+    step_seconds: float = 0.0                                 # GPU time of the plan, for metrics
+
+
+@dataclass
+class TokenLogprobsWire:
+    logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@message("step_tokens")
+@dataclass
+class StepTokens:
+    """Worker -> detokenizers, one per step and partition, columnar: the k-th entry of each list is one token."""
+    step: int
+    request_ids: list[str]
+    indexes: list[int]                                        # completion index within the request
+    positions: list[int]                                      # the token's index in its completion: the dedup key
+    token_ids: list[int]
+    finish_reasons: list[str | None]
+    stop_reasons: list[int | None]
+    logprobs: list[TokenLogprobsWire | None] | None = None
+    num_prompt_tokens: list[int] = field(default_factory=list)
+    num_cached_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ErrorInfo:
+    message: str
+    type: str = "invalid_request_error"                       # OpenAI's error types
+    code: int = 400                                           # the HTTP status the gateway answers with
+    param: str | None = None
+
+
+@dataclass
+class ReplyItem:
+    request_id: str = field(metadata={"max_len": 256})
+    index: int = 0
+    seq: int = 0                               # per (request, index): 0, 1, 2, ... the gateway drops repeats
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobsWire] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: ErrorInfo | None = None
+
+
+@message("reply")
+@dataclass
+class Reply:
+    """Detokenizer (or tokenizer, for errors) -> one gateway: deltas for many requests in one message."""
+    items: list[ReplyItem]
