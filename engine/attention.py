@@ -78,27 +78,21 @@ class TorchAttention:
         """One query per sequence, all sequences at once, padded to the longest context."""
         index = torch.tensor(rows, device=q.device)
         starts = md.query_start_loc[:-1][index].long()
-        lens = md.seq_lens[index]
         max_len = max(md.seq_lens_cpu[b] for b in rows)
-        k = gather_kv(k_cache, md.block_tables[index], max_len)                   # [B, L, KVH, D]
-        v = gather_kv(v_cache, md.block_tables[index], max_len)
-        B, _, kvh, d = k.shape
-        qg = q[starts].view(B, kvh, -1, d)                                        # [B, KVH, G, D]
-        scores = torch.einsum("bhgd,blhd->bhgl", qg.float(), k.float()) * scale
-        pad = torch.arange(max_len, device=q.device)[None, :] >= lens[:, None]   # [B, L]
-        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-        o = torch.einsum("bhgl,blhd->bhgd", scores.softmax(-1), v.float())
-        out[starts] = o.reshape(B, -1, d).to(out.dtype)
+        k = gather_kv(k_cache, md.block_tables[index], max_len).transpose(1, 2)   # [B, KVH, L, D]
+        v = gather_kv(v_cache, md.block_tables[index], max_len).transpose(1, 2)
+        visible = torch.arange(max_len, device=q.device)[None, :] < md.seq_lens[index][:, None]   # [B, L]
+        o = F.scaled_dot_product_attention(q[starts][:, :, None, :].float(), k.float(), v.float(),
+                                           attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True)
+        out[starts] = o[:, :, 0].to(out.dtype)
 
     @staticmethod
     def _prefill(q, k_cache, v_cache, block_table, seq_len, scale) -> torch.Tensor:
         """n queries at the end of a seq_len-token context, causal."""
-        n, h, d = q.shape
-        k = gather_kv(k_cache, block_table, seq_len)[0]                           # [L, KVH, D]
-        v = gather_kv(v_cache, block_table, seq_len)[0]
-        group = h // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        n = q.shape[0]
+        k = gather_kv(k_cache, block_table, seq_len)[0].transpose(0, 1)           # [KVH, L, D]
+        v = gather_kv(v_cache, block_table, seq_len)[0].transpose(0, 1)
         visible = torch.ones(n, seq_len, dtype=torch.bool, device=q.device).tril(seq_len - n)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).float(),
-                                           v.transpose(0, 1).float(), attn_mask=visible, scale=scale)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.float(), v.float(), attn_mask=visible,
+                                           scale=scale, enable_gqa=True)
         return o.transpose(0, 1).to(q.dtype)
