@@ -38,6 +38,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192    # token budget of one step, shared by prefill chunks and decodes
     enable_chunked_prefill: bool = True   # off: a prompt is prefilled in one step or waits
     policy: str = "fcfs"                  # "fcfs" or "priority" (lower value first, then arrival)
+    num_scheduler_steps: int = 1          # decode steps per plan: the worker runs them with no CPU sync between
 
 
 @dataclass
@@ -66,6 +67,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
         if s.max_num_seqs <= 0 or s.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if s.num_scheduler_steps < 1:
+            raise ValueError(f"num_scheduler_steps must be >= 1, got {s.num_scheduler_steps}")
         if s.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {s.policy!r}")
         if self.model.load_format not in ("auto", "dummy"):

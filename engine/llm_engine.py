@@ -91,19 +91,19 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
-        result = self.runner.execute(plan)
-        sampled_logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else {}
         now = time.monotonic()
         touched: dict[str, _Request] = {}
-        for seq in self.scheduler.update(result):
-            request = self.requests.get(seq.request_id)
-            if request is None:
-                continue
-            self._append(request, seq, seq.token_ids[-1], sampled_logprobs.get(seq.seq_id))
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = now
-                request.num_cached_tokens = seq.num_cached_tokens
-            touched[request.request_id] = request
+        for result in self.runner.execute(plan):
+            sampled_logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else {}
+            for seq in self.scheduler.update(result):
+                request = self.requests.get(seq.request_id)
+                if request is None:
+                    continue
+                self._append(request, seq, seq.token_ids[-1], sampled_logprobs.get(seq.seq_id))
+                if request.metrics.first_token_time is None:
+                    request.metrics.first_token_time = now
+                    request.num_cached_tokens = seq.num_cached_tokens
+                touched[request.request_id] = request
         outputs = []
         for request in touched.values():
             finished = request.request_id not in self.scheduler.requests

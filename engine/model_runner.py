@@ -19,6 +19,7 @@ from engine.models.llama import LlamaArgs
 from engine.plan import Plan, StepResult, TokenLogprobs
 from engine.sampler import Sampler, SamplingBatch, SamplingRow
 from engine.sampling_params import SamplingParams
+from engine.sequence import check_stop
 
 CPU_DEFAULT_KV_GB = 2.0
 
@@ -31,6 +32,7 @@ class WorkerSequence:
     block_ids: list[int]
     params: SamplingParams
     seed: int
+    finished: bool = False          # ended here (EOS, stop id, length) though the scheduler may not know yet
 
     def copy(self, seed: int) -> "WorkerSequence":
         return WorkerSequence(list(self.token_ids), self.num_prompt_tokens, self.num_computed_tokens,
@@ -93,15 +95,34 @@ class ModelRunner:
             raise ValueError("no memory left for the KV cache: lower max_model_len or raise the memory budget")
         return num_blocks
 
-    # ---- one step ------------------------------------------------------------------------------------------
+    # ---- one plan ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, plan: Plan) -> StepResult:
+    def execute(self, plan: Plan) -> list[StepResult]:
+        """Run the plan's steps; one StepResult per step. Sequences that end inside the plan sit out the steps
+        after, and their ending is reported once (the scheduler, a plan behind, may still schedule them)."""
         self._apply(plan)
-        if plan.is_empty:
+        live = {s: n for s, n in plan.num_scheduled_tokens.items() if not self.seqs[s].finished}
+        if not live:
+            return []
+        first = {s: min(n, len(self.seqs[s].token_ids) - self.seqs[s].num_computed_tokens) for s, n in live.items()}
+        results = [self._step(first, plan)]
+        left = {s: live[s] - first[s] for s in live}
+        for _ in range(1, plan.num_steps):
+            decoding = {s: 1 for s, n in left.items() if n > 0 and not self.seqs[s].finished}
+            if not decoding:
+                break
+            results.append(self._step(decoding))
+            for s in decoding:
+                left[s] -= 1
+        return results
+
+    def _step(self, counts: dict[int, int], plan: Plan | None = None) -> StepResult:
+        """One forward over counts[s] tokens of each sequence s, then a token for each that reached its end."""
+        if not counts:
             return StepResult()
         input_ids, positions, slots, query_lens, seq_lens, tables, samplers = [], [], [], [], [], [], []
         bs = self.block_size
-        for seq_id, n in plan.num_scheduled_tokens.items():
+        for seq_id, n in counts.items():
             seq = self.seqs[seq_id]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             input_ids += seq.token_ids[start:end]
@@ -111,11 +132,11 @@ class ModelRunner:
             seq_lens.append(end)
             tables.append(seq.block_ids)
             seq.num_computed_tokens = end
-            if end == len(seq.token_ids):           # prompt complete: this sequence samples a token
+            if end == len(seq.token_ids):           # reached its last token: this sequence samples
                 samplers.append((seq_id, len(input_ids) - 1))
         # A fork child samples from its parent's last position, with its own seed.
         row_of = dict(samplers)
-        for fork in plan.forks:
+        for fork in plan.forks if plan else ():
             self.seqs[fork.child_id] = self.seqs[fork.parent_id].copy(fork.seed)
             samplers.append((fork.child_id, row_of[fork.parent_id]))
 
@@ -165,7 +186,10 @@ class ModelRunner:
         out = self.sampler(logits, batch)
         token_ids = out.token_ids.tolist()
         for seq_id, token in zip(seq_ids, token_ids):
-            self.seqs[seq_id].token_ids.append(token)
+            seq = self.seqs[seq_id]
+            seq.token_ids.append(token)
+            seq.finished = check_stop(seq.params, token, len(seq.token_ids) - seq.num_prompt_tokens,
+                                      len(seq.token_ids), self.eos_token_ids, self.max_model_len) is not None
         logprobs = None
         if out.logprobs is not None:
             sampled, top_ids, top_lps = out.logprobs.tolist(), out.top_token_ids.tolist(), out.top_logprobs.tolist()

@@ -41,6 +41,10 @@ class Fork:
 
 @dataclass
 class Plan:
+    """One step, or num_steps: step 1 computes num_scheduled_tokens[s] tokens of s as far as its known tokens
+    go (a prompt chunk, or its last sampled token); each later step computes the token s sampled in the step
+    before, until s has computed all its scheduled tokens. So a decoding s with n scheduled tokens samples n."""
+    num_steps: int = 1
     new: list[NewSequence] = field(default_factory=list)
     running: list[RunningSequence] = field(default_factory=list)
     num_scheduled_tokens: dict[int, int] = field(default_factory=dict)   # seq id -> tokens computed this step

@@ -18,7 +18,7 @@ from engine.block_manager import BlockManager, KVCacheStats
 from engine.config import SchedulerConfig
 from engine.plan import Fork, NewSequence, Plan, RunningSequence, StepResult
 from engine.sampling_params import SamplingParams
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.sequence import FinishReason, Sequence, SequenceStatus, check_stop
 
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -116,11 +116,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    # ---- one step ------------------------------------------------------------------------------------------
+    # ---- one plan ------------------------------------------------------------------------------------------
     def schedule(self) -> Plan:
+        """The next plan. It may be made before the results of the previous ones are back (the worker is a plan
+        behind): their tokens count as in flight, and a sequence whose last token is in flight waits for it."""
+        # Forking copies the parent's state after the step that completes its prompt, so such plans are one step.
+        forks_due = any(s.num_pending_forks for s in self.running) or any(s.num_pending_forks for s in self.waiting)
+        steps = 1 if forks_due else self.config.num_scheduler_steps
         plan = Plan(freed_seq_ids=self._freed)
         self._freed = []
-        budget = self.config.max_num_batched_tokens
+        budget = self.config.max_num_batched_tokens       # bounds step 1; later steps compute one token each
         preempted = False
         forking: list[Sequence] = []
 
@@ -128,43 +133,51 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            assert num_new > 0, f"running sequence {seq.seq_id} has nothing to compute"
-            changed = self.block_manager.allocate(seq, num_new)
+            left = self._tokens_left(seq)
+            if left <= 0:                                 # its last token is in flight; it ends when that lands
+                i += 1
+                continue
+            uncomputed = seq.num_tokens + seq.num_inflight - seq.num_computed_tokens
+            num_new = min(uncomputed, budget)
+            extra = min(steps - 1, left - 1) if num_new == uncomputed else 0
+            changed = self.block_manager.allocate(seq, num_new + extra)
             while changed is None:
                 victim = self.running[-1]
                 self._preempt(victim, plan)
                 preempted = True
                 if victim is seq:
                     break
-                changed = self.block_manager.allocate(seq, num_new)
+                changed = self.block_manager.allocate(seq, num_new + extra)
             if changed is None:
                 break
             plan.running.append(RunningSequence(seq.seq_id, changed, seq.block_ids[changed:]))
-            self._commit(plan, seq, num_new, forking)
+            self._commit(plan, seq, num_new, extra, uncomputed, forking)
             budget -= num_new
             i += 1
 
-        # Then admit waiting sequences, unless this step had to preempt (the pool is tight).
+        # Then admit waiting sequences, unless this plan had to preempt (the pool is tight).
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
+            if seq.num_inflight:                          # preempted while its tokens were in flight: wait
+                break
             # Count the siblings that running parents will fork when their prompts complete.
             promised = sum(s.num_pending_forks for s in self.running)
             if len(self.running) + promised + 1 + seq.num_pending_forks > self.config.max_num_seqs:
                 break
             cached = self.block_manager.find_cached_prefix(seq)
-            num_new = seq.num_tokens - len(cached) * self.block_manager.block_size
-            if num_new > budget and not self.config.enable_chunked_prefill:
+            uncomputed = seq.num_tokens - len(cached) * self.block_manager.block_size
+            if uncomputed > budget and not self.config.enable_chunked_prefill:
                 break
-            num_new = min(num_new, budget)
-            if not self.block_manager.admit(seq, cached, num_new):
+            num_new = min(uncomputed, budget)
+            extra = min(steps - 1, self._tokens_left(seq) - 1) if num_new == uncomputed else 0
+            if not self.block_manager.admit(seq, cached, num_new + extra):
                 break
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.sort_key)
             plan.new.append(NewSequence(seq.seq_id, list(seq.token_ids), seq.num_prompt_tokens,
                                         seq.num_computed_tokens, list(seq.block_ids), seq.params, seq.seed))
-            self._commit(plan, seq, num_new, forking)
+            self._commit(plan, seq, num_new, extra, uncomputed, forking)
             budget -= num_new
 
         for parent in forking:
@@ -173,24 +186,43 @@ class Scheduler:
         return plan
 
     def update(self, result: StepResult) -> list[Sequence]:
-        """Append the sampled tokens and finish the sequences they stop. Returns the sequences that grew."""
+        """One step's sampled tokens: append them and finish the sequences they stop. Returns the sequences
+        that grew. Tokens of sequences finished meanwhile (aborted, stop string) are dropped."""
         grown = []
         for seq_id, token in zip(result.seq_ids, result.token_ids):
             seq = self._seqs.get(seq_id)
-            if seq is None or seq.status is not SequenceStatus.RUNNING:
-                continue                          # finished (aborted, stop string) after the plan was made
+            if seq is None:
+                continue
+            seq.num_inflight = max(0, seq.num_inflight - 1)
             seq.token_ids.append(token)
-            self._check_stop(seq, token)
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_full_blocks(seq, min(seq.num_computed_tokens, seq.num_tokens))
+            stop = check_stop(seq.params, token, seq.num_output_tokens, seq.num_tokens, self.eos_token_ids,
+                              self.max_model_len)
+            if stop is not None:
+                self.finish(seq, *stop)
             grown.append(seq)
         return grown
 
     # ---- internals -----------------------------------------------------------------------------------------
-    def _commit(self, plan: Plan, seq: Sequence, num_new: int, forking: list[Sequence]) -> None:
-        plan.num_scheduled_tokens[seq.seq_id] = num_new
-        seq.num_computed_tokens += num_new
-        self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
-        if seq.num_pending_forks and seq.num_computed_tokens == seq.num_tokens:
-            forking.append(seq)
+    def _tokens_left(self, seq: Sequence) -> int:
+        """Tokens seq may still generate beyond those known and in flight (it cannot know about EOS yet)."""
+        produced = seq.num_tokens + seq.num_inflight
+        left = self.max_model_len - produced
+        if seq.params.max_tokens is not None:
+            left = min(left, seq.params.max_tokens - (produced - seq.num_prompt_tokens))
+        return left
+
+    def _commit(self, plan: Plan, seq: Sequence, num_new: int, extra: int, uncomputed: int,
+                forking: list[Sequence]) -> None:
+        plan.num_scheduled_tokens[seq.seq_id] = num_new + extra
+        plan.num_steps = max(plan.num_steps, 1 + extra)
+        seq.num_computed_tokens += num_new + extra
+        if num_new == uncomputed:                         # reaches its last token: samples in every step it runs
+            seq.num_inflight += 1 + extra
+            if seq.num_pending_forks:
+                forking.append(seq)
+        self.block_manager.cache_full_blocks(seq, min(seq.num_computed_tokens, seq.num_tokens))
 
     def _fork(self, parent: Sequence, plan: Plan) -> None:
         siblings = self.requests[parent.request_id]
@@ -200,7 +232,7 @@ class Scheduler:
                              token_ids=list(parent.token_ids), num_prompt_tokens=parent.num_prompt_tokens,
                              params=parent.params, seed=(parent.seed + index * _GOLDEN) % 2**63,
                              arrival=parent.arrival, priority=parent.priority, status=SequenceStatus.RUNNING,
-                             num_computed_tokens=parent.num_computed_tokens)
+                             num_computed_tokens=parent.num_computed_tokens, num_inflight=1)
             self.block_manager.fork(parent, child)
             siblings.append(child)
             self._seqs[child.seq_id] = child
@@ -209,6 +241,7 @@ class Scheduler:
         parent.num_pending_forks = 0
 
     def _preempt(self, seq: Sequence, plan: Plan) -> None:
+        """Free its blocks; it is recomputed from its tokens when admitted again (once its in-flight ones land)."""
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
@@ -217,16 +250,6 @@ class Scheduler:
         self.num_preemptions += 1
         plan.freed_seq_ids.append(seq.seq_id)
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
-            if token in self.eos_token_ids and not p.ignore_eos:
-                return self.finish(seq, FinishReason.STOP)
-            if token in p.stop_token_ids:
-                return self.finish(seq, FinishReason.STOP, stop_reason=token)
-        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
-            self.finish(seq, FinishReason.LENGTH)
 
     def _new_seq_id(self) -> int:
         self._next_seq_id += 1

@@ -23,6 +23,20 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"        # the client went away or asked
 
 
+def check_stop(params: SamplingParams, token: int, num_output_tokens: int, num_tokens: int,
+               eos_token_ids: frozenset[int], max_model_len: int) -> tuple[FinishReason, int | None] | None:
+    """Whether the token just appended (the num_output_tokens-th) ends the sequence: (reason, stop token) or None.
+    The scheduler and the worker both apply it, so they agree on where every sequence ends."""
+    if num_output_tokens >= params.min_tokens:
+        if token in eos_token_ids and not params.ignore_eos:
+            return FinishReason.STOP, None
+        if token in params.stop_token_ids:
+            return FinishReason.STOP, token
+    if (params.max_tokens is not None and num_output_tokens >= params.max_tokens) or num_tokens >= max_model_len:
+        return FinishReason.LENGTH, None
+    return None
+
+
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
@@ -35,6 +49,7 @@ class Sequence:
     arrival: int                                # admission order; FCFS and preemption follow it
     priority: int = 0                           # lower is served first under the priority policy
     num_pending_forks: int = 0                  # siblings to fork when the prompt is complete
+    num_inflight: int = 0                       # tokens sampled by scheduled steps whose results are not back yet
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0                # tokens whose KV is in the cache once scheduled steps ran
     num_cached_tokens: int = 0                  # of those, how many were prefix-cache hits at admission

@@ -93,3 +93,43 @@ def test_seeded_forks_differ_and_reproduce(tiny_model_dir):
     runs = [c.token_ids for c in first.outputs]
     assert runs == [c.token_ids for c in again.outputs]
     assert len({tuple(r) for r in runs}) == 3
+
+
+def test_multi_step_plans_keep_greedy_outputs(llama_reference):
+    """k = 4 decode steps per plan; 30 tokens is not a multiple of 4, so sequences end inside a plan."""
+    path, prompts, expected = llama_reference
+    llm = LLM(str(path), progress=False, num_scheduler_steps=4)
+    assert tokens(llm.generate(prompts, greedy(30))) == [e[:30] for e in expected]
+
+
+def run_one_plan_ahead(engine, requests) -> dict[str, list[int]]:
+    """Drive scheduler and runner as the pipeline does: plan r+1 is made before plan r's tokens come back."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    out: dict[str, list[int]] = {}
+    in_flight: list = []
+    while engine.scheduler.has_unfinished() or in_flight:
+        plan = engine.scheduler.schedule()
+        results = engine.runner.execute(plan)
+        for result in in_flight:
+            for seq in engine.scheduler.update(result):
+                out[seq.request_id] = seq.output_token_ids
+        in_flight = results
+    return out
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_scheduler_one_plan_ahead_keeps_outputs_and_stops(llama_reference, steps):
+    """The scheduler learns each plan's tokens a plan late. Stop tokens and max_tokens land mid-plan: the worker
+    masks what follows, the scheduler ends the sequence at the same token, nothing extra leaks."""
+    path, prompts, expected = llama_reference
+    engine = LLM(str(path), progress=False, num_scheduler_steps=steps, max_num_batched_tokens=64).engine
+    stop_token = expected[0][9]                           # sequence 0 must stop at its 10th token
+    requests = {f"r{i}": (p, greedy(23 + i, stop_token_ids=[stop_token])) for i, p in enumerate(prompts)}
+    out = run_one_plan_ahead(engine, requests)
+    for i, ref in enumerate(expected):
+        want = ref[:23 + i]
+        if stop_token in want:
+            want = want[:want.index(stop_token) + 1]
+        assert out[f"r{i}"] == want
+    assert engine.stats().kv.num_used_blocks == 0
