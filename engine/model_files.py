@@ -120,3 +120,17 @@ if __name__ == "__main__":
     args = parser.parse_args()
     files = resolve_model(args.model, args.load_format)
     print(files.path if files.path is not None else json.dumps(files.config, indent=2))
+
+
+def resolve_max_model_len(config: dict, requested: int | None) -> int:
+    """The longest sequence served: the model's positions, capped by a sliding window (attention here is full,
+    which equals windowed attention only within the window); a requested length may only lower it."""
+    limit = config.get("max_position_embeddings", 4096)
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if window:
+        limit = min(limit, window)
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len={requested} exceeds the model's limit of {limit} positions")
+    return requested

@@ -8,18 +8,19 @@ service feeds it the same Plans from Redis.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
 
 from engine.attention import AttentionMetadata, set_attention_metadata
 from engine.config import EngineConfig
+from engine.model_files import resolve_max_model_len
 from engine.model_loader import build_model, pick_device, pick_dtype
-from engine.models.llama import LlamaArgs
 from engine.plan import Plan, StepResult, TokenLogprobs
 from engine.sampler import Sampler, SamplingBatch, SamplingRow
 from engine.sampling_params import SamplingParams
-from engine.sequence import check_stop
+from engine.sequence import FinishReason, check_stop
 
 CPU_DEFAULT_KV_GB = 2.0
 
@@ -32,23 +33,16 @@ class WorkerSequence:
     block_ids: list[int]
     params: SamplingParams
     seed: int
-    finished: bool = False          # ended here (EOS, stop id, length) though the scheduler may not know yet
+    finish: tuple[FinishReason, int | None] | None = None    # ended here (EOS, stop id, length): (reason,
+                                                             # stop token), though the scheduler may not know yet
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
 
     def copy(self, seed: int) -> "WorkerSequence":
         return WorkerSequence(list(self.token_ids), self.num_prompt_tokens, self.num_computed_tokens,
                               list(self.block_ids), self.params, seed)
-
-
-def resolve_max_model_len(hf_config: dict, requested: int | None) -> int:
-    args = LlamaArgs.from_hf_config(hf_config)
-    limit = args.max_position_embeddings
-    if args.sliding_window:
-        limit = min(limit, args.sliding_window)     # attention is full here: stay where it equals windowed
-    if requested is None:
-        return limit
-    if requested > limit:
-        raise ValueError(f"max_model_len={requested} exceeds the model's limit of {limit} positions")
-    return requested
 
 
 class ModelRunner:
@@ -97,22 +91,25 @@ class ModelRunner:
 
     # ---- one plan ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, plan: Plan) -> list[StepResult]:
-        """Run the plan's steps; one StepResult per step. Sequences that end inside the plan sit out the steps
-        after, and their ending is reported once (the scheduler, a plan behind, may still schedule them)."""
+    def execute(self, plan: Plan, on_step: Callable[[StepResult], None] | None = None) -> list[StepResult]:
+        """Run the plan's steps; one StepResult per step, each also handed to on_step as soon as it exists.
+        Sequences that end inside the plan sit out the steps after (the scheduler, a plan behind, may still
+        schedule them: they are skipped)."""
         self._apply(plan)
         live = {s: n for s, n in plan.num_scheduled_tokens.items() if not self.seqs[s].finished}
         if not live:
             return []
         first = {s: min(n, len(self.seqs[s].token_ids) - self.seqs[s].num_computed_tokens) for s, n in live.items()}
-        results = [self._step(first, plan)]
         left = {s: live[s] - first[s] for s in live}
-        for _ in range(1, plan.num_steps):
-            decoding = {s: 1 for s, n in left.items() if n > 0 and not self.seqs[s].finished}
-            if not decoding:
+        results, counts = [], first
+        for step in range(plan.num_steps):
+            if not counts:
                 break
-            results.append(self._step(decoding))
-            for s in decoding:
+            results.append(self._step(counts, plan if step == 0 else None))
+            if on_step is not None:
+                on_step(results[-1])
+            counts = {s: 1 for s, n in left.items() if n > 0 and not self.seqs[s].finished}
+            for s in counts:
                 left[s] -= 1
         return results
 
@@ -188,8 +185,8 @@ class ModelRunner:
         for seq_id, token in zip(seq_ids, token_ids):
             seq = self.seqs[seq_id]
             seq.token_ids.append(token)
-            seq.finished = check_stop(seq.params, token, len(seq.token_ids) - seq.num_prompt_tokens,
-                                      len(seq.token_ids), self.eos_token_ids, self.max_model_len) is not None
+            seq.finish = check_stop(seq.params, token, len(seq.token_ids) - seq.num_prompt_tokens,
+                                    len(seq.token_ids), self.eos_token_ids, self.max_model_len)
         logprobs = None
         if out.logprobs is not None:
             sampled, top_ids, top_lps = out.logprobs.tolist(), out.top_token_ids.tolist(), out.top_logprobs.tolist()

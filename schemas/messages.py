@@ -4,7 +4,7 @@
     gateway, detokenizer --Abort--> [abort] --> scheduler
     scheduler --PlanMessage--> [plan:<worker>] --> worker --StepEvent--> [events:<worker>] --> scheduler
     worker --StepTokens--> [tokens:<partition>] --> detokenizer --Reply--> [reply:<gateway>] --> gateway
-    tokenizer --Reply (error)--> [reply:<gateway>]
+    tokenizer --Reply (error)--> [reply:<gateway>]; tokenizer --RequestMeta--> key request:<id> (detokenizer)
 
 Messages carry (request_id, seq) where a consumer must drop duplicates: a message can be delivered twice when a
 consumer dies after its effect but before its acknowledgement. Encoding and checking: schemas.codec.
@@ -39,6 +39,7 @@ class GenerateRequest:
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
     priority: int = 0
+    epoch: str = ""                # the scheduler epoch the gateway saw: a restarted scheduler drops older ones
 
 
 @message("schedule")
@@ -51,6 +52,19 @@ class ScheduleRequest:
     params: SamplingParams
     arrival: float
     priority: int = 0
+    epoch: str = ""
+
+
+@message("request_meta")
+@dataclass
+class RequestMeta:
+    """What the detokenizers need to know of a request, written once by the tokenizer (a Redis key, so any
+    detokenizer replica that takes over a partition finds it)."""
+    request_id: str = field(metadata={"max_len": 256})
+    gateway: str = field(metadata={"max_len": 256})
+    num_prompt_tokens: int
+    prompt_tail: list[int]                                    # the last prompt tokens: decoding context
+    params: SamplingParams
 
 
 @message("abort")
@@ -68,6 +82,8 @@ class Abort:
 class PlanMessage:
     """engine.plan.Plan for one worker, plus what only the pipeline needs: who each new sequence belongs to."""
     plan_id: int
+    worker_epoch: str              # a restarted worker skips plans made for its predecessor
+    scheduler_epoch: str           # a new scheduler epoch: the worker drops every sequence it holds
     num_steps: int
     new: list[NewSequence]
     new_request_ids: list[str]                                # aligned with `new`
@@ -93,6 +109,19 @@ class StepEvent:
     step_seconds: float = 0.0                                 # GPU time of the plan, for metrics
 
 
+@message("worker_info")
+@dataclass
+class WorkerInfo:
+    """What a worker registers at start (key worker:<name>): the scheduler sizes its block manager from it."""
+    worker: str
+    epoch: str
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+
+
 @dataclass
 class TokenLogprobsWire:
     logprob: float
@@ -111,9 +140,8 @@ class StepTokens:
     token_ids: list[int]
     finish_reasons: list[str | None]
     stop_reasons: list[int | None]
-    logprobs: list[TokenLogprobsWire | None] | None = None
-    num_prompt_tokens: list[int] = field(default_factory=list)
-    num_cached_tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobsWire] | None = None          # aligned, when any request of the step asked
+    num_cached_tokens: list[int] = field(default_factory=list)   # the request's prompt tokens from the cache
 
 
 @dataclass

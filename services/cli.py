@@ -3,6 +3,8 @@
     pagestream generate [--model M] "prompt" ...   answer prompts (through the chat template if the model has one)
     pagestream generate --raw "text"               complete the text as is
     pagestream generate --chat                     an interactive chat in the terminal
+    pagestream serve [--model M] [--port 8000] [--tokenizers N] [--detokenizers M]   the whole pipeline
+    pagestream service NAME [...]                  one service: gateway, tokenizer, scheduler, worker, detokenizer
     pagestream bench throughput [--workload w256] ...         offline throughput (see loadtest/throughput.py)
 
 Every engine option (ModelConfig, CacheConfig, SchedulerConfig fields) is a flag: --max-num-seqs, --block-size...
@@ -33,6 +35,47 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     names = {f.name for part in (ModelConfig, CacheConfig, SchedulerConfig) for f in dataclasses.fields(part)}
     return {k: v for k, v in vars(args).items() if k in names}
+
+
+def engine_config(args: argparse.Namespace):
+    from engine.config import EngineConfig
+    return EngineConfig.from_kwargs(**engine_kwargs(args))
+
+
+def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
+    return engine_config(args).scheduler
+
+
+SERVICES = ("gateway", "tokenizer", "scheduler", "worker", "detokenizer")
+
+
+def add_stack_args(parser: argparse.ArgumentParser) -> None:
+    """What every service of the pipeline shares, then each service's own flags."""
+    group = parser.add_argument_group("pipeline")
+    group.add_argument("--redis-url", default=None, help="an existing Redis (serve: default starts its own)")
+    group.add_argument("--prefix", default="ps", help="namespace of this deployment's streams and keys")
+    group.add_argument("--worker-name", default="w0", help="the worker this scheduler and gateway belong to")
+    group.add_argument("--partitions", type=int, default=8, help="detokenizer partitions (worker and "
+                                                                  "detokenizers must agree)")
+    add_engine_args(parser)
+    from services.gateway import add_arguments as add_gateway_args     # the only service with flags of its own
+    add_gateway_args(parser.add_argument_group("gateway"))
+
+
+def service_module(name: str):
+    import importlib
+    return importlib.import_module(f"services.{name}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from services.launcher import serve
+    return serve(args.parser, args)
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    if args.redis_url is None:
+        raise SystemExit("a single service needs --redis-url (pagestream serve starts its own Redis)")
+    return service_module(args.service).run(args)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -109,6 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI API with every service of the pipeline")
+    from services.launcher import add_arguments as add_serve_args
+    add_serve_args(serve)
+    add_stack_args(serve)
+    serve.set_defaults(func=cmd_serve, parser=serve)
+
+    service = commands.add_parser("service", help="run one service of the pipeline (what containers run)")
+    service.add_argument("service", choices=SERVICES)
+    add_stack_args(service)
+    service.set_defaults(func=cmd_service)
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="bench", required=True)

@@ -66,3 +66,102 @@ def hf_greedy(model_dir, prompts: list[list[int]], max_new_tokens: int, dtype=to
                                  pad_token_id=0)
             outputs.append(out[0, len(prompt):].tolist())
     return outputs
+
+
+# ---- the whole pipeline ----------------------------------------------------------------------------------------
+import os as _os
+import signal as _signal
+import socket as _socket
+import subprocess as _subprocess
+import sys as _sys
+import time as _time
+from dataclasses import dataclass as _dataclass
+from pathlib import Path as _Path
+
+REPO = _Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@_dataclass
+class ServeStack:
+    """A running `pagestream serve`: its own redis-server and every service as a process."""
+    proc: _subprocess.Popen
+    base_url: str
+    grpc_port: int
+    redis_url: str
+    prefix: str
+    api_key: str | None
+    log_path: _Path
+
+    def service_pids(self, name: str) -> list[int]:
+        """PIDs of the live processes of one service (e.g. "tokenizer")."""
+        import psutil
+        pids = []
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                cmd = child.cmdline()
+            except psutil.Error:
+                continue
+            if "service" in cmd and cmd[cmd.index("service") + 1] == name and child.is_running() \
+                    and child.status() != psutil.STATUS_ZOMBIE:
+                pids.append(child.pid)
+        return pids
+
+    def kill(self, name: str, count: int = 1) -> list[int]:
+        pids = self.service_pids(name)[:count]
+        for pid in pids:
+            _os.kill(pid, _signal.SIGKILL)
+        return pids
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_stack(tmp_dir: _Path, *extra: str, api_key: str | None = "test-key", timeout_s: float = 300) -> ServeStack:
+    import urllib.request
+    port, grpc_port, redis_port = _free_port(), _free_port(), _free_port()
+    prefix = f"t{_os.getpid()}"
+    argv = [_sys.executable, "-m", "services.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port),
+            "--redis-port", str(redis_port), "--prefix", prefix, "--max-model-len", "2048", *extra]
+    if api_key:
+        argv += ["--api-key", api_key]
+    log_path = tmp_dir / "serve.log"
+    proc = _subprocess.Popen(argv, cwd=REPO, stdout=open(log_path, "w"), stderr=_subprocess.STDOUT,
+                             env={**_os.environ, "PYTHONUNBUFFERED": "1"})
+    stack = ServeStack(proc, f"http://127.0.0.1:{port}", grpc_port, f"redis://127.0.0.1:{redis_port}/0", prefix,
+                       api_key, log_path)
+    deadline = _time.monotonic() + timeout_s
+    while _time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"pagestream serve exited ({proc.returncode}):\n{stack.log()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{stack.base_url}/health/ready", timeout=10) as r:
+                if r.status == 200:
+                    return stack
+        except Exception:
+            pass
+        _time.sleep(0.5)
+    stop_stack(stack)
+    raise RuntimeError(f"pagestream serve not ready in {timeout_s} s:\n{stack.log()[-4000:]}")
+
+
+def stop_stack(stack: ServeStack) -> None:
+    stack.proc.send_signal(_signal.SIGINT)
+    try:
+        stack.proc.wait(timeout=30)
+    except _subprocess.TimeoutExpired:
+        stack.proc.kill()
+        stack.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def serve_stack(tmp_path_factory):
+    """The default model served with 3 tokenizers and 2 detokenizers, an API key required."""
+    stack = start_stack(tmp_path_factory.mktemp("stack"), "--tokenizers", "3", "--detokenizers", "2")
+    yield stack
+    stop_stack(stack)

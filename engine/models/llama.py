@@ -1,5 +1,5 @@
 """The Llama family in one file: Llama 2/3 (llama3 rope scaling), Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm),
-SmolLM2 (tied embeddings).
+SmolLM2 (tied embeddings). (Attention is full: a Mistral sliding window caps max_model_len, see model_files.)
 
 Tokens arrive flat: T tokens from any number of sequences, with their positions; attention finds each token's
 sequence and context through the metadata the runner set (engine.attention). Q, K and V come from one fused
@@ -36,7 +36,6 @@ class LlamaArgs:
     tie_word_embeddings: bool
     qkv_bias: bool                      # Qwen2
     qk_norm: bool                       # Qwen3: RMSNorm over each head of q and k before rotary
-    sliding_window: int | None          # Mistral; attention here is full, so max_model_len is capped by it
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "LlamaArgs":
@@ -53,7 +52,6 @@ class LlamaArgs:
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, llama3")
         heads = cfg["num_attention_heads"]
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
         return cls(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
@@ -64,7 +62,7 @@ class LlamaArgs:
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=model_type == "qwen3", sliding_window=window)
+            qk_norm=model_type == "qwen3")
 
 
 class RMSNorm(nn.Module):

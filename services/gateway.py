@@ -1,0 +1,483 @@
+"""The HTTP gateway: the OpenAI API (with vLLM's extensions) over the pipeline, plus health, metrics and a chat page.
+
+    pagestream service gateway --redis-url redis://... [--port 8000] [--api-key KEY] [--grpc-port 50051]
+
+An API request becomes one pipeline request per prompt (PipelineClient.generate); their ReplyItems become the
+response (openai_protocol.ResponseBuilder), as server-sent events or whole. The first item is awaited before the
+response starts, so an error found early (a prompt too long, a full queue, the pipeline down) gets its HTTP status;
+a later one becomes an error event. A client that goes away has its request aborted at once (until_disconnected),
+so its KV blocks are freed within a plan. The gRPC server (services/grpc_server.py) runs in the same event loop,
+on the same PipelineClient.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, TypeVar
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from schemas.messages import ErrorInfo, ReplyItem
+from services.metrics import CONTENT_TYPE, Gauge, GatewayMetrics, PipelineScraper, exposition
+from services.openai_protocol import (ERROR_TYPES, MODEL_NOT_FOUND, SSE_DONE, Limits, ProtocolError, ResponseBuilder,
+                                      TokenText, decode_json_body, error_body, model_card, models_list, parse_chat,
+                                      parse_completion, pipeline_error_body, sse)
+from services.pipeline_client import Overloaded, PipelineClient, Unavailable
+
+log = logging.getLogger("pagestream.gateway")
+
+MIB = 1 << 20
+STATIC_DIR = Path(__file__).parent / "static"
+CLIENT_GONE = 499                    # nginx's status for a client that closed the connection first
+ADMISSION_STATUS = {Overloaded: 429, Unavailable: 503}
+GRACEFUL_SHUTDOWN_S = 10.0
+
+T = TypeVar("T")
+Stream = AsyncGenerator[tuple[int, ReplyItem], None]       # (prompt index, item) of one API request
+
+
+@dataclass
+class GatewaySettings:
+    """What the HTTP and gRPC front ends share."""
+    served_model_name: str
+    model: str                                                  # --model: the served model's root
+    api_keys: list[str] = field(default_factory=list)           # empty: no authentication
+    max_n: int = 16
+    max_body_bytes: int = 4 * MIB
+    max_model_len: int | None = None
+    token_text: TokenText = field(default_factory=TokenText)    # token strings for logprobs
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.served_model_name, self.max_n, self.max_model_len)
+
+
+# ---- the client going away -------------------------------------------------------------------------------------
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """Awaits work unless the client disconnects first: then work is cancelled, its cleanup (a pipeline stream's:
+    the abort) runs to its end, and ClientDisconnected is raised. Needed because uvicorn neither cancels a handler
+    nor fails its sends when the client leaves; it only tells receive()."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnected
+    return task.result()
+
+
+class EventStream(StreamingResponse):
+    """text/event-stream from an async generator of events, which is always closed (aclose) when the response
+    ends: finished, failed, or the client gone (a pipeline stream, closed, aborts its request)."""
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncGenerator[bytes, None]):
+        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await until_disconnected(receive, self.stream_response(send))
+        except (ClientDisconnected, OSError):
+            pass                                            # nobody is left to tell
+        finally:
+            await self.body_iterator.aclose()
+
+
+# ---- pipeline streams ------------------------------------------------------------------------------------------
+async def merge(streams: list[AsyncIterator[ReplyItem]]) -> Stream:
+    """The items of several pipeline requests (one per prompt) as they come, tagged with their prompt's index.
+    Closing this closes them all, which aborts those not finished. Overloaded/Unavailable propagate."""
+    if len(streams) == 1:                                   # the common case: no tasks, no queue
+        only = streams[0]
+        try:
+            async for item in only:
+                yield 0, item
+        finally:
+            await only.aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[ReplyItem]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((index, item))
+        except Exception as e:
+            queue.put_nowait((index, e))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            index, got = await queue.get()
+            if got is None:
+                open_streams -= 1
+            elif isinstance(got, Exception):
+                raise got
+            else:
+                yield index, got
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Timing:
+    """One API request's latencies: to its first token, between each completion's token deltas, to its end."""
+    __slots__ = ("metrics", "start", "first", "last")
+
+    def __init__(self, metrics: GatewayMetrics, start: float):
+        self.metrics, self.start = metrics, start
+        self.first: float | None = None
+        self.last: dict[tuple[int, int], float] = {}
+
+    def item(self, prompt_index: int, item: ReplyItem) -> None:
+        if not item.token_ids:
+            return
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+            self.metrics.time_to_first_token.observe(now - self.start)
+        key = (prompt_index, item.index)
+        last = self.last.get(key)
+        if last is not None:
+            self.metrics.inter_token_latency.observe(now - last)
+        self.last[key] = now
+
+    def done(self) -> None:
+        self.metrics.e2e_request_latency.observe(time.monotonic() - self.start)
+
+
+def _error_response(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed limit: from Content-Length, else while reading."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(f"the request body ({declared} bytes) exceeds the limit of {limit} bytes", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(f"the request body exceeds the limit of {limit} bytes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ---- the API ---------------------------------------------------------------------------------------------------
+class Api:
+    def __init__(self, client: PipelineClient, settings: GatewaySettings):
+        self.client, self.settings = client, settings
+        self.metrics = settings.metrics
+        # The reply stream's lag needs the id of the last entry the client read (PipelineClient.last_reply_id);
+        # a client that does not keep it leaves that one stream out of /metrics.
+        self.scraper = PipelineScraper(client.redis, client.names, client.worker, client.reply_stream,
+                                       lambda: getattr(client, "last_reply_id", None))
+
+    # -- generation --
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        start = time.monotonic()
+        try:
+            body = decode_json_body(await read_body(request, self.settings.max_body_bytes))
+            parsed = (parse_chat(body, self.settings.limits) if chat
+                      else parse_completion(body, self.settings.limits, self.settings.token_text))
+        except ProtocolError as e:
+            return self._refuse(e.status, e.body(), {"Connection": "close"} if e.status == 413 else None)
+        except ClientDisconnect:
+            return self._refuse(CLIENT_GONE, error_body("the client disconnected", CLIENT_GONE))
+        response_id = self.client.new_request_id("chatcmpl" if chat else "cmpl")
+        stream = merge([self.client.generate(r) for r in parsed.generate_requests(response_id, time.time())])
+        try:
+            first = await until_disconnected(request.receive, anext(stream))
+        except (Overloaded, Unavailable) as e:
+            await stream.aclose()
+            return self._refuse(ADMISSION_STATUS[type(e)], error_body(str(e), ADMISSION_STATUS[type(e)]))
+        except ClientDisconnected:
+            return self._refuse(CLIENT_GONE, error_body("the client disconnected", CLIENT_GONE))
+        error = first[1].error
+        if error is not None:
+            await stream.aclose()
+            return self._refuse(error.code, pipeline_error_body(error))
+        builder = ResponseBuilder(parsed, response_id, int(time.time()), self.settings.token_text)
+        timing = _Timing(self.metrics, start)
+        if parsed.stream:
+            return EventStream(self._events(builder, timing, first, stream))
+        try:
+            return await until_disconnected(request.receive, self._collect(builder, timing, first, stream))
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_GONE)
+
+    async def _events(self, builder: ResponseBuilder, timing: _Timing, first: tuple[int, ReplyItem],
+                      stream: Stream) -> AsyncGenerator[bytes, None]:
+        status = CLIENT_GONE                                 # unless the stream gets to its end
+        try:
+            for chunk in builder.start():
+                yield sse(chunk)
+            pair: tuple[int, ReplyItem] | None = first
+            while pair is not None:
+                prompt_index, item = pair
+                if item.error is not None:
+                    status = item.error.code
+                    yield sse(pipeline_error_body(item.error))
+                    break
+                timing.item(prompt_index, item)
+                chunk = builder.add(prompt_index, item)
+                if chunk is not None:
+                    yield sse(chunk)
+                pair = await self._next(stream, builder)
+            else:
+                status = 200
+                timing.done()
+                if builder.request.include_usage:
+                    yield sse(builder.usage_chunk())
+            yield SSE_DONE
+        finally:
+            await stream.aclose()
+            self._count(status, builder)
+
+    async def _collect(self, builder: ResponseBuilder, timing: _Timing, first: tuple[int, ReplyItem],
+                       stream: Stream) -> Response:
+        status = CLIENT_GONE
+        try:
+            pair: tuple[int, ReplyItem] | None = first
+            while pair is not None:
+                prompt_index, item = pair
+                if item.error is not None:
+                    status = item.error.code
+                    return _error_response(status, pipeline_error_body(item.error))
+                timing.item(prompt_index, item)
+                builder.add(prompt_index, item)
+                pair = await self._next(stream, builder)
+            status = 200
+            timing.done()
+            return JSONResponse(builder.response())
+        finally:
+            await stream.aclose()
+            self._count(status, builder)
+
+    @staticmethod
+    async def _next(stream: Stream, builder: ResponseBuilder) -> tuple[int, ReplyItem] | None:
+        """The next item, None at the end. Overloaded/Unavailable (only a later prompt's request can raise them
+        here) become an error item."""
+        try:
+            return await anext(stream, None)
+        except (Overloaded, Unavailable) as e:
+            code = ADMISSION_STATUS[type(e)]
+            error = ErrorInfo(str(e), type=ERROR_TYPES[code], code=code)
+            return 0, ReplyItem(request_id=builder.response_id, error=error)
+
+    def _refuse(self, status: int, body: dict, headers: dict | None = None) -> Response:
+        self.metrics.requests.inc(status=status)
+        return _error_response(status, body, headers)
+
+    def _count(self, status: int, builder: ResponseBuilder) -> None:
+        self.metrics.requests.inc(status=status)
+        self.metrics.generation_tokens.inc(builder.completion_tokens)
+        self.metrics.prompt_tokens.inc(sum(builder.prompt_tokens))
+
+    # -- everything else --
+    async def models(self, request: Request) -> Response:
+        s = self.settings
+        return JSONResponse(models_list(s.served_model_name, s.model, s.created, s.max_model_len))
+
+    async def model(self, request: Request) -> Response:
+        s, name = self.settings, request.path_params["model"]
+        if name != s.served_model_name:
+            return _error_response(404, error_body(f"The model `{name}` does not exist.", 404, MODEL_NOT_FOUND,
+                                                   "model"))
+        return JSONResponse(model_card(s.served_model_name, s.model, s.created, s.max_model_len))
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        ok = await self.client.ready()
+        return JSONResponse({"status": "ready" if ok else "not ready", "pending": self.client.num_pending},
+                            status_code=200 if ok else 503)
+
+    async def metrics_text(self, request: Request) -> Response:
+        pending = Gauge("pagestream_gateway_pending_requests", "Pipeline requests this gateway has in flight.")
+        pending.set(self.client.num_pending)
+        metrics = self.metrics.all() + [pending] + await self.scraper.collect()
+        return Response(exposition(metrics), media_type=CONTENT_TYPE)
+
+    async def index(self, request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html")
+
+
+class ApiKeyAuth:
+    """Authorization: Bearer <key> on the API (/v1/...); the page, health and metrics stay open. Checked before
+    the body is read."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]):
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = header.partition(b" ")
+        # compare_digest against every key: the time taken says nothing about which key nearly matched
+        return scheme.lower() == b"bearer" and any([hmac.compare_digest(token.strip(), k) for k in self.keys])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and not self._authorized(scope):
+            response = _error_response(401, error_body("invalid or missing API key (Authorization: Bearer <key>)",
+                                                       401), {"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Unknown paths (404) and methods (405), in OpenAI's error shape too."""
+    return _error_response(exc.status_code, error_body(exc.detail, exc.status_code), exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # Starlette re-raises the exception after this answer, and uvicorn logs it with its traceback.
+    return _error_response(500, error_body("internal server error", 500))
+
+
+def build_app(client: PipelineClient, settings: GatewaySettings) -> Starlette:
+    api = Api(client, settings)
+    routes = [
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", api.model, methods=["GET"]),
+        Route("/health", api.health, methods=["GET"]),
+        Route("/health/ready", api.ready, methods=["GET"]),
+        Route("/metrics", api.metrics_text, methods=["GET"]),
+        Route("/", api.index, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    middleware = [Middleware(ApiKeyAuth, keys=settings.api_keys)] if settings.api_keys else []
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+
+
+# ---- the service -----------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("gateway")
+    group.add_argument("--host", default="0.0.0.0")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--grpc-port", type=int, default=50051, help="the gRPC API's port; 0: no gRPC")
+    group.add_argument("--api-key", action="append", default=[], dest="api_key",
+                       help="a key clients must send as 'Authorization: Bearer <key>' (repeatable); none: no auth")
+    group.add_argument("--max-pending", type=int, default=1024,
+                       help="pipeline requests in flight before new ones get 429")
+    group.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
+    group.add_argument("--max-body-bytes", type=int, default=4 * MIB, help="larger request bodies get 413")
+    group.add_argument("--max-n", type=int, default=16, help="the largest n (completions per prompt) accepted")
+
+
+def _token_text(model: str, load_format: str) -> TokenText:
+    """The model's tokenizer, for the token strings of logprobs (and echo of token prompts); without one,
+    tokens show as token_id:<id>."""
+    from engine.model_files import resolve_model
+    from engine.tokenizer import Tokenizer
+    try:
+        files = resolve_model(model, load_format, progress=False)
+        if files.path is not None and Tokenizer.present_in(files.path):
+            return TokenText(Tokenizer(files.path))
+    except (ValueError, OSError) as e:
+        log.warning("no tokenizer for %s (%s): logprobs show token ids", model, e)
+    return TokenText()
+
+
+def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
+    return GatewaySettings(served_model_name=args.served_model_name or args.model, model=args.model,
+                           api_keys=list(args.api_key), max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+                           max_model_len=args.max_model_len, token_text=_token_text(args.model, args.load_format))
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's Server, except that SIGINT/SIGTERM only make it stop. uvicorn re-raises the signal once serving
+    ends, which under Python's default SIGTERM handler kills the process before the gRPC server and the pipeline
+    client are closed."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+async def _start_grpc(client: PipelineClient, settings: GatewaySettings, port: int) -> Any:
+    try:
+        from services import grpc_server
+    except ImportError as e:
+        log.warning("the gRPC API is off: %s", e)
+        return None
+    server = await grpc_server.start(client, settings, port)
+    log.info("gRPC API on port %d", port)
+    return server
+
+
+async def serve(args: argparse.Namespace, settings: GatewaySettings) -> None:
+    client = PipelineClient(args.redis_url, args.prefix, args.worker_name, args.max_pending)
+    await client.start()
+    grpc = None
+    try:
+        if args.grpc_port:
+            grpc = await _start_grpc(client, settings, args.grpc_port)
+        # No access log: at hundreds of requests a second it costs more than it tells; /metrics counts them.
+        config = uvicorn.Config(build_app(client, settings), host=args.host, port=args.port, log_config=None,
+                                access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        await _Server(config).serve()
+    finally:
+        if grpc is not None:
+            await grpc.stop()
+        await client.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.runtime import setup_logging
+    setup_logging("gateway")
+    asyncio.run(serve(args, settings_from_args(args)))
+    return 0

@@ -1,0 +1,289 @@
+"""Prometheus metrics in the text exposition format (0.0.4), without prometheus_client.
+
+    requests = Counter("pagestream_requests_total", "Requests by outcome.", ["status"])
+    requests.inc(status="200")
+    text = exposition([requests, ...])
+
+The gateway's own metrics (GatewayMetrics) are counted as requests go by. The pipeline's are read from Redis when
+scraped (PipelineScraper): the scheduler's stats hash, and per stream and consumer group how far consumers are
+behind, all in one round trip (plus a SCAN for the token partitions every PARTITIONS_TTL_S).
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import time
+from typing import Any, Callable, Iterable
+
+from services.transport import Names
+
+log = logging.getLogger("pagestream.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PARTITIONS_TTL_S = 10.0
+
+# Bucket bounds (seconds), from about one decode step on an H100 up to long generations.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+               0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+               240.0, 480.0, 960.0, 1920.0)
+
+
+# ---- exposition ------------------------------------------------------------------------------------------------
+def format_value(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return repr(float(value))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    if not names:
+        return ""
+    return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values)) + "}"
+
+
+class Metric:
+    kind = "untyped"
+
+    def __init__(self, name: str, help: str, labelnames: Iterable[str] = ()):
+        self.name, self.help, self.labelnames = name, help, tuple(labelnames)
+
+    def _key(self, labels: dict[str, Any]) -> tuple[str, ...]:
+        if set(labels) != set(self.labelnames):
+            raise ValueError(f"{self.name}: labels {sorted(labels)}, expected {sorted(self.labelnames)}")
+        return tuple(str(labels[n]) for n in self.labelnames)
+
+    def header(self) -> list[str]:
+        help = self.help.replace("\\", "\\\\").replace("\n", "\\n")
+        return [f"# HELP {self.name} {help}", f"# TYPE {self.name} {self.kind}"]
+
+    def lines(self) -> list[str]:
+        raise NotImplementedError
+
+
+class _Valued(Metric):
+    """A counter or gauge: one value per label set (an unlabelled one starts at 0)."""
+
+    def __init__(self, name: str, help: str, labelnames: Iterable[str] = ()):
+        super().__init__(name, help, labelnames)
+        self.values: dict[tuple[str, ...], float] = {} if self.labelnames else {(): 0.0}
+
+    def lines(self) -> list[str]:
+        return self.header() + [f"{self.name}{_labels(self.labelnames, k)} {format_value(v)}"
+                                for k, v in self.values.items()]
+
+
+class Counter(_Valued):
+    kind = "counter"
+
+    def inc(self, amount: float = 1.0, **labels: Any) -> None:
+        key = self._key(labels)
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+
+class Gauge(_Valued):
+    kind = "gauge"
+
+    def set(self, value: float, **labels: Any) -> None:
+        self.values[self._key(labels)] = value
+
+
+class Histogram(Metric):
+    """Unlabelled; `bounds` are the finite bucket bounds (le), +Inf is implied."""
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, bounds: Iterable[float]):
+        super().__init__(name, help)
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)          # per bucket (not cumulative); the last is +Inf
+        self.sum = 0.0
+
+    @classmethod
+    def from_cumulative(cls, name: str, help: str, buckets: list[tuple[float, float]], total: float
+                        ) -> "Histogram":
+        """A snapshot kept elsewhere, as Prometheus writes it: (le, cumulative count) pairs ending with +Inf."""
+        buckets = sorted(buckets)
+        h = cls(name, help, [le for le, _ in buckets if not math.isinf(le)])
+        previous = 0.0
+        for i, (_, cumulative) in enumerate(buckets):
+            h.counts[i] = cumulative - previous
+            previous = cumulative
+        h.sum = total
+        return h
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1        # le: a value on a bound counts in it
+        self.sum += value
+
+    def lines(self) -> list[str]:
+        out = self.header()
+        cumulative = 0
+        for le, count in zip((*self.bounds, math.inf), self.counts):
+            cumulative += count
+            out.append(f'{self.name}_bucket{{le="{format_value(le)}"}} {format_value(cumulative)}')
+        out.append(f"{self.name}_sum {format_value(self.sum)}")
+        out.append(f"{self.name}_count {format_value(cumulative)}")
+        return out
+
+
+def exposition(metrics: Iterable[Metric]) -> str:
+    return "\n".join(line for m in metrics for line in m.lines()) + "\n"
+
+
+# ---- the gateway's own -----------------------------------------------------------------------------------------
+class GatewayMetrics:
+    """What the gateway measures itself (shared by its HTTP and gRPC front ends)."""
+
+    def __init__(self) -> None:
+        self.requests = Counter("pagestream_requests_total",
+                                "Generation requests by outcome: the HTTP status, 499 where the client went away.",
+                                ["status"])
+        self.generation_tokens = Counter("pagestream_generation_tokens_total", "Tokens generated.")
+        self.prompt_tokens = Counter("pagestream_prompt_tokens_total", "Prompt tokens of requests answered.")
+        self.time_to_first_token = Histogram("pagestream_time_to_first_token_seconds",
+                                             "From a request's arrival to its first token.", TTFT_BUCKETS)
+        self.inter_token_latency = Histogram("pagestream_inter_token_latency_seconds",
+                                             "Between successive token deltas of a completion.", ITL_BUCKETS)
+        self.e2e_request_latency = Histogram("pagestream_e2e_request_latency_seconds",
+                                             "From a request's arrival to its last token.", E2E_BUCKETS)
+
+    def all(self) -> list[Metric]:
+        return [self.requests, self.generation_tokens, self.prompt_tokens, self.time_to_first_token,
+                self.inter_token_latency, self.e2e_request_latency]
+
+
+# ---- the pipeline's, read from Redis at scrape time ------------------------------------------------------------
+# stats hash field -> (metric, kind, help)
+SCHEDULER_FIELDS = {
+    "running": ("pagestream_num_requests_running", Gauge, "Requests running on the worker."),
+    "waiting": ("pagestream_num_requests_waiting", Gauge, "Requests waiting for admission."),
+    "preemptions": ("pagestream_num_preemptions_total", Counter, "Sequences preempted for lack of KV blocks."),
+    "kv_blocks_total": ("pagestream_kv_blocks_capacity", Gauge, "KV cache blocks in the pool."),
+    "kv_blocks_used": ("pagestream_kv_blocks_used", Gauge, "KV cache blocks in use."),
+    "kv_usage": ("pagestream_kv_cache_usage_ratio", Gauge, "Fraction of KV cache blocks in use."),
+    "kv_slot_waste": ("pagestream_kv_cache_slot_waste_ratio", Gauge,
+                      "Fraction of the used blocks' token slots that hold no token."),
+    "prefix_cache_queries": ("pagestream_prefix_cache_queries_total", Counter, "Prefix cache lookups (tokens)."),
+    "prefix_cache_hits": ("pagestream_prefix_cache_hits_total", Counter, "Prefix cache hits (tokens)."),
+    "prefix_cache_hit_rate": ("pagestream_prefix_cache_hit_rate", Gauge, "Prefix cache hits / queries."),
+}
+QUEUE_TIME = ("pagestream_request_queue_time_seconds", "From a request's arrival to its admission by the "
+              "scheduler.")
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value.decode() if isinstance(value, bytes) else value)
+    except (TypeError, ValueError):
+        return None
+
+
+def scheduler_metrics(stats: dict) -> list[Metric]:
+    """The scheduler's stats hash (field -> string) as metrics; a missing or unreadable field is left out."""
+    stats = {(k.decode() if isinstance(k, bytes) else k): _number(v) for k, v in stats.items()}
+    out: list[Metric] = []
+    for key, (name, kind, help) in SCHEDULER_FIELDS.items():
+        if stats.get(key) is not None:
+            metric = kind(name, help)
+            metric.values[()] = stats[key]
+            out.append(metric)
+    buckets = [(_number(k.split(":", 1)[1]), v) for k, v in stats.items() if k.startswith("queue_time_bucket:")]
+    total = stats.get("queue_time_sum")
+    if buckets and total is not None and all(le is not None and v is not None for le, v in buckets) \
+            and any(math.isinf(le) for le, _ in buckets):
+        out.append(Histogram.from_cumulative(*QUEUE_TIME, buckets, total))
+    return out
+
+
+def _ms(stream_id: Any) -> int:
+    """The millisecond part of a stream entry id ("1700000000000-3")."""
+    text = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+    return int(text.split("-", 1)[0])
+
+
+def stream_metrics(streams: list[tuple[str, dict | None, list[dict]]]) -> list[Metric]:
+    """Per (stream, group): entries pending (delivered, not acknowledged), entries not yet delivered (Redis 7
+    reports that `lag`; 6.2 does not), and the same lag in time: the newest entry's id time minus the last
+    delivered one's. Input: (label, XINFO STREAM, XINFO GROUPS) per stream; XINFO STREAM None: no stream."""
+    pending = Gauge("pagestream_stream_pending_entries", "Entries delivered to a group, not yet acknowledged.",
+                    ["stream", "group"])
+    lag_entries = Gauge("pagestream_stream_lag_entries", "Entries not yet delivered to a group (Redis 7+).",
+                        ["stream", "group"])
+    lag_seconds = Gauge("pagestream_stream_lag_seconds", "Age of a stream's newest entry relative to the last "
+                        "entry delivered to a group (entry id times).", ["stream", "group"])
+    for label, info, groups in streams:
+        if info is None:
+            continue
+        newest = _ms(info["last-generated-id"])
+        first = info.get("first-entry")
+        for g in groups:
+            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+            pending.set(g["pending"], stream=label, group=name)
+            if g.get("lag") is not None:
+                lag_entries.set(g["lag"], stream=label, group=name)
+            delivered = _ms(g["last-delivered-id"])
+            if delivered == 0:            # nothing delivered yet: the backlog starts at the oldest entry
+                delivered = _ms(first[0]) if first else newest
+            lag_seconds.set(max(0, newest - delivered) / 1000, stream=label, group=name)
+    return [pending, lag_entries, lag_seconds]
+
+
+class PipelineScraper:
+    """Reads the pipeline's metrics from Redis; Redis being down leaves them out (the gateway's own remain).
+
+    The gateway reads its reply stream with XREAD, not through a group, so Redis cannot tell how far behind it
+    is: reply_read_id() gives the id of the last entry it read, reported as the stream's group "gateway" (None:
+    nothing read yet, or not known; then the reply stream is left out)."""
+
+    def __init__(self, redis, names: Names, worker: str, reply_stream: str,
+                 reply_read_id: Callable[[], bytes | None]):
+        self.redis, self.names = redis, names
+        self.reply_stream, self.reply_read_id = reply_stream, reply_read_id
+        self.fixed_streams = [names.tokenize, names.schedule, names.abort, names.plan(worker),
+                              names.events(worker), reply_stream]
+        self._partitions: list[str] = []
+        self._partitions_at = -math.inf
+
+    async def _token_streams(self) -> list[str]:
+        """tokens:<p> streams that exist, found by SCAN (the partition count is the worker's setting)."""
+        if time.monotonic() - self._partitions_at > PARTITIONS_TTL_S:
+            found = [key async for key in self.redis.scan_iter(match=f"{self.names.prefix}:tokens:*", count=1000,
+                                                                _type="STREAM")]
+            self._partitions = sorted(k.decode() if isinstance(k, bytes) else k for k in found)
+            self._partitions_at = time.monotonic()
+        return self._partitions
+
+    async def collect(self) -> list[Metric]:
+        try:
+            streams = self.fixed_streams + await self._token_streams()
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(self.names.scheduler_stats)
+            for stream in streams:
+                pipe.xinfo_stream(stream)
+                pipe.xinfo_groups(stream)
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as e:                       # Redis down: serve what the gateway knows
+            log.warning("could not read the pipeline's metrics from Redis: %s", e)
+            return []
+        stats, infos = results[0], results[1:]
+        cut = len(self.names.prefix) + 1
+        per_stream = []
+        for i, stream in enumerate(streams):
+            info, groups = infos[2 * i], infos[2 * i + 1]
+            if isinstance(info, Exception):          # "no such key": the stream does not exist (yet)
+                continue
+            groups = [] if isinstance(groups, Exception) else groups
+            if stream == self.reply_stream:
+                read = self.reply_read_id()
+                groups = [] if read is None else [{"name": "gateway", "pending": 0, "last-delivered-id": read}]
+            per_stream.append((stream[cut:], info, groups))
+        return (scheduler_metrics(stats) if isinstance(stats, dict) else []) + stream_metrics(per_stream)

@@ -1,0 +1,523 @@
+"""The OpenAI API on the wire, as users of vLLM's OpenAI server know it: request parsing and validation, and the
+shapes of responses, stream chunks and errors.
+
+    parsed = parse_completion(body, limits)             # or parse_chat; a bad request raises ProtocolError
+    builder = ResponseBuilder(parsed, response_id, created, token_text)
+    chunk = builder.add(prompt_index, reply_item)       # streaming: a chunk (or None); otherwise accumulates
+    body = builder.response()                           # non-streaming: the whole completion
+
+Pure functions of plain values, no I/O: every shape here is unit-tested without a server.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from engine.sampling_params import SamplingParams
+from schemas.messages import ChatMessage, ErrorInfo, GenerateRequest, ReplyItem, TokenLogprobsWire
+
+Prompt = str | list[int]
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
+MODEL_NOT_FOUND = "model_not_found"
+INT64 = 1 << 63                         # msgpack carries 64-bit integers: anything larger cannot cross the wire
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+def error_body(message: str, code: int = 400, type: str | None = None, param: str | None = None) -> dict:
+    """OpenAI's error object; `code` is the HTTP status (as vLLM sends it)."""
+    return {"error": {"message": message, "type": type or ERROR_TYPES.get(code, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def pipeline_error_body(error: ErrorInfo) -> dict:
+    """The body for an error the pipeline sent (a ReplyItem's)."""
+    return error_body(error.message, error.code, error.type, error.param)
+
+
+class ProtocolError(Exception):
+    """A request the API refuses: its HTTP status and OpenAI error body."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.type = status, param, type
+
+    def body(self) -> dict:
+        return error_body(str(self), self.status, self.type, self.param)
+
+
+# ---- the request body ------------------------------------------------------------------------------------------
+def _reject_constant(name: str) -> float:
+    raise ProtocolError(f"{name} is not a valid JSON number")
+
+
+def decode_json_body(raw: bytes) -> dict:
+    """The body as a JSON object. Strict: UTF-8 only (json.loads would guess UTF-16/32 from bytes), and no
+    NaN/Infinity, which Python's json accepts but JSON does not (and an infinite temperature would pass the
+    range checks)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"the request body is not valid UTF-8 (at byte {e.start})") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("the request body must be a JSON object")
+    return body
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "a list",
+               dict: "an object"}
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _field(body: dict, name: str, kind: type, default: Any = None) -> Any:
+    """body[name] checked against kind (absent or null: default). JSON booleans are not numbers here, integers
+    must fit in 64 bits, and strings must be encodable (a lone surrogate escape, "\\ud800", is valid JSON but
+    cannot be sent on)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+          else isinstance(value, int) and not isinstance(value, bool) if kind is int
+          else isinstance(value, kind))
+    if not ok:
+        raise ProtocolError(f"{name} must be {_KIND_NAMES[kind]}, got {_json_type(value)}", param=name)
+    if kind is int:
+        _check_int64(value, name)
+    elif kind is float:
+        value = float(value)
+    elif kind is str:
+        _check_text(value, name)
+    return value
+
+
+def _check_int64(value: int, param: str) -> None:
+    if not -INT64 <= value < INT64:
+        raise ProtocolError(f"{param} is out of range (64-bit integers)", param=param)
+
+
+def _check_text(value: str, param: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"{param} contains an unpaired surrogate", param=param) from None
+
+
+def _token_ids(value: Any, param: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise ProtocolError(f"{param} must be a list of integers", param=param)
+    if any(not 0 <= t < INT64 for t in value):
+        raise ProtocolError(f"{param}: token ids must be non-negative 64-bit integers", param=param)
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ProtocolError("stop must be a string or a list of strings", param="stop")
+    for s in stop:
+        _check_text(s, "stop")
+    return stop
+
+
+# Features that, ignored, would silently change the answer: refuse them instead.
+_UNSUPPORTED = ("logit_bias", "tools", "functions", "suffix", "prompt_logprobs", "guided_json", "guided_regex",
+                "guided_choice", "guided_grammar")
+
+
+def _reject_unsupported(body: dict) -> None:
+    for name in _UNSUPPORTED:
+        if body.get(name):
+            raise ProtocolError(f"{name} is not supported by this server", param=name)
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise ProtocolError("response_format: only {\"type\": \"text\"} is supported", param="response_format")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != 1 and best_of != body.get("n", 1):
+        raise ProtocolError("best_of is not supported by this server", param="best_of")
+
+
+@dataclass
+class Limits:
+    """What the server's configuration adds to the API's own checks."""
+    served_model_name: str
+    max_n: int = 16
+    max_model_len: int | None = None
+
+
+@dataclass
+class ParsedRequest:
+    """A validated completion or chat request; one pipeline request per prompt."""
+    chat: bool
+    model: str
+    params: SamplingParams
+    prompts: list[Prompt] = field(default_factory=list)          # completions
+    messages: list[ChatMessage] = field(default_factory=list)    # chat
+    add_generation_prompt: bool = True
+    stream: bool = False
+    include_usage: bool = False
+    echo: list[str] | None = None          # completions with echo: each prompt's text, put before its choices
+    priority: int = 0
+
+    @property
+    def num_prompts(self) -> int:
+        return 1 if self.chat else len(self.prompts)
+
+    def generate_requests(self, request_id: str, arrival: float) -> list[GenerateRequest]:
+        """The pipeline requests: `request_id` itself for one prompt, `<request_id>-<i>` for each of several."""
+        def request(rid: str, **prompt) -> GenerateRequest:
+            return GenerateRequest(request_id=rid, gateway="", params=self.params, arrival=arrival,
+                                   priority=self.priority, add_generation_prompt=self.add_generation_prompt,
+                                   **prompt)
+
+        if self.chat:
+            return [request(request_id, messages=self.messages)]
+        ids = [request_id] if len(self.prompts) == 1 else [f"{request_id}-{i}" for i in range(len(self.prompts))]
+        return [request(rid, prompt=p) if isinstance(p, str) else request(rid, prompt_token_ids=p)
+                for rid, p in zip(ids, self.prompts)]
+
+
+def _common(body: dict, limits: Limits, *, max_tokens: int | None, logprobs: int | None) -> dict:
+    """The fields completions and chat share, checked, as ParsedRequest keyword arguments."""
+    _reject_unsupported(body)
+    model = _field(body, "model", str, limits.served_model_name)
+    if model != limits.served_model_name:
+        raise ProtocolError(f"The model `{model}` does not exist.", status=404, param="model", type=MODEL_NOT_FOUND)
+    stream = _field(body, "stream", bool, False)
+    stream_options = _field(body, "stream_options", dict)
+    if stream_options is not None and not stream:
+        raise ProtocolError("stream_options can only be set when stream is true", param="stream_options")
+    include_usage = _field(stream_options or {}, "include_usage", bool, False)
+    n = _field(body, "n", int, 1)
+    if n > limits.max_n:
+        raise ProtocolError(f"n must be at most {limits.max_n}, got {n}", param="n")
+    if max_tokens is not None and limits.max_model_len is not None and max_tokens > limits.max_model_len:
+        raise ProtocolError(f"max_tokens ({max_tokens}) exceeds the model's context length "
+                            f"({limits.max_model_len})", param="max_tokens")
+    stop_token_ids = _token_ids(body.get("stop_token_ids") or [], "stop_token_ids")
+    try:
+        params = SamplingParams(
+            n=n, temperature=_field(body, "temperature", float, 1.0), top_p=_field(body, "top_p", float, 1.0),
+            top_k=_field(body, "top_k", int, 0), min_p=_field(body, "min_p", float, 0.0),
+            seed=_field(body, "seed", int), presence_penalty=_field(body, "presence_penalty", float, 0.0),
+            frequency_penalty=_field(body, "frequency_penalty", float, 0.0),
+            repetition_penalty=_field(body, "repetition_penalty", float, 1.0), max_tokens=max_tokens,
+            min_tokens=_field(body, "min_tokens", int, 0), stop=_stop(body), stop_token_ids=stop_token_ids,
+            ignore_eos=_field(body, "ignore_eos", bool, False), logprobs=logprobs,
+            include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
+            skip_special_tokens=_field(body, "skip_special_tokens", bool, True))
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None
+    return dict(model=model, params=params, stream=stream, include_usage=include_usage,
+                priority=_field(body, "priority", int, 0))
+
+
+def _prompts(value: Any) -> list[Prompt]:
+    """A string, a list of strings, a list of token ids, or a list of token-id lists: each one prompt."""
+    if isinstance(value, str):
+        prompts: list = [value]
+    elif isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+        prompts = value
+    elif isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        prompts = [_token_ids(value, "prompt")]
+    elif isinstance(value, list) and value and all(isinstance(p, list) for p in value):
+        prompts = [_token_ids(p, "prompt") for p in value]
+    elif value is None or value == []:
+        raise ProtocolError("prompt is required", param="prompt")
+    else:
+        raise ProtocolError("prompt must be a string, a list of strings, a list of token ids or a list of "
+                            "token-id lists", param="prompt")
+    for p in prompts:
+        if not p:
+            raise ProtocolError("prompt must not be empty", param="prompt")
+        if isinstance(p, str):
+            _check_text(p, "prompt")
+    return prompts
+
+
+def parse_completion(body: dict, limits: Limits, token_text: TokenText | None = None) -> ParsedRequest:
+    """POST /v1/completions. token_text decodes token-id prompts for echo."""
+    logprobs = _field(body, "logprobs", int)
+    common = _common(body, limits, max_tokens=_field(body, "max_tokens", int, 16), logprobs=logprobs)
+    prompts = _prompts(body.get("prompt"))
+    echo = None
+    if _field(body, "echo", bool, False):
+        if logprobs is not None:
+            raise ProtocolError("echo with logprobs is not supported (it needs the prompt's logprobs)",
+                                param="echo")
+        if any(not isinstance(p, str) for p in prompts) and (token_text is None or not token_text.can_decode):
+            raise ProtocolError("echo of token-id prompts needs the model's tokenizer, which this server lacks",
+                                param="echo")
+        echo = [p if isinstance(p, str) else token_text.decode(p) for p in prompts]
+    return ParsedRequest(chat=False, prompts=prompts, echo=echo, **common)
+
+
+def _content(value: Any, param: str) -> str:
+    """A message's content: a string, or a list of text parts (joined); null counts as empty (an assistant
+    message that only called tools)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        _check_text(value, param)
+        return value
+    if not isinstance(value, list):
+        raise ProtocolError(f"{param} must be a string or a list of content parts", param=param)
+    texts = []
+    for part in value:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ProtocolError(f"{param}: only text parts ({{\"type\": \"text\", \"text\": ...}}) are "
+                                "supported", param=param)
+        _check_text(part["text"], param)
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _messages(value: Any) -> list[ChatMessage]:
+    if not isinstance(value, list) or not value:
+        raise ProtocolError("messages must be a non-empty list", param="messages")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise ProtocolError(f"messages[{i}] must be an object", param=f"messages[{i}]")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise ProtocolError(f"messages[{i}].role must be one of {', '.join(sorted(CHAT_ROLES))}, "
+                                f"got {role!r}", param=f"messages[{i}].role")
+        messages.append(ChatMessage(role=role, content=_content(m.get("content"), f"messages[{i}].content")))
+    return messages
+
+
+def parse_chat(body: dict, limits: Limits) -> ParsedRequest:
+    """POST /v1/chat/completions."""
+    # max_completion_tokens is the newer name; where both are given it wins (as in OpenAI's API). Neither:
+    # up to the context length.
+    legacy, newer = _field(body, "max_tokens", int), _field(body, "max_completion_tokens", int)
+    max_tokens = newer if newer is not None else legacy
+    top_logprobs = _field(body, "top_logprobs", int)
+    wants_logprobs = _field(body, "logprobs", bool, False)
+    if top_logprobs is not None and not wants_logprobs:
+        raise ProtocolError("top_logprobs requires logprobs to be true", param="top_logprobs")
+    common = _common(body, limits, max_tokens=max_tokens,
+                     logprobs=(top_logprobs or 0) if wants_logprobs else None)
+    return ParsedRequest(chat=True, messages=_messages(body.get("messages")),
+                         add_generation_prompt=_field(body, "add_generation_prompt", bool, True), **common)
+
+
+# ---- token strings, for logprobs -------------------------------------------------------------------------------
+class Detokenizer(Protocol):
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class TokenText:
+    """Token id -> the text logprobs show for it: the id decoded alone (cached; the vocabulary bounds the cache).
+    Without a tokenizer (dummy weights), "token_id:<id>" as vLLM's --return-tokens-as-token-ids writes it."""
+
+    def __init__(self, tokenizer: Detokenizer | None = None):
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    @property
+    def can_decode(self) -> bool:
+        return self._tokenizer is not None
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = (self._tokenizer.decode([token_id], skip_special_tokens=False) if self._tokenizer is not None
+                    else f"token_id:{token_id}")
+            self._cache[token_id] = text
+        return text
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids)
+
+
+def completion_logprobs(token_ids: list[int], entries: list[TokenLogprobsWire], token_text: TokenText,
+                        text_offset: int) -> dict:
+    """The legacy completions shape for some tokens of a choice; text_offset: where the first one starts in the
+    choice's text. top_logprobs maps token text -> logprob and always holds the sampled token too, so it has up
+    to k+1 entries (as OpenAI documents)."""
+    tokens = [token_text(t) for t in token_ids]
+    offsets = []
+    for token in tokens:
+        offsets.append(text_offset)
+        text_offset += len(token)
+    top = []
+    for token, entry in zip(tokens, entries):
+        alternatives = {token_text(t): lp for t, lp in zip(entry.top_token_ids, entry.top_logprobs)}
+        alternatives.setdefault(token, entry.logprob)
+        top.append(alternatives)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def _chat_token(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(token_ids: list[int], entries: list[TokenLogprobsWire], token_text: TokenText,
+                  top_n: int) -> list[dict]:
+    """The chat shape (choice.logprobs.content): per token its text, logprob, UTF-8 bytes and top_n
+    alternatives."""
+    return [{**_chat_token(token_text(t), e.logprob),
+             "top_logprobs": [_chat_token(token_text(a), lp)
+                              for a, lp in zip(e.top_token_ids[:top_n], e.top_logprobs[:top_n])]}
+            for t, e in zip(token_ids, entries)]
+
+
+# ---- responses -------------------------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+# One encoder for every chunk: json.dumps with options other than the defaults builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def sse(payload: dict) -> bytes:
+    """One server-sent event: serialized once, compactly."""
+    return b"data: " + _ENCODER.encode(payload).encode() + b"\n\n"
+
+
+@dataclass
+class _Choice:
+    parts: list[str] = field(default_factory=list)            # non-streaming: the text pieces
+    logprobs: list[dict] | dict | None = None                 # non-streaming: accumulated logprobs
+    text_offset: int = 0                                      # completions logprobs: characters so far
+    echo: str | None = None                                   # the prompt, until the choice's first text
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ResponseBuilder:
+    """Turns one API request's ReplyItems into its stream chunks, or into its whole response.
+
+    A choice's index is prompt_index * n + the item's index. An item whose text is empty (bytes held back by
+    the detokenizer) makes no chunk, unless it ends its choice or carries requested logprobs."""
+
+    def __init__(self, request: ParsedRequest, response_id: str, created: int, token_text: TokenText):
+        self.request, self.response_id = request, response_id
+        self.n = request.params.n
+        self.top_logprobs = request.params.logprobs
+        self.token_text = token_text
+        self.choices = [_Choice() for _ in range(request.num_prompts * self.n)]
+        if request.echo is not None:
+            for i, choice in enumerate(self.choices):
+                choice.echo = request.echo[i // self.n]
+        self.prompt_tokens = [0] * request.num_prompts
+        self.cached_tokens = [0] * request.num_prompts
+        self.completion_tokens = 0
+        obj = ("chat.completion.chunk" if request.chat else "text_completion") if request.stream else \
+            ("chat.completion" if request.chat else "text_completion")
+        self._head = {"id": response_id, "object": obj, "created": created, "model": request.model}
+        if request.include_usage:
+            self._head["usage"] = None          # OpenAI: every chunk has "usage": null, the last one the totals
+
+    def start(self) -> list[dict]:
+        """Chunks that open a chat stream: each choice's role."""
+        if not self.request.chat:
+            return []
+        return [{**self._head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]}
+                for i in range(len(self.choices))]
+
+    def add(self, prompt_index: int, item: ReplyItem) -> dict | None:
+        """Takes one item; streaming, returns its chunk (None: nothing to show)."""
+        index = prompt_index * self.n + item.index
+        choice = self.choices[index]
+        if item.prompt_tokens:
+            self.prompt_tokens[prompt_index] = item.prompt_tokens
+            self.cached_tokens[prompt_index] = item.cached_tokens
+        self.completion_tokens += len(item.token_ids)
+        text = item.text
+        if choice.echo is not None:
+            text, choice.echo = choice.echo + text, None
+        if item.finish_reason is not None:
+            choice.finish_reason, choice.stop_reason = item.finish_reason, item.stop_reason
+        logprobs = self._logprobs(choice, item)
+        if not self.request.stream:
+            choice.parts.append(text)
+            if logprobs is not None:
+                self._keep_logprobs(choice, logprobs)
+            return None
+        if not text and logprobs is None and item.finish_reason is None:
+            return None
+        if self.request.chat:
+            delta = {"content": text} if text else {}
+            entry = {"index": index, "delta": delta,
+                     "logprobs": None if logprobs is None else {"content": logprobs}}
+        else:
+            entry = {"index": index, "text": text, "logprobs": logprobs}
+        entry["finish_reason"] = item.finish_reason
+        entry["stop_reason"] = item.stop_reason
+        return {**self._head, "choices": [entry]}
+
+    def _logprobs(self, choice: _Choice, item: ReplyItem) -> dict | list | None:
+        if self.top_logprobs is None or not item.token_ids or item.logprobs is None:
+            return None
+        if self.request.chat:
+            return chat_logprobs(item.token_ids, item.logprobs, self.token_text, self.top_logprobs)
+        shaped = completion_logprobs(item.token_ids, item.logprobs, self.token_text, choice.text_offset)
+        if shaped["tokens"]:
+            choice.text_offset = shaped["text_offset"][-1] + len(shaped["tokens"][-1])
+        return shaped
+
+    @staticmethod
+    def _keep_logprobs(choice: _Choice, logprobs: dict | list) -> None:
+        if choice.logprobs is None:
+            choice.logprobs = logprobs
+        elif isinstance(logprobs, list):
+            choice.logprobs.extend(logprobs)
+        else:
+            for key, values in logprobs.items():
+                choice.logprobs[key].extend(values)
+
+    def usage(self) -> dict:
+        return usage(sum(self.prompt_tokens), self.completion_tokens, sum(self.cached_tokens))
+
+    def usage_chunk(self) -> dict:
+        return {**self._head, "choices": [], "usage": self.usage()}
+
+    def response(self) -> dict:
+        """The non-streaming body, once every choice finished."""
+        choices = []
+        for index, c in enumerate(self.choices):
+            text = "".join(c.parts)
+            if self.request.chat:
+                entry = {"index": index, "message": {"role": "assistant", "content": text},
+                         "logprobs": None if c.logprobs is None else {"content": c.logprobs}}
+            else:
+                entry = {"index": index, "text": text, "logprobs": c.logprobs}
+            entry["finish_reason"] = c.finish_reason
+            entry["stop_reason"] = c.stop_reason
+            choices.append(entry)
+        return {**self._head, "choices": choices, "usage": self.usage()}
+
+
+def models_list(name: str, root: str, created: int, max_model_len: int | None) -> dict:
+    """GET /v1/models: the one served model."""
+    return {"object": "list", "data": [model_card(name, root, created, max_model_len)]}
+
+
+def model_card(name: str, root: str, created: int, max_model_len: int | None) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "pagestream", "root": root,
+            "parent": None, "max_model_len": max_model_len}
+

@@ -1,0 +1,237 @@
+"""The scheduler service: the engine's Scheduler and block accounting for one worker, one plan ahead of it.
+
+It reads three streams in one call: new requests (schedule), aborts (abort) and the worker's per-plan events
+(events:<worker>). It keeps at most two plans outstanding: while the worker runs plan r, plan r+1 already waits
+in its stream, made before r's tokens were known (their tokens count as in flight, see engine.scheduler). So the
+worker never waits for the scheduler, and the scheduler never waits for a token it does not need.
+
+If the worker dies or restarts (its heartbeat's epoch changes), every request it held is lost: the gateways
+fail them (they watch the same heartbeats) and this service starts over with the new worker's KV pool.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+import uuid
+from collections import OrderedDict
+
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.plan import Plan, StepResult
+from engine.scheduler import Scheduler
+from engine.sequence import FinishReason
+from schemas.codec import SchemaError, decode, encode
+from schemas.messages import (Abort, ErrorInfo, PlanMessage, Reply, ReplyItem, ScheduleRequest, StepEvent,
+                              WorkerInfo)
+from services.runtime import Heartbeat, setup_logging, stop_event
+from services.transport import Entry, Transport, instance_id
+
+log = logging.getLogger("pagestream.scheduler")
+
+GROUP = "scheduler"
+MAX_OUTSTANDING_PLANS = 2          # the one running and the next, waiting in the worker's stream
+STATS_EVERY_S = 0.5
+QUEUE_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _Bounded(OrderedDict):
+    """A set of the most recent ids: requests seen or aborted, for dropping duplicates and late arrivals."""
+
+    def __init__(self, size: int = 100_000):
+        super().__init__()
+        self.size = size
+
+    def add(self, key: str) -> None:
+        self[key] = None
+        self.move_to_end(key)
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+class SchedulerService:
+    def __init__(self, transport: Transport, config: SchedulerConfig, worker: str, enable_prefix_caching: bool,
+                 seed: int = 0):
+        self.transport, self.names = transport, transport.names
+        self.config, self.worker, self.enable_prefix_caching = config, worker, enable_prefix_caching
+        self.epoch = uuid.uuid4().hex
+        self.consumer = instance_id("scheduler")
+        self.rng = random.Random(seed)
+        self.scheduler: Scheduler | None = None
+        self.worker_epoch: str | None = None
+        self.outstanding: OrderedDict[int, Plan] = OrderedDict()     # plan id -> plan, in order
+        self.next_plan_id = 0
+        self.gateways: dict[str, str] = {}                 # request id -> its gateway, for error replies
+        self.arrivals: dict[str, float] = {}               # request id -> arrival, until admitted (queue time)
+        self.seen, self.aborted = _Bounded(), _Bounded()
+        self.queue_time_counts = [0] * (len(QUEUE_TIME_BUCKETS) + 1)
+        self.queue_time_sum = 0.0
+        self._stats_at = 0.0
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def run(self, stop) -> None:
+        Heartbeat(self.transport, self.names.alive("scheduler"), self.epoch, stop).start()
+        streams = [self.names.events(self.worker), self.names.abort, self.names.schedule]
+        log.info("scheduler %s (epoch %s) for worker %s", self.consumer, self.epoch[:8], self.worker)
+        idle = True
+        while not stop.is_set():
+            if not self._worker_is_current():
+                self._wait_for_worker(stop)
+                continue
+            # Don't wait for input when a plan can go out now; otherwise block until something arrives.
+            entries = self.transport.read(streams, GROUP, self.consumer, count=512, block_ms=50 if idle else None)
+            self._handle(entries)
+            planned = len(self.outstanding) < MAX_OUTSTANDING_PLANS and self._plan()
+            idle = not planned and not entries
+            self._publish_stats()
+
+    def _handle(self, entries: list[Entry]) -> None:
+        pipe = self.transport.pipeline()
+        for entry in entries:
+            try:
+                if entry.stream == self.names.events(self.worker):
+                    self._on_event(decode(StepEvent, entry.payload))
+                elif entry.stream == self.names.abort:
+                    self._on_abort(decode(Abort, entry.payload))
+                else:
+                    self._on_request(decode(ScheduleRequest, entry.payload), pipe)
+            except SchemaError as e:
+                self.transport.dead_letter(entry.stream, GROUP, entry.id, entry.payload, str(e))
+                continue
+            self.transport.ack(entry.stream, GROUP, [entry.id], pipe)
+        pipe.execute()
+
+    # ---- inputs --------------------------------------------------------------------------------------------
+    def _on_request(self, request: ScheduleRequest, pipe) -> None:
+        rid = request.request_id
+        if rid in self.seen or rid in self.aborted or (request.epoch and request.epoch != self.epoch):
+            return                 # a repeat, aborted before it got here, or sent before this scheduler started
+        self.seen.add(rid)
+        seed = request.params.seed if request.params.seed is not None else self.rng.getrandbits(63)
+        try:
+            self.scheduler.add_request(rid, request.prompt_token_ids, request.params, seed, request.priority)
+        except ValueError as e:
+            reply = Reply([ReplyItem(request_id=rid, error=ErrorInfo(str(e)))])
+            self.transport.publish(self.names.reply(request.gateway), encode(reply), pipe)
+            return
+        self.gateways[rid] = request.gateway
+        self.arrivals[rid] = request.arrival
+
+    def _on_abort(self, abort: Abort) -> None:
+        seqs = self.scheduler.requests.get(abort.request_id)
+        if abort.index is None:
+            self.aborted.add(abort.request_id)
+            self.scheduler.abort_request(abort.request_id)
+        elif seqs:                                             # a stop string ended one completion
+            for seq in seqs:
+                if seq.index == abort.index:
+                    self.scheduler.finish(seq, FinishReason.STOP, abort.stop_reason)
+        self._forget_finished()
+
+    def _on_event(self, event: StepEvent) -> None:
+        if self.outstanding.pop(event.plan_id, None) is None:
+            return                                             # a plan of a worker that is gone
+        steps = max(map(len, event.token_ids), default=0)
+        for step in range(steps):
+            pairs = [(s, tokens[step]) for s, tokens in zip(event.seq_ids, event.token_ids) if step < len(tokens)]
+            self.scheduler.update(StepResult([s for s, _ in pairs], [t for _, t in pairs]))
+        self._forget_finished()
+
+    def _forget_finished(self) -> None:
+        for rid in [r for r in self.gateways if r not in self.scheduler.requests]:
+            del self.gateways[rid]
+            self.arrivals.pop(rid, None)
+
+    # ---- output --------------------------------------------------------------------------------------------
+    def _plan(self) -> bool:
+        """Make and send the next plan; False when there was nothing to send."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty and not plan.freed_seq_ids:
+            return False
+        now = time.time()
+        for new in plan.new:
+            seq = self.scheduler.get_sequence(new.seq_id)
+            arrival = self.arrivals.pop(seq.request_id, None)
+            if arrival is not None:
+                self._observe_queue_time(now - arrival)
+        seqs = [self.scheduler.get_sequence(n.seq_id) for n in plan.new]
+        children = [self.scheduler.get_sequence(f.child_id) for f in plan.forks]
+        message = PlanMessage(
+            plan_id=self.next_plan_id, worker_epoch=self.worker_epoch, scheduler_epoch=self.epoch,
+            num_steps=plan.num_steps, new=plan.new, new_request_ids=[s.request_id for s in seqs],
+            new_indexes=[s.index for s in seqs], running=plan.running,
+            scheduled_seq_ids=list(plan.num_scheduled_tokens), scheduled_tokens=list(plan.num_scheduled_tokens.values()),
+            forks=plan.forks, fork_indexes=[c.index for c in children], block_copies=plan.block_copies,
+            freed_seq_ids=plan.freed_seq_ids)
+        self.transport.publish(self.names.plan(self.worker), encode(message))
+        if not plan.is_empty:                                  # an empty plan (only frees) gets no event
+            self.outstanding[self.next_plan_id] = plan
+        self.next_plan_id += 1
+        return True
+
+    def _observe_queue_time(self, seconds: float) -> None:
+        self.queue_time_sum += seconds
+        for i, bound in enumerate(QUEUE_TIME_BUCKETS):
+            if seconds <= bound:
+                self.queue_time_counts[i] += 1
+                return
+        self.queue_time_counts[-1] += 1
+
+    def _publish_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._stats_at < STATS_EVERY_S or self.scheduler is None:
+            return
+        self._stats_at = now
+        s = self.scheduler.stats()
+        fields = {"running": s.num_running, "waiting": s.num_waiting, "preemptions": s.num_preemptions,
+                  "kv_blocks_total": s.kv.num_blocks, "kv_blocks_used": s.kv.num_used_blocks,
+                  "kv_usage": s.kv.usage, "kv_slot_waste": s.kv_slot_waste,
+                  "prefix_cache_queries": s.kv.prefix_queries, "prefix_cache_hits": s.kv.prefix_hits,
+                  "prefix_cache_hit_rate": s.kv.prefix_hit_rate, "queue_time_sum": self.queue_time_sum,
+                  "queue_time_count": sum(self.queue_time_counts)}
+        cumulative = 0
+        for bound, count in zip([*QUEUE_TIME_BUCKETS, "+Inf"], self.queue_time_counts):
+            cumulative += count
+            fields[f"queue_time_bucket:{bound}"] = cumulative
+        self.transport.redis.hset(self.names.scheduler_stats, mapping={k: str(v) for k, v in fields.items()})
+
+    # ---- the worker ----------------------------------------------------------------------------------------
+    def _worker_is_current(self) -> bool:
+        if self.scheduler is None:
+            return False
+        alive = self.transport.redis.get(self.names.alive("worker", self.worker))
+        return alive is not None and alive.decode() == self.worker_epoch
+
+    def _wait_for_worker(self, stop) -> None:
+        """(Re)start from the live worker's registration: a fresh KV pool, nothing in flight."""
+        if self.scheduler is not None:
+            log.warning("worker %s is gone or restarted: dropping %d requests", self.worker,
+                        len(self.scheduler.requests))
+        self.scheduler, self.outstanding = None, OrderedDict()
+        self.gateways.clear()
+        self.arrivals.clear()
+        while not stop.is_set():
+            alive = self.transport.redis.get(self.names.alive("worker", self.worker))
+            raw = self.transport.redis.get(self.names.worker_info(self.worker))
+            info = decode(WorkerInfo, raw) if raw else None
+            if alive is not None and info is not None and info.epoch == alive.decode():
+                break
+            stop.wait(0.2)
+        else:
+            return
+        self.worker_epoch = info.epoch
+        blocks = BlockManager(info.num_blocks, info.block_size, self.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, blocks, info.max_model_len, frozenset(info.eos_token_ids))
+        log.info("worker %s (epoch %s): %d KV blocks of %d, max_model_len %d", self.worker, info.epoch[:8],
+                 info.num_blocks, info.block_size, info.max_model_len)
+
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging("scheduler")
+    from services.cli import scheduler_config
+    transport = Transport(args.redis_url, args.prefix)
+    SchedulerService(transport, scheduler_config(args), args.worker_name, args.enable_prefix_caching,
+                     args.seed).run(stop_event())
+    return 0

@@ -1,0 +1,105 @@
+"""The tokenizer service: N replicas in one consumer group turn requests into validated token ids.
+
+Chat conversations go through the model's template; prompts are checked against max_model_len. An invalid
+request is answered with an error straight to its gateway and never reaches the scheduler. A valid one is
+forwarded to the scheduler, and what the detokenizers will need (the gateway, the prompt's tail, the stop strings)
+is stored under the request's key, all in one transaction with the acknowledgement.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import jinja2
+
+from engine.model_files import resolve_max_model_len, resolve_model
+from engine.tokenizer import Tokenizer
+from schemas.codec import SchemaError, decode, encode
+from schemas.messages import ErrorInfo, GenerateRequest, Reply, ReplyItem, RequestMeta, ScheduleRequest
+from services.runtime import setup_logging, stop_event
+from services.transport import Reclaimer, Transport, instance_id
+
+log = logging.getLogger("pagestream.tokenizer")
+
+GROUP = "tokenizer"
+PROMPT_TAIL = 8                    # prompt tokens kept for the detokenizer's decoding context
+META_TTL_S = 24 * 3600             # a request's metadata outlives any request; finished ones delete it
+
+
+class TokenizerService:
+    def __init__(self, transport: Transport, tokenizer: Tokenizer | None, max_model_len: int, vocab_size: int):
+        self.transport, self.tokenizer = transport, tokenizer
+        self.max_model_len, self.vocab_size = max_model_len, vocab_size
+        self.names = transport.names
+        self.consumer = instance_id("tokenizer")
+
+    def run(self, stop) -> None:
+        reclaim = Reclaimer(self.transport, self.names.tokenize, GROUP, self.consumer)
+        log.info("tokenizer %s ready", self.consumer)
+        while not stop.is_set():
+            for entry in reclaim() + self.transport.read([self.names.tokenize], GROUP, self.consumer, 32, 200):
+                self.handle(entry)
+
+    def handle(self, entry) -> None:
+        try:
+            request = decode(GenerateRequest, entry.payload)
+        except SchemaError as e:                   # nobody to answer: keep it for inspection
+            self.transport.dead_letter(self.names.tokenize, GROUP, entry.id, entry.payload, str(e))
+            return
+        pipe = self.transport.pipeline()
+        try:
+            token_ids = self.tokenize(request)
+        except ValueError as e:
+            reply = Reply([ReplyItem(request_id=request.request_id, error=ErrorInfo(str(e)))])
+            self.transport.publish(self.names.reply(request.gateway), encode(reply), pipe)
+        else:
+            meta = RequestMeta(request.request_id, request.gateway, len(token_ids), token_ids[-PROMPT_TAIL:],
+                               request.params)
+            pipe.set(self.names.request_meta(request.request_id), encode(meta), ex=META_TTL_S)
+            forward = ScheduleRequest(request.request_id, request.gateway, token_ids, request.params,
+                                      request.arrival, request.priority, request.epoch)
+            self.transport.publish(self.names.schedule, encode(forward), pipe)
+        self.transport.ack(self.names.tokenize, GROUP, [entry.id], pipe)
+        pipe.execute()
+
+    def tokenize(self, request: GenerateRequest) -> list[int]:
+        """The request's prompt as token ids, or ValueError with a message fit for the client."""
+        if self.tokenizer is None and request.prompt_token_ids is None:
+            raise ValueError("this model is served without a tokenizer: send prompt token ids")
+        if request.messages is not None:
+            if not request.messages:
+                raise ValueError("messages must not be empty")
+            conversation = [{"role": m.role, "content": m.content} for m in request.messages]
+            try:
+                ids = self.tokenizer.encode_chat(conversation, request.add_generation_prompt)
+            except jinja2.TemplateError as e:        # e.g. a template that insists on alternating roles
+                raise ValueError(f"the conversation does not fit the model's chat template: {e}") from None
+        elif request.prompt_token_ids is not None:
+            ids = request.prompt_token_ids
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        elif request.prompt is not None:
+            ids = self.tokenizer.encode(request.prompt)
+        else:
+            raise ValueError("a prompt or messages is required")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        max_tokens = request.params.max_tokens or 0
+        if len(ids) + max(max_tokens, 1) > self.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                             f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} "
+                             f"for the completion). Please reduce the prompt or max_tokens.")
+        return ids
+
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging("tokenizer")
+    files = resolve_model(args.model, args.load_format, progress=False)
+    # Dummy-weight models have none: then prompts must come as token ids (as with vLLM's skip_tokenizer_init).
+    tokenizer = Tokenizer(files.path) if files.path and Tokenizer.present_in(files.path) else None
+    transport = Transport(args.redis_url, args.prefix)
+    max_model_len = resolve_max_model_len(files.config, args.max_model_len)
+    TokenizerService(transport, tokenizer, max_model_len, files.config["vocab_size"]).run(stop_event())
+    return 0

