@@ -1,9 +1,25 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine: .venv with pagestream and the default model, converted once into the cache.
 #   scripts/setup.sh          what serving needs
-#   scripts/setup.sh --test   plus the test tools
+#   scripts/setup.sh --test   plus the test tools (and, as root, the Debian packages the tests drive:
+#                             chromium + chromium-driver for the chat page, docker-compose to check compose.yaml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--test" ]; then
+    missing=""
+    command -v chromium >/dev/null || missing="$missing chromium"
+    command -v chromedriver >/dev/null || missing="$missing chromium-driver"
+    command -v docker-compose >/dev/null || missing="$missing docker-compose"
+    if [ -n "$missing" ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing
+        else
+            echo "the tests need these Debian packages:$missing (install them, then run this again)" >&2
+            exit 1
+        fi
+    fi
+fi
 
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 . .venv/bin/activate

