@@ -5,7 +5,8 @@ The model runner fills one AttentionMetadata per forward and sets it here; every
 
 A batch is flat: T new tokens from B sequences, sequence b's tokens at query_start_loc[b]:query_start_loc[b+1].
 Sequence b attends to its seq_lens[b] cached tokens (its context plus its new ones, causally), found through its
-row of block_tables. A backend is any callable with TorchAttention's signature; the Triton one plugs in beside it.
+row of block_tables. A backend is any callable with TorchAttention's signature: TorchAttention (the reference, for
+the CPU) and TritonAttention (kernels/attention.py, for the GPU).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kernels.kv_cache import write_kv_reference
 
 
 @dataclass
@@ -25,6 +28,8 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_cpu: list[int]        # host copies, so no backend has to read the device to plan its work
     seq_lens_cpu: list[int]
+    decode_only: bool = False        # every sequence computes exactly one token (the CUDA-graph batches)
+    num_splits: int = 1              # flash-decoding: how many programs share each sequence's context
 
 
 _metadata: AttentionMetadata | None = None
@@ -38,13 +43,6 @@ def set_attention_metadata(metadata: AttentionMetadata | None) -> None:
 def get_attention_metadata() -> AttentionMetadata:
     assert _metadata is not None, "attention ran outside a model runner forward"
     return _metadata
-
-
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, KVH, D] into caches [num_blocks, block_size, KVH, D] at the given flat slots."""
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
@@ -61,7 +59,7 @@ class TorchAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, md: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D] -> [T, H, D]
-        write_kv(k, v, k_cache, v_cache, md.slot_mapping)
+        write_kv_reference(k, v, k_cache, v_cache, md.slot_mapping)
         out = torch.empty_like(q)
         decode_rows = [b for b, n in enumerate(md.query_lens_cpu) if n == 1]
         if decode_rows:
@@ -96,3 +94,18 @@ class TorchAttention:
         o = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.float(), v.float(), attn_mask=visible,
                                            scale=scale, enable_gqa=True)
         return o.transpose(0, 1).to(q.dtype)
+
+
+class TritonAttention:
+    """The GPU backend: write the new K/V, then paged flash-decoding for decode batches (CUDA-graph safe: it
+    reads lengths and tables from the device) or paged flash-attention for prefill and mixed batches."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, md: AttentionMetadata, scale: float) -> torch.Tensor:
+        from kernels.attention import paged_decode_attention, paged_prefill_attention
+        from kernels.kv_cache import write_kv
+        write_kv(k, v, k_cache, v_cache, md.slot_mapping)
+        if md.decode_only:
+            return paged_decode_attention(q, k_cache, v_cache, md.block_tables, md.seq_lens, scale, md.num_splits)
+        return paged_prefill_attention(q, k_cache, v_cache, md.block_tables, md.query_start_loc, md.seq_lens,
+                                       scale, md.max_query_len)

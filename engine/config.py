@@ -20,7 +20,9 @@ class ModelConfig:
     max_model_len: int | None = None      # default: the model's max_position_embeddings
     seed: int = 0                         # seeds dummy weights and the draws of unseeded requests
     tokenizer: str | None = None          # default: the model directory; "none" runs on token ids only
-    attention_backend: str = "auto"       # auto: triton on GPU, torch reference on CPU
+    kernel_backend: str = "auto"          # auto: Triton kernels on GPU, PyTorch references on CPU
+    cuda_graphs: bool = True              # decode steps replay CUDA graphs (GPU); off: eager, like vLLM's enforce_eager
+    async_output: bool = True             # hand step n's tokens on while step n+1 runs (GPU)
 
 
 @dataclass
@@ -38,7 +40,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192    # token budget of one step, shared by prefill chunks and decodes
     enable_chunked_prefill: bool = True   # off: a prompt is prefilled in one step or waits
     policy: str = "fcfs"                  # "fcfs" or "priority" (lower value first, then arrival)
-    num_scheduler_steps: int = 1          # decode steps per plan: the worker runs them with no CPU sync between
+    num_scheduler_steps: int = 8          # decode steps per plan: the worker runs them with no CPU sync between
 
 
 @dataclass

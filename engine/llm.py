@@ -51,7 +51,7 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
+            for out in self.engine.step(stream=False):
                 if out.finished:
                     done[out.request_id] = out
                     bar.update(1)

@@ -89,11 +89,16 @@ class LLMEngine:
         return self.scheduler.stats()
 
     # ---- one step ------------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, stream: bool = True) -> list[RequestOutput]:
+        """One plan. Returns an output for every request that got tokens (stream=False: only for those that
+        finished, which is all an offline batch needs, and spares copying every request's tokens each step)."""
         plan = self.scheduler.schedule()
-        now = time.monotonic()
         touched: dict[str, _Request] = {}
-        for result in self.runner.execute(plan):
+
+        def on_step(result) -> None:
+            # Called as each step's tokens reach the host: with asynchronous output this bookkeeping runs
+            # while the GPU computes the next step.
+            now = time.monotonic()
             sampled_logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else {}
             for seq in self.scheduler.update(result):
                 request = self.requests.get(seq.request_id)
@@ -103,14 +108,18 @@ class LLMEngine:
                 if request.metrics.first_token_time is None:
                     request.metrics.first_token_time = now
                     request.num_cached_tokens = seq.num_cached_tokens
+                if request.request_id not in self.scheduler.requests:
+                    request.metrics.finished_time = now
                 touched[request.request_id] = request
+
+        self.runner.execute(plan, on_step)
         outputs = []
         for request in touched.values():
             finished = request.request_id not in self.scheduler.requests
             if finished:
-                request.metrics.finished_time = now
                 del self.requests[request.request_id]
-            outputs.append(self._output(request, finished))
+            if finished or stream:
+                outputs.append(self._output(request, finished))
         return outputs
 
     def _append(self, request: _Request, seq: Sequence, token: int, logprobs) -> None:

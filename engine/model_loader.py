@@ -9,6 +9,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from engine.models.llama import LlamaArgs, LlamaForCausalLM
+from engine.ops import Ops
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -60,11 +61,11 @@ def iterate_safetensors(model_dir: Path, progress: bool = True):
 
 
 def build_model(hf_config: dict, model_dir: Path | None, max_len: int, device: torch.device, dtype: torch.dtype,
-                load_format: str = "auto", seed: int = 0, progress: bool = True) -> LlamaForCausalLM:
+                ops: Ops, load_format: str = "auto", seed: int = 0, progress: bool = True) -> LlamaForCausalLM:
     args = LlamaArgs.from_hf_config(hf_config)
     # Build on the meta device and materialize uninitialized: random init of billions of weights would be wasted.
     with torch.device("meta"), _default_dtype(dtype):
-        model = LlamaForCausalLM(args, max_len)
+        model = LlamaForCausalLM(args, max_len, ops)
     model = model.to_empty(device=device)
     with torch.no_grad():
         if load_format == "dummy":

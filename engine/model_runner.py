@@ -1,28 +1,41 @@
-"""The worker's side of a step: keep each sequence's tokens and block table, turn a Plan into one flat batch,
-run the model over the paged KV cache, sample.
+"""The worker's side of a plan: keep each sequence's tokens and block table, run the model over the paged KV
+cache, sample.
 
 The runner never sees the scheduler's objects: it learns sequences from Plan.new, follows them through the
 deltas, and appends the tokens it samples itself. In-process the engine hands it Plans directly; the GPU worker
 service feeds it the same Plans from Redis.
+
+A plan's first step is built on the host: a flat batch of prompt chunks and decodes, run eagerly (or, when every
+sequence decodes, as a decode step). Its remaining k-1 steps decode the sequences that sampled, from a batch kept
+on the device (engine/decode_batch.py): each step replays a CUDA graph, samples, and advances the batch with one
+kernel, so the host never waits for the GPU inside a plan. Sampled tokens reach the host behind the GPU
+(engine/async_output.py).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from engine.async_output import StepOutputs
 from engine.attention import AttentionMetadata, set_attention_metadata
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
+from engine.decode_batch import DecodeBatch
 from engine.model_files import resolve_max_model_len
 from engine.model_loader import build_model, pick_device, pick_dtype
+from engine.ops import select_ops
 from engine.plan import Plan, StepResult, TokenLogprobs
-from engine.sampler import Sampler, SamplingBatch, SamplingRow
+from engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, check_stop
+from kernels.advance_step import advance_step, advance_step_reference
 
 CPU_DEFAULT_KV_GB = 2.0
+GPU_RESERVE_BYTES = 1 << 30      # kept free beside the KV pool: CUDA graphs' activations, the sampler's temporaries
 
 
 @dataclass
@@ -48,24 +61,38 @@ class WorkerSequence:
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config: dict, model_dir: Path | None,
                  eos_token_ids: frozenset[int] = frozenset(), progress: bool = True):
-        mc = config.model
+        mc, sc = config.model, config.scheduler
         self.config = config
         self.device = pick_device(mc.device)
         self.dtype = pick_dtype(mc.dtype, hf_config, self.device)
         self.max_model_len = resolve_max_model_len(hf_config, mc.max_model_len)
         self.block_size = config.cache.block_size
         self.eos_token_ids = eos_token_ids
-        self.model = build_model(hf_config, model_dir, self.max_model_len, self.device, self.dtype,
+        self.ops = select_ops(mc.kernel_backend, self.device)
+        self.model = build_model(hf_config, model_dir, self.max_model_len, self.device, self.dtype, self.ops,
                                  mc.load_format, mc.seed, progress)
         self.args = self.model.args
+        self.sampler = Sampler()
+        self.seqs: dict[int, WorkerSequence] = {}
         self.num_blocks = self._num_kv_blocks()
         # One pool for all layers: [2 (k, v), layers, blocks, block_size, KVH, Dh]; each layer gets views.
         self.kv_cache = torch.zeros(2, self.args.num_layers, self.num_blocks, self.block_size,
                                     self.args.num_kv_heads, self.args.head_dim, dtype=self.dtype, device=self.device)
+        self._attach_kv_cache(self.kv_cache)
+        on_gpu = self.device.type == "cuda"
+        max_blocks = -(-self.max_model_len // self.block_size)
+        self.decode_batch = DecodeBatch(sc.max_num_seqs, max_blocks, self.block_size, self.device)
+        self.graphs = None
+        if on_gpu and mc.cuda_graphs and self.ops.name == "triton":   # the reference attention plans on the host
+            self.graphs = DecodeGraphs(self.model, self.decode_batch, self.max_model_len, self._num_splits)
+            self.graphs.capture()
+        self.copy_stream = torch.cuda.Stream() if on_gpu else None
+        self.async_output = on_gpu and mc.async_output
+        self.step_timers: list | None = None      # (start, end events, eager?, host launch time): measure_gpu_time
+
+    def _attach_kv_cache(self, kv_cache: torch.Tensor) -> None:
         for i, layer in enumerate(self.model.layers):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        self.sampler = Sampler()
-        self.seqs: dict[int, WorkerSequence] = {}
+            layer.self_attn.k_cache, layer.self_attn.v_cache = kv_cache[0, i], kv_cache[1, i]
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -77,8 +104,7 @@ class ModelRunner:
         if cache.num_blocks is not None:
             return cache.num_blocks
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - cache.gpu_memory_utilization) * total
+            budget = self._gpu_kv_budget()
         else:
             budget = (cache.kv_cache_memory_gb or CPU_DEFAULT_KV_GB) * 1024**3
             # No point holding more than every sequence at full length could use.
@@ -89,74 +115,201 @@ class ModelRunner:
             raise ValueError("no memory left for the KV cache: lower max_model_len or raise the memory budget")
         return num_blocks
 
+    @torch.inference_mode()
+    def _gpu_kv_budget(self) -> float:
+        """gpu_memory_utilization of the device, less what the weights and the largest step need (measured by
+        running one: max_num_batched_tokens of prompt, logits and sampling for max_num_seqs rows)."""
+        sc = self.config.scheduler
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        others = total - free - torch.cuda.memory_reserved(self.device)    # CUDA context, other processes
+        tokens = min(sc.max_num_batched_tokens, sc.max_num_seqs * self.max_model_len)
+        lengths = [min(self.max_model_len - 1, tokens - t) for t in range(0, tokens, self.max_model_len - 1)]
+        blocks = sum(-(-n // self.block_size) for n in lengths)
+        scratch = torch.zeros(2, self.args.num_layers, blocks, self.block_size, self.args.num_kv_heads,
+                              self.args.head_dim, dtype=self.dtype, device=self.device)
+        self._attach_kv_cache(scratch)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        chunks, first = [], 0
+        for n in lengths:
+            count = -(-n // self.block_size)
+            chunks.append((list(range(first, first + count)), [0] * n, 0, n))
+            first += count
+        hidden = self._forward_prefill(chunks)
+        rows = min(sc.max_num_seqs, hidden.shape[0])
+        logits = self.model.compute_logits(hidden[:rows])
+        self.sampler(logits, SamplingBatch.from_rows([SamplingRow(_PROFILE_PARAMS, 0, [0], [])] * rows,
+                                                     self.args.vocab_size, (), self.device))
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
+        del scratch, hidden, logits
+        torch.cuda.empty_cache()
+
+        return total * self.config.cache.gpu_memory_utilization - others - peak - GPU_RESERVE_BYTES
+
+    def _num_splits(self, batch: int, max_seq_len: int) -> int:
+        from kernels.attention import default_num_splits
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
+        return default_num_splits(batch, self.args.num_kv_heads, max_seq_len, sms)
+
+    def measure_gpu_time(self, on: bool = True) -> None:
+        """Record a pair of CUDA events around every step (for the GPU-busy figure of the benchmark)."""
+        self.step_timers = [] if on and self.device.type == "cuda" else None
+
     # ---- one plan ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: Plan, on_step: Callable[[StepResult], None] | None = None) -> list[StepResult]:
-        """Run the plan's steps; one StepResult per step, each also handed to on_step as soon as it exists.
-        Sequences that end inside the plan sit out the steps after (the scheduler, a plan behind, may still
-        schedule them: they are skipped)."""
+        """Run the plan's steps; one StepResult per step, each also handed to on_step as soon as it is on the
+        host. Sequences that end inside the plan sit out the steps after (the scheduler, a plan behind, may
+        still schedule them: they are skipped)."""
         self._apply(plan)
         live = {s: n for s, n in plan.num_scheduled_tokens.items() if not self.seqs[s].finished}
         if not live:
             return []
+        outputs = StepOutputs(self._commit, on_step, self.async_output, self.copy_stream)
         first = {s: min(n, len(self.seqs[s].token_ids) - self.seqs[s].num_computed_tokens) for s, n in live.items()}
-        left = {s: live[s] - first[s] for s in live}
-        results, counts = [], first
-        for step in range(plan.num_steps):
-            if not counts:
-                break
-            results.append(self._step(counts, plan if step == 0 else None))
-            if on_step is not None:
-                on_step(results[-1])
-            counts = {s: 1 for s, n in left.items() if n > 0 and not self.seqs[s].finished}
-            for s in counts:
-                left[s] -= 1
-        return results
+        decoding = all(n == 1 and self.seqs[s].num_computed_tokens + 1 == len(self.seqs[s].token_ids)
+                       for s, n in first.items())
+        if decoding and not plan.forks:
+            rows = list(first)
+            self._decode(rows, [live[s] - 1 for s in rows], [self.seqs[s].token_ids[-1] for s in rows],
+                         None, outputs)
+        else:
+            seq_ids, out = self._eager_step(first, plan, outputs)
+            more = [(i, s) for i, s in enumerate(seq_ids) if s in live and live[s] - first[s] > 0]
+            if more:
+                index = torch.tensor([i for i, _ in more], device=self.device)
+                rows = [s for _, s in more]
+                self._decode(rows, [live[s] - first[s] - 1 for s in rows], out.token_ids[index],
+                             out.token_ids[index], outputs)
+        return outputs.drain()
 
-    def _step(self, counts: dict[int, int], plan: Plan | None = None) -> StepResult:
-        """One forward over counts[s] tokens of each sequence s, then a token for each that reached its end."""
-        if not counts:
-            return StepResult()
-        input_ids, positions, slots, query_lens, seq_lens, tables, samplers = [], [], [], [], [], [], []
-        bs = self.block_size
+    def _decode(self, rows: list[int], steps_left: list[int], input_ids, sampled_before, outputs: StepOutputs):
+        """Decode steps for `rows` from the device batch: the first computes input_ids (the token each row
+        sampled last), and row b goes on for steps_left[b] more steps. sampled_before: the tokens the step
+        just before sampled on the device (not yet on the host), which the sampler must count."""
+        seqs = [self.seqs[s] for s in rows]
+        batch = self.decode_batch
+        batch.load(rows, [s.num_computed_tokens for s in seqs], [s.block_ids for s in seqs], steps_left, input_ids)
+        sampling = SamplingBatch.from_rows([_sampling_row(s) for s in seqs], self.args.vocab_size,
+                                           self.eos_token_ids, self.device)
+        if sampled_before is not None:
+            sampling.advance(sampled_before)
+        for step in range(1 + max(steps_left)):
+            if step > 0:
+                batch.advance(out.token_ids, advance_step if self.ops.name == "triton" else advance_step_reference)
+            active = [batch.active(b) for b in range(len(rows))]
+            for seq, on in zip(seqs, active):
+                seq.num_computed_tokens += on
+            timer = self._start_timer()
+            out = self.sampler(self._decode_forward(len(rows)), sampling)
+            self._stop_timer(timer, eager=False)
+            sampling.advance(out.token_ids)
+            outputs.push(rows, active, out)
+
+    def _decode_forward(self, n: int) -> torch.Tensor:
+        if self.graphs is not None:
+            return self.graphs.run(n)
+        b = self.decode_batch
+        seq_lens = [p + 1 for p in b.positions_host]
+        md = AttentionMetadata(
+            slot_mapping=b.slot_mapping[:n], query_start_loc=b.query_start_loc[:n + 1], seq_lens=b.seq_lens[:n],
+            block_tables=b.block_tables[:n], max_query_len=1, max_seq_len=max(seq_lens),
+            query_lens_cpu=[1] * n, seq_lens_cpu=seq_lens, decode_only=True,
+            num_splits=self._num_splits(n, max(seq_lens)))
+        set_attention_metadata(md)
+        try:
+            return self.model.compute_logits(self.model(b.input_ids[:n], b.positions[:n]))
+        finally:
+            set_attention_metadata(None)
+
+    def _eager_step(self, counts: dict[int, int], plan: Plan, outputs: StepOutputs) -> tuple[list[int], SamplerOutput]:
+        """One forward over counts[s] tokens of each sequence s (prompt chunks and decodes, built on the host),
+        then a token for each sequence that reached its last token, and for each fork child."""
+        timer = self._start_timer()
+        seqs = {s: self.seqs[s] for s in counts}
+        hidden = self._forward_prefill([(q.block_ids, q.token_ids, q.num_computed_tokens, counts[s])
+                                        for s, q in seqs.items()])
+        samplers, row = [], 0
         for seq_id, n in counts.items():
-            seq = self.seqs[seq_id]
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            slots += [seq.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
-            query_lens.append(n)
-            seq_lens.append(end)
-            tables.append(seq.block_ids)
-            seq.num_computed_tokens = end
-            if end == len(seq.token_ids):           # reached its last token: this sequence samples
-                samplers.append((seq_id, len(input_ids) - 1))
+            seq = seqs[seq_id]
+            seq.num_computed_tokens += n
+            row += n
+            if seq.num_computed_tokens == len(seq.token_ids):   # reached its last token: it samples
+                samplers.append((seq_id, row - 1))
         # A fork child samples from its parent's last position, with its own seed.
         row_of = dict(samplers)
-        for fork in plan.forks if plan else ():
+        for fork in plan.forks:
             self.seqs[fork.child_id] = self.seqs[fork.parent_id].copy(fork.seed)
             samplers.append((fork.child_id, row_of[fork.parent_id]))
+        seq_ids = [s for s, _ in samplers]
+        if not samplers:
+            self._stop_timer(timer, eager=True)
+            return [], SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None, None, None)
+        logits = self.model.compute_logits(hidden[torch.tensor([r for _, r in samplers], device=self.device)])
+        sampling = SamplingBatch.from_rows([_sampling_row(self.seqs[s]) for s in seq_ids], self.args.vocab_size,
+                                           self.eos_token_ids, self.device)
+        out = self.sampler(logits, sampling)
+        self._stop_timer(timer, eager=True)
+        outputs.push(seq_ids, None, out)
+        return seq_ids, out
 
+    def _forward_prefill(self, chunks: list[tuple[list[int], list[int], int, int]]) -> torch.Tensor:
+        """Hidden states [T, D] of a flat batch of chunks (block table, token ids, first position, count)."""
+        input_ids, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
+        bs = self.block_size
+        for table, tokens, start, n in chunks:
+            end = start + n
+            input_ids += tokens[start:end]
+            positions += range(start, end)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            query_lens.append(n)
+            seq_lens.append(end)
+            tables.append(table)
         dev = self.device
         max_blocks = max(map(len, tables))
         md = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor([0] + _cumsum(query_lens), dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32,
-                                      device=dev),
+            slot_mapping=_device_tensor(slots, torch.int64, dev),
+            query_start_loc=_device_tensor([0] + _cumsum(query_lens), torch.int32, dev),
+            seq_lens=_device_tensor(seq_lens, torch.int32, dev),
+            block_tables=_device_tensor([t + [0] * (max_blocks - len(t)) for t in tables], torch.int32, dev),
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
         set_attention_metadata(md)
         try:
-            hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev))
+            return self.model(_device_tensor(input_ids, torch.int64, dev), _device_tensor(positions, torch.int64, dev))
         finally:
             set_attention_metadata(None)
-        if not samplers:
-            return StepResult()
-        seq_ids = [s for s, _ in samplers]
-        logits = self.model.compute_logits(hidden[torch.tensor([r for _, r in samplers], device=dev)])
-        return self._sample(seq_ids, logits)
+
+    def _commit(self, seq_ids: list[int], active: list[bool] | None, tokens: list[int], logprobs) -> StepResult:
+        """A step's tokens, now on the host: append them, check stops, and report what belongs to whom."""
+        result = StepResult([], [], [] if logprobs is not None else None)
+        for i, (seq_id, token) in enumerate(zip(seq_ids, tokens)):
+            seq = self.seqs.get(seq_id)
+            if seq is None or seq.finished or (active is not None and not active[i]):
+                continue
+            seq.token_ids.append(token)
+            seq.finish = check_stop(seq.params, token, len(seq.token_ids) - seq.num_prompt_tokens,
+                                    len(seq.token_ids), self.eos_token_ids, self.max_model_len)
+            result.seq_ids.append(seq_id)
+            result.token_ids.append(token)
+            if logprobs is not None:
+                lp = logprobs[i]
+                result.logprobs.append(TokenLogprobs(lp.logprob, lp.top[:seq.params.logprobs or 0]))
+        return result
+
+    def _start_timer(self):
+        if self.step_timers is None:
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start, time.perf_counter()
+
+    def _stop_timer(self, timer, eager: bool) -> None:
+        if timer is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.step_timers.append((timer[0], end, eager, timer[1]))
 
     def _apply(self, plan: Plan) -> None:
         for seq_id in plan.freed_seq_ids:
@@ -173,26 +326,18 @@ class ModelRunner:
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*plan.block_copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def _sample(self, seq_ids: list[int], logits: torch.Tensor) -> StepResult:
-        rows = []
-        for seq_id in seq_ids:
-            s = self.seqs[seq_id]
-            rows.append(SamplingRow(s.params, s.seed, s.token_ids[:s.num_prompt_tokens],
-                                    s.token_ids[s.num_prompt_tokens:]))
-        batch = SamplingBatch.from_rows(rows, self.args.vocab_size, self.eos_token_ids, self.device)
-        out = self.sampler(logits, batch)
-        token_ids = out.token_ids.tolist()
-        for seq_id, token in zip(seq_ids, token_ids):
-            seq = self.seqs[seq_id]
-            seq.token_ids.append(token)
-            seq.finish = check_stop(seq.params, token, len(seq.token_ids) - seq.num_prompt_tokens,
-                                    len(seq.token_ids), self.eos_token_ids, self.max_model_len)
-        logprobs = None
-        if out.logprobs is not None:
-            sampled, top_ids, top_lps = out.logprobs.tolist(), out.top_token_ids.tolist(), out.top_logprobs.tolist()
-            logprobs = [TokenLogprobs(lp, list(zip(ids[:row.params.logprobs or 0], lps[:row.params.logprobs or 0])))
-                        for row, lp, ids, lps in zip(rows, sampled, top_ids, top_lps)]
-        return StepResult(seq_ids, token_ids, logprobs)
+
+_PROFILE_PARAMS = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=5)
+
+
+def _sampling_row(seq: WorkerSequence) -> SamplingRow:
+    return SamplingRow(seq.params, seq.seed, seq.token_ids[:seq.num_prompt_tokens], seq.token_ids[seq.num_prompt_tokens:])
+
+
+def _device_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device without waiting for the GPU (pinned staging, asynchronous copy)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
 def _cumsum(values: list[int]) -> list[int]:

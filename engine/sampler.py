@@ -48,9 +48,21 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
 def uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """u[b, v] in (0, 1), a pure function of (seeds[b], steps[b], v): [B], [B] int64 -> [B, V] float32.
     The top 23 bits of splitmix64's v-th output from the state key[b]."""
+    noise = _fused_uniform() if seeds.is_cuda else _uniform
+    return noise(seeds, steps, _counters(vocab_size, seeds.device))
+
+
+@cache
+def _counters(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """splitmix64's state increments for outputs 1..V, [V] int64. A tensor, not arange * constant inside the
+    compiled function: Inductor would fold that product into a 32-bit index expression, where the constant
+    does not fit."""
+    return torch.arange(1, vocab_size + 1, device=device) * _GOLDEN
+
+
+def _uniform(seeds: torch.Tensor, steps: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     key = mix64(mix64(seeds) + steps)                                   # [B]: one stream per (seed, step)
-    counter = torch.arange(1, vocab_size + 1, device=seeds.device) * _GOLDEN     # [V]
-    top = _mix64_top(key[:, None] + counter) >> 41                      # [B, V]: top 23 bits, signed
+    top = _mix64_top(key[:, None] + counters) >> 41                     # [B, V]: top 23 bits, signed
     # top is in [-2^22, 2^22); (top + 2^22 + 0.5) / 2^23 is exact in float32 and never 0 or 1, so -log(u) is
     # finite and positive. Adding a float to the int64 tensor converts it in the same pass over [B, V].
     return (top + (2**22 + 0.5)) * 2.0**-23
@@ -60,7 +72,7 @@ def uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.
 def _fused_uniform():
     # Eager, uniform() is ~10 passes over [B, V] int64: 2.2 ms at B=256, V=128k on an H100. Compiled into one
     # kernel it takes 0.13 ms and gives the same bits (integer ops only). CPU, where tests run, stays eager.
-    return torch.compile(uniform, dynamic=True)
+    return torch.compile(_uniform, dynamic=True)
 
 
 @dataclass
@@ -233,8 +245,7 @@ def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = _apply_top_k(logits, batch.top_k, batch.max_top_k)
     if batch.do_min_p:
         logits = _apply_min_p(logits, batch.min_p)
-    noise = _fused_uniform() if logits.is_cuda else uniform
-    exponential = -noise(batch.seeds, batch.steps, batch.vocab_size).log()      # [B, V], finite and > 0
+    exponential = -uniform(batch.seeds, batch.steps, batch.vocab_size).log()      # [B, V], finite and > 0
     # Filtered tokens score exactly 0 while the top token scores > 0: a sampled token always has p > 0.
     return (logits.softmax(dim=-1) / exponential).argmax(dim=-1)
 

@@ -1,20 +1,26 @@
 """Offline throughput on a fixed workload, and a peer measured on the same prompts in the same run.
 
     pagestream bench throughput --workload w256 --num-prompts 64 --scale 0.25 --peer hf      (CPU, default model)
-    pagestream bench throughput --workload w256 --model llama-3-8b --load-format dummy       (GPU)
+    pagestream bench throughput --workload w256 --model llama-3-8b --load-format dummy --ablation   (GPU)
+    pagestream bench latency --input-len 512 --output-len 128 --model llama-3-8b --load-format dummy
 
 The workloads (loadtest/workloads/*.json, copies of the project's fixed benchmark specs) say how to draw each
 request's prompt and output length with Python's random.Random(seed); every request generates exactly its output
 length (EOS ignored). --scale multiplies both length ranges, to fit the workload's shape to a small machine.
 The peer is Hugging Face transformers' generate() in left-padded static batches on the same weights, as
-shared/peers/hf_peer.py runs it; both figures count the workload's requested output tokens.
+shared/peers/hf_peer.py runs it; both figures count the workload's requested output tokens. On the GPU the
+report adds the fraction of wall time the GPU was busy (CUDA events around every step), overall and once every
+prompt is in (decode), and --ablation runs the workload again with multi-step scheduling and asynchronous output
+switched off and on (the same loaded engine, flags flipped between runs).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 WORKLOADS = Path(__file__).parent / "workloads"
@@ -45,18 +51,51 @@ def draw_requests(spec: dict, vocab_size: int, num_prompts: int | None = None,
     return requests[:num_prompts] if num_prompts else requests
 
 
-def run_engine(llm, requests, temperature: float) -> float:
+@dataclass
+class EngineRun:
+    seconds: float
+    mean_tpot_s: float                 # per request: (finish - first token) / (output tokens - 1), averaged
+    gpu_busy: float | None             # GPU time / wall time, every step
+    gpu_busy_decode: float | None      # the same, after the last prefill step
+
+
+def run_engine(llm, requests, temperature: float) -> EngineRun:
     from engine.sampling_params import SamplingParams
     params = [SamplingParams(max_tokens=ol, min_tokens=ol, ignore_eos=True, temperature=temperature, seed=i)
               for i, (_, ol) in enumerate(requests)]
-    llm.generate([requests[0][0]], SamplingParams(max_tokens=4, ignore_eos=True))     # warm-up
+    # Warm-up on the workload's own first prompts, a few tokens each: it compiles the Triton kernels for the
+    # shapes the run meets (prefill tiles, mixed and decode steps) before the clock starts, as a server would
+    # have done long before its first measured request.
+    llm.generate([p for p, _ in requests[:64]], [SamplingParams(max_tokens=16, ignore_eos=True,
+                                                                temperature=temperature, seed=i)
+                                                 for i in range(min(64, len(requests)))])
+    runner = llm.engine.runner
+    runner.measure_gpu_time()
     start = time.perf_counter()
     outputs = llm.generate([p for p, _ in requests], params)
     elapsed = time.perf_counter() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     expected = sum(ol for _, ol in requests)
     assert produced == expected, f"engine produced {produced} tokens, the workload asks {expected}"
-    return elapsed
+    tpots = [(o.metrics.finished_time - o.metrics.first_token_time) / (len(o.outputs[0].token_ids) - 1)
+             for o in outputs if len(o.outputs[0].token_ids) > 1]
+    busy = busy_decode = None
+    if runner.step_timers is not None:
+        busy, busy_decode = gpu_busy(runner.step_timers, start, start + elapsed)
+    runner.measure_gpu_time(False)
+    return EngineRun(elapsed, statistics.fmean(tpots), busy, busy_decode)
+
+
+def gpu_busy(timers, start: float, end: float) -> tuple[float, float]:
+    """(busy over the whole run, busy from the last prefill step on): GPU time of the steps / wall time."""
+    import torch
+    torch.cuda.synchronize()
+    seconds = [(a.elapsed_time(b) / 1000, eager, launched) for a, b, eager, launched in timers]
+    last_eager = max((i for i, (_, eager, _) in enumerate(seconds) if eager), default=-1)
+    decode = seconds[last_eager + 1:]
+    busy = sum(s for s, _, _ in seconds) / (end - start)
+    busy_decode = sum(s for s, _, _ in decode) / (end - decode[0][2]) if decode else 0.0
+    return busy, busy_decode
 
 
 def run_hf_peer(model_dir: Path, requests, batch_size: int, device: str, dtype) -> float:
@@ -86,6 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=None, help="the first N requests (default: all)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply input and output lengths")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the peers run")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also run {single-step, sync output}, {multi-step}, {async output}, {both}")
     parser.add_argument("--peer", choices=["none", "hf"], default="none",
                         help="also time transformers generate() on the same prompts and weights")
     parser.add_argument("--peer-batch-size", type=int, default=64)
@@ -102,30 +143,74 @@ def run(args: argparse.Namespace) -> int:
     requests = draw_requests(spec, runner.args.vocab_size, args.num_prompts, args.scale)
     n_in, n_out = sum(len(p) for p, _ in requests), sum(o for _, o in requests)
     print(f"workload {spec['name']} x{len(requests)} (scale {args.scale}): {n_in} input, {n_out} output tokens; "
-          f"model {llm.engine.model_name} on {runner.device} {str(runner.dtype).removeprefix('torch.')}", flush=True)
+          f"model {llm.engine.model_name} on {runner.device} {str(runner.dtype).removeprefix('torch.')}, "
+          f"{runner.num_blocks} KV blocks", flush=True)
 
-    rows = [("pagestream", run_engine(llm, requests, args.temperature))]
-    print(f"  pagestream: {rows[0][1]:.2f} s", flush=True)
+    steps = llm.engine.scheduler.config.num_scheduler_steps
+    runs = [(f"pagestream (k={steps}, async output {'on' if runner.async_output else 'off'})",
+             run_engine(llm, requests, args.temperature))]
+    if args.ablation:
+        multi = max(steps, 8)
+        for name, k, asynchronous in (("single-step, sync output", 1, False), ("multi-step", multi, False),
+                                      ("async output", 1, True), ("both", multi, True)):
+            llm.engine.scheduler.config.num_scheduler_steps = k
+            runner.async_output = asynchronous and runner.device.type == "cuda"
+            runs.append((f"  ablation: {name} (k={k})", run_engine(llm, requests, args.temperature)))
+            print(f"  {runs[-1][0]}: {runs[-1][1].seconds:.2f} s", flush=True)
     if args.peer == "hf":
         from engine.model_files import resolve_model
         files = resolve_model(args.model, args.load_format)
         if files.path is None:
             raise SystemExit("--peer hf needs real weights (not --load-format dummy): use shared/peers/hf_peer.py")
-        del llm
-        seconds = run_hf_peer(files.path, requests, args.peer_batch_size, str(runner.device), runner.dtype)
-        rows.append((f"transformers generate (static, batch {args.peer_batch_size})", seconds))
-        print(f"  peer: {seconds:.2f} s", flush=True)
+        device, dtype = str(runner.device), runner.dtype
+        del llm, runner
+        seconds = run_hf_peer(files.path, requests, args.peer_batch_size, device, dtype)
+        runs.append((f"transformers generate (static, batch {args.peer_batch_size})", EngineRun(seconds, 0, None, None)))
 
     results = []
-    print(f"\n{'engine':48s} {'seconds':>8s} {'req/s':>8s} {'out tok/s':>10s} {'total tok/s':>11s} {'vs peer':>8s}")
-    base = rows[-1][1]
-    for name, seconds in rows:
-        r = {"engine": name, "workload": spec["name"], "num_prompts": len(requests), "scale": args.scale,
-             "seconds": round(seconds, 3), "requests_per_s": round(len(requests) / seconds, 3),
-             "output_tok_per_s": round(n_out / seconds, 1), "total_tok_per_s": round((n_in + n_out) / seconds, 1)}
-        results.append(r)
-        print(f"{name:48s} {seconds:8.2f} {r['requests_per_s']:8.2f} {r['output_tok_per_s']:10.1f} "
-              f"{r['total_tok_per_s']:11.1f} {base / seconds:7.2f}x")
+    print(f"\n{'engine':48s} {'seconds':>8s} {'req/s':>7s} {'out tok/s':>10s} {'total tok/s':>11s} "
+          f"{'TPOT ms':>8s} {'GPU busy':>9s} {'(decode)':>9s} {'vs last':>8s}")
+    base = runs[-1][1].seconds
+    for name, r in runs:
+        row = {"engine": name.strip(), "workload": spec["name"], "num_prompts": len(requests), "scale": args.scale,
+               "seconds": round(r.seconds, 3), "requests_per_s": round(len(requests) / r.seconds, 3),
+               "output_tok_per_s": round(n_out / r.seconds, 1), "total_tok_per_s": round((n_in + n_out) / r.seconds, 1),
+               "mean_tpot_ms": round(r.mean_tpot_s * 1000, 2), "gpu_busy": r.gpu_busy, "gpu_busy_decode": r.gpu_busy_decode}
+        results.append(row)
+        busy = f"{r.gpu_busy:9.1%} {r.gpu_busy_decode:9.1%}" if r.gpu_busy is not None else f"{'-':>9s} {'-':>9s}"
+        print(f"{name:48s} {r.seconds:8.2f} {row['requests_per_s']:7.2f} {row['output_tok_per_s']:10.1f} "
+              f"{row['total_tok_per_s']:11.1f} {row['mean_tpot_ms']:8.2f} {busy} {base / r.seconds:7.2f}x")
     if args.result_json:
         args.result_json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    """Batch-1 decode: the median time per output token after the first, over repeated single requests."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from services.cli import engine_kwargs
+
+    llm = LLM(progress=False, **engine_kwargs(args))
+    rng = random.Random(0)
+    vocab = llm.engine.runner.args.vocab_size
+    params = SamplingParams(max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True, temperature=0)
+    per_token, ttfts = [], []
+    for i in range(args.repeats + 1):
+        prompt = [rng.randrange(1000, vocab - 1000) for _ in range(args.input_len)]
+        out = llm.generate([prompt], params)[0]
+        if i == 0:
+            continue                                            # warm-up
+        m = out.metrics
+        ttfts.append(m.first_token_time - m.arrival_time)
+        per_token.append((m.finished_time - m.first_token_time) / (args.output_len - 1))
+    print(f"batch 1, {args.input_len}-token prompt, {args.output_len} tokens, k={llm.engine.scheduler.config.num_scheduler_steps}: "
+          f"{statistics.median(per_token) * 1000:.2f} ms per output token (median of {args.repeats}), "
+          f"TTFT {statistics.median(ttfts) * 1000:.1f} ms")
     return 0

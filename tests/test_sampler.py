@@ -288,3 +288,16 @@ def test_input_untouched_and_padded_vocab_never_sampled():
     rows = [row(seed, repetition_penalty=1.2, output=[1], min_tokens=2, top_p=0.9) for seed in range(64)]
     out = sampler(logits, SamplingBatch.from_rows(rows, 32, {EOS}, "cpu"))
     assert out.token_ids.max() < 32 and torch.equal(logits, before)
+
+
+def test_compiled_uniform_gives_the_eager_bits():
+    """The GPU draws through torch.compile (one fused kernel); it must be the same function, bit for bit, at
+    every batch size (the compiled graph is dynamic in B) and at Llama-3's vocabulary."""
+    from engine.sampler import _counters, _fused_uniform, _uniform
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    compiled = _fused_uniform()
+    for batch in (1, 3, 64):
+        seeds = torch.randint(-2**63, 2**63 - 1, (batch,), device=device)
+        steps = torch.randint(0, 10_000, (batch,), device=device)
+        counters = _counters(128_256, torch.device(device))
+        assert torch.equal(compiled(seeds, steps, counters), _uniform(seeds, steps, counters))

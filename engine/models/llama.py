@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import TorchAttention, get_attention_metadata
+from engine.attention import get_attention_metadata
+from engine.ops import Ops
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -66,20 +67,16 @@ class LlamaArgs:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, ops: Ops):
         super().__init__()
-        self.eps = eps
+        self.eps, self.ops = eps, ops
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """With a residual: adds it first and also returns the sum, the next layer's residual."""
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        x32 = x.float()
-        out = self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
-        return out if residual is None else (out, residual)
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rotary_inv_freq(args: LlamaArgs) -> torch.Tensor:
@@ -102,9 +99,9 @@ def rotary_inv_freq(args: LlamaArgs) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Hugging Face's layout: each head's first half rotates against its second half."""
 
-    def __init__(self, args: LlamaArgs, max_len: int):
+    def __init__(self, args: LlamaArgs, max_len: int, ops: Ops):
         super().__init__()
-        self.args, self.max_len = args, max_len
+        self.args, self.max_len, self.ops = args, max_len, ops
         self.cos_sin: torch.Tensor | None = None        # [max_len, Dh] fp32: cos | sin of the half-dim angles
 
     def build(self, device: torch.device) -> None:
@@ -112,28 +109,21 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).to(device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos, sin = self.cos_sin[positions].to(q.dtype).chunk(2, dim=-1)          # [T, Dh/2] each
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)                                                   # [T, heads, Dh/2]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return self.ops.apply_rotary(q, k, positions, self.cos_sin)
 
 
 class Attention(nn.Module):
-    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding):
+    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding, ops: Ops):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.q_size, self.kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
-        self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
-        self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
+        self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, ops) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, ops) if args.qk_norm else None
         self.rotary = rotary
         self.scale = args.head_dim ** -0.5
-        self.backend = TorchAttention()
+        self.attention = ops.attention
         self.k_cache = self.v_cache = torch.empty(0)     # views into the runner's KV pool
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -142,31 +132,32 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:          # per head: [T * heads, Dh] rows
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(T, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        o = self.backend(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(), self.scale)
+        o = self.attention(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(), self.scale)
         return self.o_proj(o.view(T, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, args: LlamaArgs):
+    def __init__(self, args: LlamaArgs, ops: Ops):
         super().__init__()
+        self.ops = ops
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding):
+    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding, ops: Ops):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, rotary)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
+        self.self_attn = Attention(args, rotary, ops)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
+        self.mlp = MLP(args, ops)
 
     def forward(self, positions, x, residual):
         x, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
@@ -180,13 +171,13 @@ class LlamaForCausalLM(nn.Module):
     FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, args: LlamaArgs, max_len: int):
+    def __init__(self, args: LlamaArgs, max_len: int, ops: Ops):
         super().__init__()
-        self.args = args
-        self.rotary = RotaryEmbedding(args, max_len)
+        self.args, self.ops = args, ops
+        self.rotary = RotaryEmbedding(args, max_len, ops)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, self.rotary) for _ in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(args, self.rotary, ops) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -197,10 +188,11 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, D] (only the rows that sample) -> fp32 logits [N, V]."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: [N, D] (only the rows that sample) -> fp32 logits [N, V] (into `out` if given)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight)
+        return logits.float() if out is None else out.copy_(logits)
 
     # ---- weights -------------------------------------------------------------------------------------------
     def shard_sizes(self, fused: str) -> list[int]:

@@ -1,0 +1,78 @@
+"""Sampled tokens on their way to the host, and what the host does with them.
+
+On the GPU, each step's sampled ids (and logprobs) are copied to pinned host memory on a side stream, behind an
+event. With asynchronous output, the host processes step n's tokens only after it has launched step n+1: the
+copy and the bookkeeping (appending tokens, stop checks, publishing) overlap the GPU's next step, which never
+waits. Without it (the ablation), each step is processed before the next is launched.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from engine.plan import StepResult, TokenLogprobs
+from engine.sampler import SamplerOutput
+
+
+@dataclass
+class _Pending:
+    seq_ids: list[int]
+    active: list[bool] | None          # rows whose token belongs to their sequence (None: all)
+    tokens: torch.Tensor               # host (pinned) once `ready` fires
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    ready: torch.cuda.Event | None
+
+
+class StepOutputs:
+    def __init__(self, commit: Callable[[list[int], list[bool] | None, list[int], list | None], StepResult],
+                 on_step: Callable[[StepResult], None] | None, asynchronous: bool, copy_stream=None):
+        self.commit, self.on_step, self.asynchronous = commit, on_step, asynchronous
+        self.copy_stream = copy_stream
+        self.pending: deque[_Pending] = deque()
+        self.results: list[StepResult] = []
+
+    def push(self, seq_ids: list[int], active: list[bool] | None, out: SamplerOutput) -> None:
+        """A step has been launched (its sampled ids may not exist yet): start their way to the host."""
+        n = len(seq_ids)
+        lp = None if out.logprobs is None else (out.logprobs[:n], out.top_token_ids[:n], out.top_logprobs[:n])
+        if self.copy_stream is None:                    # CPU: already on the host
+            self.pending.append(_Pending(seq_ids, active, out.token_ids[:n], lp, None))
+        else:
+            compute = torch.cuda.current_stream()
+            self.copy_stream.wait_stream(compute)
+            with torch.cuda.stream(self.copy_stream):
+                tokens = _to_host(out.token_ids[:n])
+                lp = None if lp is None else tuple(_to_host(t) for t in lp)
+                ready = torch.cuda.Event()
+                ready.record()
+            self.pending.append(_Pending(seq_ids, active, tokens, lp, ready))
+        # Asynchronous: process the step before this one (this one is queued behind it on the GPU).
+        while len(self.pending) > (1 if self.asynchronous else 0):
+            self._process(self.pending.popleft())
+
+    def drain(self) -> list[StepResult]:
+        while self.pending:
+            self._process(self.pending.popleft())
+        return self.results
+
+    def _process(self, p: _Pending) -> None:
+        if p.ready is not None:
+            p.ready.synchronize()
+        logprobs = None
+        if p.logprobs is not None:
+            sampled, top_ids, top_lps = (t.tolist() for t in p.logprobs)
+            logprobs = [TokenLogprobs(lp, list(zip(ids, lps))) for lp, ids, lps in zip(sampled, top_ids, top_lps)]
+        result = self.commit(p.seq_ids, p.active, p.tokens.tolist(), logprobs)
+        self.results.append(result)
+        if self.on_step is not None:
+            self.on_step(result)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    t.record_stream(torch.cuda.current_stream())     # keep the device tensor alive until the copy ran
+    return host

@@ -1,0 +1,85 @@
+"""A decode batch kept on the device, so k decode steps run with no trip to the host.
+
+One row per sequence: the token it computes next (input_ids, on the device only: it is what the step before
+sampled), that token's position, the context length with it (seq_lens), the cache slot its K/V goes to, its block
+table, and how many more steps it takes after this one (steps_left). After each step, kernels/advance_step.py
+turns the sampled tokens into the next step's rows in one launch. Rows past the batch (up to the CUDA graph's
+size) are padding: length 0, slot -1, so they write nothing and read nothing.
+
+Positions, lengths and steps advance deterministically, so the host keeps mirrors of them (for the reference
+attention on the CPU, and to know which rows are still stepping) without ever reading the device.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class DecodeBatch:
+    def __init__(self, max_batch: int, max_blocks: int, block_size: int, device: torch.device):
+        self.max_batch, self.max_blocks, self.block_size, self.device = max_batch, max_blocks, block_size, device
+        zeros = lambda *shape, dtype=torch.int64: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.input_ids = zeros(max_batch)
+        self.positions = zeros(max_batch)
+        self.seq_lens = zeros(max_batch, dtype=torch.int32)
+        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+        self.block_tables = zeros(max_batch, max_blocks, dtype=torch.int32)
+        self.steps_left = zeros(max_batch, dtype=torch.int32)
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)   # one token a row
+        pin = device.type == "cuda"
+        # One staging buffer on the host: [positions | seq_lens | slots | steps_left | block tables] as int64.
+        self._staging = torch.zeros(max_batch * (4 + max_blocks), dtype=torch.int64, pin_memory=pin)
+        self.seq_ids: list[int] = []
+        self.positions_host: list[int] = []
+        self.steps_left_host: list[int] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.seq_ids)
+
+    def load(self, seq_ids: list[int], positions: list[int], tables: list[list[int]], steps_left: list[int],
+             input_ids: torch.Tensor | list[int]) -> None:
+        """Rows for the next step: sequence seq_ids[b] computes input_ids[b] (a device tensor from the step
+        before, or host ids) at positions[b], then takes steps_left[b] more steps."""
+        n, bs, mb = len(seq_ids), self.block_size, self.max_blocks
+        assert n <= self.max_batch and all(len(t) <= mb for t in tables)
+        self.seq_ids, self.positions_host, self.steps_left_host = list(seq_ids), list(positions), list(steps_left)
+        stage = self._staging.view(-1)[:n * (4 + mb)]
+        rows = stage[:4 * n].view(4, n)
+        rows[0] = torch.tensor(positions)
+        rows[1] = rows[0] + 1
+        rows[2] = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, positions)])
+        rows[3] = torch.tensor(steps_left)
+        flat = stage[4 * n:].view(n, mb)
+        flat.zero_()
+        for b, table in enumerate(tables):
+            flat[b, :len(table)] = torch.tensor(table)
+        device_stage = stage.to(self.device, non_blocking=True)
+        d = device_stage[:4 * n].view(4, n)
+        self.positions[:n] = d[0]
+        self.seq_lens[:n] = d[1].to(torch.int32)
+        self.slot_mapping[:n] = d[2]
+        self.steps_left[:n] = d[3].to(torch.int32)
+        self.block_tables[:n] = device_stage[4 * n:].view(n, mb).to(torch.int32)
+        if isinstance(input_ids, torch.Tensor):
+            self.input_ids[:n] = input_ids
+        else:
+            self.input_ids[:n] = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        # Padding rows: nothing to attend to, nothing to write.
+        self.seq_lens[n:] = 0
+        self.slot_mapping[n:] = -1
+        self.steps_left[n:] = 0
+
+    def advance(self, sampled: torch.Tensor, advance_step) -> None:
+        """The next step's rows from this step's sampled tokens (on the device); the host mirrors follow."""
+        advance_step(sampled, self.input_ids, self.positions, self.seq_lens, self.slot_mapping, self.block_tables,
+                     self.steps_left, self.block_size)
+        for b, left in enumerate(self.steps_left_host):
+            if left > 0:
+                self.positions_host[b] += 1
+                self.steps_left_host[b] = left - 1
+            else:
+                self.steps_left_host[b] = -1           # stopped: its tokens from now on are not its own
+
+    def active(self, b: int) -> bool:
+        """Whether row b's output of the current step belongs to its sequence."""
+        return self.steps_left_host[b] >= 0
