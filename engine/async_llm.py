@@ -90,8 +90,7 @@ class AsyncLLM:
                             raise
                         done.set_exception(e)
                 if self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
-                        self._deliver(out.request_id, out)
+                    self.engine.step(on_output=lambda out: self._deliver(out.request_id, out))
         except BaseException as e:               # the engine broke: fail every open stream, don't hang them
             self._error = e
             for request_id in list(self._streams):

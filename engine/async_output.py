@@ -3,7 +3,11 @@
 On the GPU, each step's sampled ids (and logprobs) are copied to pinned host memory on a side stream, behind an
 event. With asynchronous output, the host processes step n's tokens only after it has launched step n+1: the
 copy and the bookkeeping (appending tokens, stop checks, publishing) overlap the GPU's next step, which never
-waits. Without it (the ablation), each step is processed before the next is launched.
+waits. This holds across plans too: a plan's last step is processed once the next plan's first step is launched
+(see ModelRunner.execute). Without it (the ablation), each step is processed before the next is launched.
+
+The queue is in launch order and is processed in that order, so every consumer sees a sequence's tokens in order,
+and a plan's "done" callback runs right after its last step's tokens.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from engine.sampler import SamplerOutput
 
 @dataclass
 class _Pending:
+    on_step: Callable[[StepResult], None] | None
     seq_ids: list[int]
     active: list[bool] | None          # rows whose token belongs to their sequence (None: all)
     tokens: torch.Tensor               # host (pinned) once `ready` fires
@@ -28,18 +33,19 @@ class _Pending:
 
 class StepOutputs:
     def __init__(self, commit: Callable[[list[int], list[bool] | None, list[int], list | None], StepResult],
-                 on_step: Callable[[StepResult], None] | None, asynchronous: bool, copy_stream=None):
-        self.commit, self.on_step, self.asynchronous = commit, on_step, asynchronous
+                 asynchronous: bool, copy_stream=None):
+        self.commit, self.asynchronous = commit, asynchronous
         self.copy_stream = copy_stream
-        self.pending: deque[_Pending] = deque()
-        self.results: list[StepResult] = []
+        self.pending: deque[_Pending | Callable[[], None]] = deque()
+        self.results: list[StepResult] = []       # processed since the last take_results()
 
-    def push(self, seq_ids: list[int], active: list[bool] | None, out: SamplerOutput) -> None:
+    def push(self, seq_ids: list[int], active: list[bool] | None, out: SamplerOutput,
+             on_step: Callable[[StepResult], None] | None) -> None:
         """A step has been launched (its sampled ids may not exist yet): start their way to the host."""
         n = len(seq_ids)
         lp = None if out.logprobs is None else (out.logprobs[:n], out.top_token_ids[:n], out.top_logprobs[:n])
         if self.copy_stream is None:                    # CPU: already on the host
-            self.pending.append(_Pending(seq_ids, active, out.token_ids[:n], lp, None))
+            self.pending.append(_Pending(on_step, seq_ids, active, out.token_ids[:n], lp, None))
         else:
             compute = torch.cuda.current_stream()
             self.copy_stream.wait_stream(compute)
@@ -48,17 +54,32 @@ class StepOutputs:
                 lp = None if lp is None else tuple(_to_host(t) for t in lp)
                 ready = torch.cuda.Event()
                 ready.record()
-            self.pending.append(_Pending(seq_ids, active, tokens, lp, ready))
-        # Asynchronous: process the step before this one (this one is queued behind it on the GPU).
-        while len(self.pending) > (1 if self.asynchronous else 0):
+            self.pending.append(_Pending(on_step, seq_ids, active, tokens, lp, ready))
+        # Asynchronous: process the steps before this one (this one is queued behind them on the GPU).
+        self._settle(1 if self.asynchronous else 0)
+
+    def push_done(self, callback: Callable[[], None]) -> None:
+        """Run callback once every step pushed so far has been processed (a plan's end)."""
+        self.pending.append(callback)
+        self._settle(1 if self.asynchronous else 0)
+
+    def drain(self) -> None:
+        self._settle(0)
+
+    def _settle(self, keep: int) -> None:
+        """Process from the front until at most `keep` steps wait (callbacks run as soon as they lead)."""
+        while self.pending and (not isinstance(self.pending[0], _Pending)
+                                or sum(isinstance(p, _Pending) for p in self.pending) > keep):
             self._process(self.pending.popleft())
 
-    def drain(self) -> list[StepResult]:
-        while self.pending:
-            self._process(self.pending.popleft())
-        return self.results
+    def take_results(self) -> list[StepResult]:
+        results, self.results = self.results, []
+        return results
 
-    def _process(self, p: _Pending) -> None:
+    def _process(self, p: "_Pending | Callable[[], None]") -> None:
+        if not isinstance(p, _Pending):
+            p()
+            return
         if p.ready is not None:
             p.ready.synchronize()
         logprobs = None
@@ -67,8 +88,8 @@ class StepOutputs:
             logprobs = [TokenLogprobs(lp, list(zip(ids, lps))) for lp, ids, lps in zip(sampled, top_ids, top_lps)]
         result = self.commit(p.seq_ids, p.active, p.tokens.tolist(), logprobs)
         self.results.append(result)
-        if self.on_step is not None:
-            self.on_step(result)
+        if p.on_step is not None:
+            p.on_step(result)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

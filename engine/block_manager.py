@@ -146,6 +146,13 @@ class BlockManager:
                 self.block_hash[block] = h
                 self.cached[h] = block
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix of the free blocks (blocks in use keep theirs): a benchmark that runs the
+        same prompts again must not find them cached."""
+        for block in self.free_queue:
+            self._evict(block)
+        self.prefix_queries = self.prefix_hits = 0
+
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies

@@ -25,9 +25,7 @@ class DecodeBatch:
         self.block_tables = zeros(max_batch, max_blocks, dtype=torch.int32)
         self.steps_left = zeros(max_batch, dtype=torch.int32)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)   # one token a row
-        pin = device.type == "cuda"
-        # One staging buffer on the host: [positions | seq_lens | slots | steps_left | block tables] as int64.
-        self._staging = torch.zeros(max_batch * (4 + max_blocks), dtype=torch.int64, pin_memory=pin)
+        self._pin = device.type == "cuda"
         self.seq_ids: list[int] = []
         self.positions_host: list[int] = []
         self.steps_left_host: list[int] = []
@@ -43,7 +41,11 @@ class DecodeBatch:
         n, bs, mb = len(seq_ids), self.block_size, self.max_blocks
         assert n <= self.max_batch and all(len(t) <= mb for t in tables)
         self.seq_ids, self.positions_host, self.steps_left_host = list(seq_ids), list(positions), list(steps_left)
-        stage = self._staging.view(-1)[:n * (4 + mb)]
+        # One staging buffer on the host: [positions | seq_lens | slots | steps_left | block tables] as int64.
+        # A new one each time (torch's pinned-memory cache hands a block out again only once the copy that
+        # read it has run): the host runs ahead of the GPU, and a reused buffer could be overwritten before
+        # the asynchronous copy of the previous load has read it.
+        stage = torch.empty(n * (4 + mb), dtype=torch.int64, pin_memory=self._pin)
         rows = stage[:4 * n].view(4, n)
         rows[0] = torch.tensor(positions)
         rows[1] = rows[0] + 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -54,6 +55,8 @@ class LLMEngine:
                                      config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, block_manager, self.max_model_len, eos)
         self.requests: dict[str, _Request] = {}
+        self._touched: dict[str, _Request] = {}       # requests that got tokens since the last step()
+        self._on_output: Callable[[RequestOutput], None] | None = None
         self._rng = random.Random(mc.seed)
 
     # ---- requests ------------------------------------------------------------------------------------------
@@ -81,6 +84,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
         self.requests.pop(request_id, None)
+        self._touched.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -89,38 +93,50 @@ class LLMEngine:
         return self.scheduler.stats()
 
     # ---- one step ------------------------------------------------------------------------------------------
-    def step(self, stream: bool = True) -> list[RequestOutput]:
-        """One plan. Returns an output for every request that got tokens (stream=False: only for those that
-        finished, which is all an offline batch needs, and spares copying every request's tokens each step)."""
-        plan = self.scheduler.schedule()
-        touched: dict[str, _Request] = {}
+    def step(self, stream: bool = True,
+             on_output: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """One plan. Returns an output for every request that got tokens since the last step (stream=False:
+        only for those that finished, which is all an offline batch needs, and spares copying every request's
+        tokens each step). With asynchronous output a plan's last step reaches the host during the next
+        plan, so its tokens come with the next step's outputs. on_output: instead of returning them, hand
+        the outputs over as each step's tokens arrive (a plan of k steps streams token by token)."""
+        self._on_output = on_output
+        try:
+            self.runner.execute(self.scheduler.schedule(), self._on_step)
+        finally:
+            self._on_output = None
+        return self._take_outputs(stream)
 
-        def on_step(result) -> None:
-            # Called as each step's tokens reach the host: with asynchronous output this bookkeeping runs
-            # while the GPU computes the next step.
-            now = time.monotonic()
-            sampled_logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else {}
-            for seq in self.scheduler.update(result):
-                request = self.requests.get(seq.request_id)
-                if request is None:
-                    continue
-                self._append(request, seq, seq.token_ids[-1], sampled_logprobs.get(seq.seq_id))
-                if request.metrics.first_token_time is None:
-                    request.metrics.first_token_time = now
-                    request.num_cached_tokens = seq.num_cached_tokens
-                if request.request_id not in self.scheduler.requests:
-                    request.metrics.finished_time = now
-                touched[request.request_id] = request
-
-        self.runner.execute(plan, on_step)
+    def _take_outputs(self, stream: bool) -> list[RequestOutput]:
         outputs = []
-        for request in touched.values():
+        for request in self._touched.values():
             finished = request.request_id not in self.scheduler.requests
             if finished:
-                del self.requests[request.request_id]
+                self.requests.pop(request.request_id, None)
             if finished or stream:
                 outputs.append(self._output(request, finished))
+        self._touched.clear()
         return outputs
+
+    def _on_step(self, result) -> None:
+        """Called as each step's tokens reach the host: with asynchronous output this bookkeeping runs while
+        the GPU computes the next step."""
+        now = time.monotonic()
+        sampled_logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else {}
+        for seq in self.scheduler.update(result):
+            request = self.requests.get(seq.request_id)
+            if request is None:
+                continue
+            self._append(request, seq, seq.token_ids[-1], sampled_logprobs.get(seq.seq_id))
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+                request.num_cached_tokens = seq.num_cached_tokens
+            if request.request_id not in self.scheduler.requests:
+                request.metrics.finished_time = now
+            self._touched[request.request_id] = request
+        if self._on_output is not None:
+            for output in self._take_outputs(stream=True):
+                self._on_output(output)
 
     def _append(self, request: _Request, seq: Sequence, token: int, logprobs) -> None:
         out = request.completions.get(seq.index)

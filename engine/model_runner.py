@@ -87,7 +87,9 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.decode_batch, self.max_model_len, self._num_splits)
             self.graphs.capture()
         self.copy_stream = torch.cuda.Stream() if on_gpu else None
-        self.async_output = on_gpu and mc.async_output
+        self.async_output = mc.async_output
+        self.outputs = StepOutputs(self._commit, self.async_output, self.copy_stream)
+        self._inflight: tuple[dict[int, int], torch.Tensor] = ({}, torch.empty(0))   # see _inflight_rows
         self.step_timers: list | None = None      # (start, end events, eager?, host launch time): measure_gpu_time
 
     def _attach_kv_cache(self, kv_cache: torch.Tensor) -> None:
@@ -158,43 +160,81 @@ class ModelRunner:
 
     # ---- one plan ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, plan: Plan, on_step: Callable[[StepResult], None] | None = None) -> list[StepResult]:
-        """Run the plan's steps; one StepResult per step, each also handed to on_step as soon as it is on the
-        host. Sequences that end inside the plan sit out the steps after (the scheduler, a plan behind, may
-        still schedule them: they are skipped)."""
+    def execute(self, plan: Plan, on_step: Callable[[StepResult], None] | None = None,
+                on_done: Callable[[], None] | None = None) -> list[StepResult]:
+        """Launch the plan's steps. Each step's StepResult goes to on_step once its tokens are on the host, in
+        launch order, and on_done runs after the plan's last one. Returns the results processed during this
+        call. Sequences that end inside the plan sit out the steps after (the scheduler, a plan behind, may
+        still schedule them: they are skipped, or their tokens dropped).
+
+        With asynchronous output the plan's last step is left on the GPU: it is processed once the next plan's
+        first step is launched (or by flush()), so the GPU does not wait while the host plans. A decode step
+        can be launched before the tokens it consumes reach the host: they are taken from the device."""
+        self.outputs.asynchronous = self.async_output
+        if any(s in self._inflight_rows() for s in plan.freed_seq_ids):
+            self.flush()          # a preempted sequence's last token is still owed to the scheduler
         self._apply(plan)
         live = {s: n for s, n in plan.num_scheduled_tokens.items() if not self.seqs[s].finished}
-        if not live:
-            return []
-        outputs = StepOutputs(self._commit, on_step, self.async_output, self.copy_stream)
-        first = {s: min(n, len(self.seqs[s].token_ids) - self.seqs[s].num_computed_tokens) for s, n in live.items()}
-        decoding = all(n == 1 and self.seqs[s].num_computed_tokens + 1 == len(self.seqs[s].token_ids)
-                       for s, n in first.items())
-        if decoding and not plan.forks:
-            rows = list(first)
-            self._decode(rows, [live[s] - 1 for s in rows], [self.seqs[s].token_ids[-1] for s in rows],
-                         None, outputs)
-        else:
-            seq_ids, out = self._eager_step(first, plan, outputs)
+        inflight = self._inflight_rows()
+        # Tokens each sequence has, counting the one its last launched step is sampling.
+        known = {s: len(self.seqs[s].token_ids) + (s in inflight) for s in live}
+        decoding = bool(live) and not plan.forks and all(
+            n >= 1 and self.seqs[s].num_computed_tokens + 1 == known[s] for s, n in live.items())
+        if decoding:
+            rows = list(live)
+            self._decode(rows, [live[s] - 1 for s in rows], *self._last_tokens(rows, inflight), on_step)
+        elif live:
+            self.flush()          # prompt chunks and forks are built on the host, from every token
+            live = {s: n for s, n in live.items() if not self.seqs[s].finished}
+            first = {s: min(n, len(self.seqs[s].token_ids) - self.seqs[s].num_computed_tokens)
+                     for s, n in live.items()}
+            seq_ids, out = self._eager_step(first, plan, on_step)
             more = [(i, s) for i, s in enumerate(seq_ids) if s in live and live[s] - first[s] > 0]
             if more:
                 index = torch.tensor([i for i, _ in more], device=self.device)
                 rows = [s for _, s in more]
-                self._decode(rows, [live[s] - first[s] - 1 for s in rows], out.token_ids[index],
-                             out.token_ids[index], outputs)
-        return outputs.drain()
+                self._decode(rows, [live[s] - first[s] - 1 for s in rows], out.token_ids[index], None, on_step)
+        if on_done is not None:
+            self.outputs.push_done(on_done)
+        if not self.async_output or not live:
+            self.flush()
+        return self.outputs.take_results()
 
-    def _decode(self, rows: list[int], steps_left: list[int], input_ids, sampled_before, outputs: StepOutputs):
-        """Decode steps for `rows` from the device batch: the first computes input_ids (the token each row
-        sampled last), and row b goes on for steps_left[b] more steps. sampled_before: the tokens the step
-        just before sampled on the device (not yet on the host), which the sampler must count."""
+    def flush(self) -> None:
+        """Process every launched step (waits for the GPU)."""
+        self.outputs.drain()
+
+    @property
+    def has_pending_outputs(self) -> bool:
+        return bool(self.outputs.pending)
+
+    def _inflight_rows(self) -> dict[int, int]:
+        """Sequence -> its row in the last launched step, for the steps whose tokens are not on the host yet."""
+        return self._inflight[0] if self.outputs.pending else {}
+
+    def _last_tokens(self, rows: list[int], inflight: dict[int, int]):
+        """Each row's input token for a decode step, and the mask of those still on the device (from the last
+        step, which the sampler's counters must include); (host ids, None) when all are on the host."""
+        host = [self.seqs[s].token_ids[-1] if s not in inflight else 0 for s in rows]
+        if not any(s in inflight for s in rows):
+            return host, None
+        where = _device_tensor([inflight.get(s, -1) for s in rows], torch.int64, self.device)
+        on_device = where >= 0
+        sampled = self._inflight[1][where.clamp(min=0)]
+        return torch.where(on_device, sampled, _device_tensor(host, torch.int64, self.device)), on_device
+
+    def _decode(self, rows: list[int], steps_left: list[int], input_ids, pending_mask, on_step):
+        """Decode steps for `rows` from the device batch: the first computes input_ids (host ids, or a device
+        tensor of what earlier steps sampled), and row b goes on for steps_left[b] more steps. Rows whose
+        input token is not on the host yet (pending_mask; all of them when input_ids is on the device and the
+        mask is None) have it counted by the sampler from the device."""
         seqs = [self.seqs[s] for s in rows]
         batch = self.decode_batch
         batch.load(rows, [s.num_computed_tokens for s in seqs], [s.block_ids for s in seqs], steps_left, input_ids)
         sampling = SamplingBatch.from_rows([_sampling_row(s) for s in seqs], self.args.vocab_size,
                                            self.eos_token_ids, self.device)
-        if sampled_before is not None:
-            sampling.advance(sampled_before)
+        if isinstance(input_ids, torch.Tensor):
+            sampling.advance(input_ids, pending_mask)
         for step in range(1 + max(steps_left)):
             if step > 0:
                 batch.advance(out.token_ids, advance_step if self.ops.name == "triton" else advance_step_reference)
@@ -205,7 +245,8 @@ class ModelRunner:
             out = self.sampler(self._decode_forward(len(rows)), sampling)
             self._stop_timer(timer, eager=False)
             sampling.advance(out.token_ids)
-            outputs.push(rows, active, out)
+            self.outputs.push(rows, active, out, on_step)
+            self._inflight = ({s: b for b, (s, on) in enumerate(zip(rows, active)) if on}, out.token_ids)
 
     def _decode_forward(self, n: int) -> torch.Tensor:
         if self.graphs is not None:
@@ -223,7 +264,7 @@ class ModelRunner:
         finally:
             set_attention_metadata(None)
 
-    def _eager_step(self, counts: dict[int, int], plan: Plan, outputs: StepOutputs) -> tuple[list[int], SamplerOutput]:
+    def _eager_step(self, counts: dict[int, int], plan: Plan, on_step) -> tuple[list[int], SamplerOutput]:
         """One forward over counts[s] tokens of each sequence s (prompt chunks and decodes, built on the host),
         then a token for each sequence that reached its last token, and for each fork child."""
         timer = self._start_timer()
@@ -251,7 +292,8 @@ class ModelRunner:
                                            self.eos_token_ids, self.device)
         out = self.sampler(logits, sampling)
         self._stop_timer(timer, eager=True)
-        outputs.push(seq_ids, None, out)
+        self.outputs.push(seq_ids, None, out, on_step)
+        self._inflight = ({s: i for i, s in enumerate(seq_ids)}, out.token_ids)
         return seq_ids, out
 
     def _forward_prefill(self, chunks: list[tuple[list[int], list[int], int, int]]) -> torch.Tensor:

@@ -145,14 +145,21 @@ class SamplingBatch:               # device tensors for a batch, built once per 
             max_logprobs=max(asked, default=None),
         )
 
-    def advance(self, token_ids: torch.Tensor) -> None:
-        """Append this step's tokens [B] to every row, on the device: multi-step decoding needs no CPU trip."""
-        self.steps += 1
+    def advance(self, token_ids: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Append tokens [B] to every row (or to the rows where the bool mask `rows` is set), on the device:
+        multi-step decoding needs no CPU trip."""
+        index = (torch.arange(len(token_ids), device=token_ids.device), token_ids)       # one token a row
+        if rows is None:
+            self.steps += 1
+            if self.penalties is not None:
+                self.penalties.output_counts[index] += 1
+                # new_ones makes the True on the device: a host scalar would be a copy, which CUDA graphs refuse.
+                self.penalties.seen.index_put_(index, self.penalties.seen.new_ones(()))
+            return
+        self.steps += rows
         if self.penalties is not None:
-            index = (torch.arange(len(token_ids), device=token_ids.device), token_ids)   # one token a row
-            self.penalties.output_counts[index] += 1
-            # new_ones makes the True on the device: a host scalar would be a copy, which CUDA graphs refuse.
-            self.penalties.seen.index_put_(index, self.penalties.seen.new_ones(()))
+            self.penalties.output_counts.index_put_(index, rows.float(), accumulate=True)
+            self.penalties.seen.index_put_(index, self.penalties.seen[index] | rows)
 
 
 def _tensor(values: list, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -57,6 +57,7 @@ class EngineRun:
     mean_tpot_s: float                 # per request: (finish - first token) / (output tokens - 1), averaged
     gpu_busy: float | None             # GPU time / wall time, every step
     gpu_busy_decode: float | None      # the same, after the last prefill step
+    gpu_split: dict | None = None      # GPU seconds and step counts: eager (prefill/mixed) steps, decode steps
 
 
 def run_engine(llm, requests, temperature: float) -> EngineRun:
@@ -70,6 +71,7 @@ def run_engine(llm, requests, temperature: float) -> EngineRun:
                                                                 temperature=temperature, seed=i)
                                                  for i in range(min(64, len(requests)))])
     runner = llm.engine.runner
+    llm.engine.scheduler.block_manager.reset_prefix_cache()    # no run may reuse an earlier run's prompts
     runner.measure_gpu_time()
     start = time.perf_counter()
     outputs = llm.generate([p for p, _ in requests], params)
@@ -79,15 +81,16 @@ def run_engine(llm, requests, temperature: float) -> EngineRun:
     assert produced == expected, f"engine produced {produced} tokens, the workload asks {expected}"
     tpots = [(o.metrics.finished_time - o.metrics.first_token_time) / (len(o.outputs[0].token_ids) - 1)
              for o in outputs if len(o.outputs[0].token_ids) > 1]
-    busy = busy_decode = None
+    busy = busy_decode = split = None
     if runner.step_timers is not None:
-        busy, busy_decode = gpu_busy(runner.step_timers, start, start + elapsed)
+        busy, busy_decode, split = gpu_busy(runner.step_timers, start, start + elapsed)
     runner.measure_gpu_time(False)
-    return EngineRun(elapsed, statistics.fmean(tpots), busy, busy_decode)
+    return EngineRun(elapsed, statistics.fmean(tpots), busy, busy_decode, split)
 
 
-def gpu_busy(timers, start: float, end: float) -> tuple[float, float]:
-    """(busy over the whole run, busy from the last prefill step on): GPU time of the steps / wall time."""
+def gpu_busy(timers, start: float, end: float) -> tuple[float, float, dict]:
+    """(busy over the whole run, busy from the last prefill step on, where the GPU time went): GPU time of the
+    steps / wall time, and the GPU seconds and counts of eager (prefill or mixed) and decode steps."""
     import torch
     torch.cuda.synchronize()
     seconds = [(a.elapsed_time(b) / 1000, eager, launched) for a, b, eager, launched in timers]
@@ -95,7 +98,10 @@ def gpu_busy(timers, start: float, end: float) -> tuple[float, float]:
     decode = seconds[last_eager + 1:]
     busy = sum(s for s, _, _ in seconds) / (end - start)
     busy_decode = sum(s for s, _, _ in decode) / (end - decode[0][2]) if decode else 0.0
-    return busy, busy_decode
+    split = {kind: {"gpu_s": round(sum(s for s, e, _ in seconds if e == eager), 3),
+                    "steps": sum(1 for _, e, _ in seconds if e == eager)}
+             for kind, eager in (("eager", True), ("decode", False))}
+    return busy, busy_decode, split
 
 
 def run_hf_peer(model_dir: Path, requests, batch_size: int, device: str, dtype) -> float:
@@ -154,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         for name, k, asynchronous in (("single-step, sync output", 1, False), ("multi-step", multi, False),
                                       ("async output", 1, True), ("both", multi, True)):
             llm.engine.scheduler.config.num_scheduler_steps = k
-            runner.async_output = asynchronous and runner.device.type == "cuda"
+            runner.async_output = asynchronous
             runs.append((f"  ablation: {name} (k={k})", run_engine(llm, requests, args.temperature)))
             print(f"  {runs[-1][0]}: {runs[-1][1].seconds:.2f} s", flush=True)
     if args.peer == "hf":
@@ -175,11 +181,18 @@ def run(args: argparse.Namespace) -> int:
         row = {"engine": name.strip(), "workload": spec["name"], "num_prompts": len(requests), "scale": args.scale,
                "seconds": round(r.seconds, 3), "requests_per_s": round(len(requests) / r.seconds, 3),
                "output_tok_per_s": round(n_out / r.seconds, 1), "total_tok_per_s": round((n_in + n_out) / r.seconds, 1),
-               "mean_tpot_ms": round(r.mean_tpot_s * 1000, 2), "gpu_busy": r.gpu_busy, "gpu_busy_decode": r.gpu_busy_decode}
+               "mean_tpot_ms": round(r.mean_tpot_s * 1000, 2), "gpu_busy": r.gpu_busy, "gpu_busy_decode": r.gpu_busy_decode,
+               "gpu_split": r.gpu_split}
         results.append(row)
         busy = f"{r.gpu_busy:9.1%} {r.gpu_busy_decode:9.1%}" if r.gpu_busy is not None else f"{'-':>9s} {'-':>9s}"
         print(f"{name:48s} {r.seconds:8.2f} {row['requests_per_s']:7.2f} {row['output_tok_per_s']:10.1f} "
               f"{row['total_tok_per_s']:11.1f} {row['mean_tpot_ms']:8.2f} {busy} {base / r.seconds:7.2f}x")
+    for name, r in runs:
+        if r.gpu_split:
+            e, d = r.gpu_split["eager"], r.gpu_split["decode"]
+            print(f"GPU time, {name.strip()}: prefill/mixed steps {e['gpu_s']:.2f} s in {e['steps']}, "
+                  f"decode steps {d['gpu_s']:.2f} s in {d['steps']} "
+                  f"({1000 * d['gpu_s'] / max(1, d['steps']):.2f} ms each)")
     if args.result_json:
         args.result_json.write_text(json.dumps(results, indent=2))
     return 0

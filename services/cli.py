@@ -6,6 +6,7 @@
     pagestream serve [--model M] [--port 8000] [--tokenizers N] [--detokenizers M]   the whole pipeline
     pagestream service NAME [...]                  one service: gateway, tokenizer, scheduler, worker, detokenizer
     pagestream bench throughput [--workload w256] ...         offline throughput (see loadtest/throughput.py)
+    pagestream bench serve --base-url URL [--request-rate R] ...   load a running server (see loadtest/serve.py)
 
 Every engine option (ModelConfig, CacheConfig, SchedulerConfig fields) is a flag: --max-num-seqs, --block-size...
 """
@@ -141,6 +142,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv else None
     parser = argparse.ArgumentParser(prog="pagestream", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -155,15 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
+    # The pipeline's flags come with the web stack's imports: only the commands that run it load them.
     serve = commands.add_parser("serve", help="serve the OpenAI API with every service of the pipeline")
-    from services.launcher import add_arguments as add_serve_args
-    add_serve_args(serve)
-    add_stack_args(serve)
+    if command == "serve":
+        from services.launcher import add_arguments as add_serve_args
+        add_serve_args(serve)
+        add_stack_args(serve)
     serve.set_defaults(func=cmd_serve, parser=serve)
 
     service = commands.add_parser("service", help="run one service of the pipeline (what containers run)")
-    service.add_argument("service", choices=SERVICES)
-    add_stack_args(service)
+    if command == "service":
+        service.add_argument("service", choices=SERVICES)
+        add_stack_args(service)
     service.set_defaults(func=cmd_service)
 
     bench = commands.add_parser("bench", help="benchmarks")
@@ -173,6 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     add_throughput_args(tp)
     add_engine_args(tp)
     tp.set_defaults(func=run_throughput)
+    from loadtest.throughput import add_latency_arguments, run_latency
+    lat = bench_kinds.add_parser("latency", help="batch-1 decode latency")
+    add_latency_arguments(lat)
+    add_engine_args(lat)
+    lat.set_defaults(func=run_latency)
+    from loadtest.serve import add_arguments as add_serve_bench_args, run as run_serve_bench
+    serve_bench = bench_kinds.add_parser("serve", help="load an OpenAI-compatible server and measure it "
+                                                       "(see loadtest/serve.py)")
+    add_serve_bench_args(serve_bench)
+    serve_bench.set_defaults(func=run_serve_bench)
 
     args = parser.parse_args(argv)
     return args.func(args) or 0

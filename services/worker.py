@@ -77,7 +77,12 @@ class WorkerService:
         log.info("worker %s (epoch %s) on %s: %d KV blocks", self.worker, self.epoch[:8], r.device, r.num_blocks)
         plans = self.names.plan(self.worker)
         while not stop.is_set():
-            for entry in self.transport.read([plans], GROUP, self.consumer, count=1, block_ms=100):
+            # A plan's last step stays on the GPU until the next plan is launched; with none waiting, finish it.
+            entries = self.transport.read([plans], GROUP, self.consumer, count=1,
+                                          block_ms=None if self.runner.has_pending_outputs else 100)
+            if not entries and self.runner.has_pending_outputs:
+                self.runner.flush()
+            for entry in entries:
                 try:
                     message = decode(PlanMessage, entry.payload)
                 except SchemaError as e:
@@ -117,12 +122,15 @@ class WorkerService:
             for s, t in zip(result.seq_ids, result.token_ids):
                 sampled.setdefault(s, []).append(t)
 
-        self.runner.execute(plan, on_step)
-        seq_ids = list(sampled)
-        finishes = [self.runner.seqs[s].finish for s in seq_ids]
-        event = StepEvent(message.plan_id, seq_ids, [sampled[s] for s in seq_ids],
-                          [f[0].value if f else None for f in finishes], [f[1] if f else None for f in finishes])
-        self.outbox.put((event, entry_id))
+        def on_done() -> None:
+            # The plan's last step is on the host (with asynchronous output: while the next plan runs).
+            seq_ids = list(sampled)
+            finishes = [self.runner.seqs[s].finish if s in self.runner.seqs else None for s in seq_ids]
+            event = StepEvent(message.plan_id, seq_ids, [sampled[s] for s in seq_ids],
+                              [f[0].value if f else None for f in finishes], [f[1] if f else None for f in finishes])
+            self.outbox.put((event, entry_id))
+
+        self.runner.execute(plan, on_step, on_done)
 
     # ---- the publisher thread ------------------------------------------------------------------------------
     def _publish(self, stop) -> None:

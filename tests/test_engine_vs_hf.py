@@ -35,10 +35,12 @@ def test_architectures_match_transformers(tiny_model_dir, arch):
     assert tokens(llm.generate(prompts, greedy())) == hf_greedy(path, prompts, NEW_TOKENS)
 
 
-def test_preemption_keeps_greedy_outputs(llama_reference):
+@pytest.mark.parametrize("steps", [1, 8])
+def test_preemption_keeps_greedy_outputs(llama_reference, steps):
     path, prompts, expected = llama_reference
-    # 24 blocks of 16 slots cannot hold 8 sequences of up to 182 tokens: the scheduler must preempt.
-    llm = LLM(str(path), progress=False, num_blocks=24, block_size=16)
+    # 16 blocks of 16 slots cannot hold 8 sequences of up to 182 tokens: the scheduler must preempt, with
+    # single steps and with multi-step plans (where a preempted sequence's last token is still in flight).
+    llm = LLM(str(path), progress=False, num_blocks=16, block_size=16, num_scheduler_steps=steps)
     assert tokens(llm.generate(prompts, greedy())) == expected
     assert llm.engine.scheduler.num_preemptions > 0
 

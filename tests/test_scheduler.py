@@ -106,9 +106,10 @@ class FakeWorker:
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64,
-                   chunked=True, policy="fcfs", prefix_caching=True) -> Scheduler:
+                   chunked=True, policy="fcfs", prefix_caching=True, steps=1) -> Scheduler:
+    # One step a plan unless a test asks for more: the fake worker below runs single steps.
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             enable_chunked_prefill=chunked, policy=policy)
+                             enable_chunked_prefill=chunked, policy=policy, num_scheduler_steps=steps)
     return Scheduler(config, BlockManager(num_blocks, block_size, prefix_caching), max_model_len,
                      eos_token_ids={EOS})
 

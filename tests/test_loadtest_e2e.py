@@ -1,0 +1,80 @@
+"""The serving benchmark against the real stack (`pagestream serve`, the default model): a 64-request run
+completes, its token counts are the server's own (checked against the gateway's Prometheus counters, which count
+independently of the responses), and the result JSON holds every metric."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+from test_loadtest_serve import REPO
+
+
+TIMERS = ("time_to_first_token_seconds_sum", "time_to_first_token_seconds_count", "e2e_request_latency_seconds_sum",
+          "e2e_request_latency_seconds_count")
+
+
+def counter(stack, name: str) -> float:
+    with urllib.request.urlopen(f"{stack.base_url}/metrics") as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.split("{")[0].split(" ")[0] == name)
+
+
+def bench(stack, tmp_path, *args: str) -> dict:
+    result = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-m", "loadtest", "--base-url", stack.base_url, "--api-key",
+                           stack.api_key, "--disable-tqdm", "--result-json", str(result), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(proc.stdout)
+    return json.loads(result.read_text())
+
+
+def test_64_requests_against_pagestream_serve(serve_stack, tmp_path):
+    generated = counter(serve_stack, "pagestream_generation_tokens_total")
+    prompted = counter(serve_stack, "pagestream_prompt_tokens_total")
+    server_clock = {k: counter(serve_stack, f"pagestream_{k}") for k in TIMERS}
+    data = bench(serve_stack, tmp_path, "--num-prompts", "64", "--random-input-len", "32", "--random-output-len",
+                 "16", "--ignore-eos", "--num-warmups", "0", "--slo", "ttft:60000", "tpot:10000")
+    assert data["model"] == "smollm2-135m-instruct"                    # asked of GET /v1/models
+    (run,) = data["runs"]
+    s = run["summary"]
+    assert s["completed"] == 64 and s["failed"] == 0, s["errors"]
+    # Every count is the server's: per request from its usage, in total equal to what the gateway counted.
+    assert s["output_tokens_from"] == {"usage": 64}
+    assert all(r["output_tokens"] == r["usage_completion_tokens"] == 16 for r in run["requests"])
+    assert s["total_output_tokens"] == 64 * 16 == counter(serve_stack, "pagestream_generation_tokens_total") - generated
+    assert s["total_input_tokens"] == counter(serve_stack, "pagestream_prompt_tokens_total") - prompted
+    # The prompts are as long as drawn, by the model's tokenizer and by the server's.
+    assert all(r["prompt_len"] == r["usage_prompt_tokens"] == 32 for r in run["requests"])
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ("mean", "median", "std", "p50", "p90", "p99", "max"):
+            assert s[f"{stat}_{name}_ms"] > 0, (stat, name)
+    for key in ("duration_s", "request_throughput", "output_throughput", "total_token_throughput", "goodput",
+                "mean_concurrency"):
+        assert s[key] > 0, key
+    assert s["median_ttft_ms"] <= s["p99_ttft_ms"] <= s["max_ttft_ms"]
+    assert s["output_throughput"] == s["total_output_tokens"] / s["duration_s"]
+    for r in run["requests"]:
+        assert r["ttft_ms"] <= r["e2el_ms"] and len(r["itl_ms"]) == r["chunks"] - 1 and r["chunks"] >= 1
+    # The gateway times each request from inside (its own TTFT and end-to-end histograms): the harness, timing
+    # from outside, must see a little more, never less; the difference is HTTP, connecting and reading.
+    served = {k: counter(serve_stack, f"pagestream_{k}") - v for k, v in server_clock.items()}
+    assert served["time_to_first_token_seconds_count"] == served["e2e_request_latency_seconds_count"] == 64
+    for ours, theirs in (("mean_ttft_ms", "time_to_first_token_seconds"),
+                         ("mean_e2el_ms", "e2e_request_latency_seconds")):
+        inside = served[f"{theirs}_sum"] / 64 * 1000
+        print(f"{ours}: harness {s[ours]:.1f} ms, gateway {inside:.1f} ms")
+        assert inside <= s[ours] < inside * 1.02 + 150     # (under CPU contention both stretch together)
+
+
+def test_chat_against_pagestream_serve(serve_stack, tmp_path):
+    generated = counter(serve_stack, "pagestream_generation_tokens_total")
+    data = bench(serve_stack, tmp_path, "--endpoint", "/v1/chat/completions", "--num-prompts", "16",
+                 "--random-input-len", "24", "--random-output-len", "12", "--ignore-eos", "--request-rate", "20",
+                 "--burstiness", "0.5", "--max-concurrency", "8", "--num-warmups", "0")
+    s = data["runs"][0]["summary"]
+    assert s["completed"] == 16
+    assert s["total_output_tokens"] == 16 * 12 == counter(serve_stack, "pagestream_generation_tokens_total") - generated
