@@ -25,6 +25,9 @@ fi
 . .venv/bin/activate
 # torch first and pinned: an unpinned requirement would pull the newest build and its CUDA packages.
 python -c "import torch" 2>/dev/null || pip install --quiet "torch==2.13.0"
+# The Triton kernels: torch's CUDA builds bring the triton they were built with; the CPU build brings none, and
+# the tests run the kernels in Triton's interpreter (tests/triton_interpreter.py patches this version's gaps).
+python -c "import triton" 2>/dev/null || pip install --quiet "triton==3.6.0"
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 pip install --quiet -e ".${extras}"
