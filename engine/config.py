@@ -22,7 +22,7 @@ class ModelConfig:
     tokenizer: str | None = None          # default: the model directory; "none" runs on token ids only
     kernel_backend: str = "auto"          # auto: Triton kernels on GPU, PyTorch references on CPU
     cuda_graphs: bool = True              # decode steps replay CUDA graphs (GPU); off: eager, like vLLM's enforce_eager
-    async_output: bool = True             # hand step n's tokens on while step n+1 runs (GPU)
+    async_output: bool = True             # step n's tokens are handled while step n+1 runs (across plans too)
 
 
 @dataclass

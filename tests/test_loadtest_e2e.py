@@ -67,7 +67,10 @@ def test_64_requests_against_pagestream_serve(serve_stack, tmp_path):
                          ("mean_e2el_ms", "e2e_request_latency_seconds")):
         inside = served[f"{theirs}_sum"] / 64 * 1000
         print(f"{ours}: harness {s[ours]:.1f} ms, gateway {inside:.1f} ms")
-        assert inside <= s[ours] < inside * 1.02 + 150     # (under CPU contention both stretch together)
+        # The upper bound is loose: harness and server share two cores, and with 64 requests sent at once the
+        # harness's own connecting and reading stretch under contention (250 ms seen on a loaded CI machine).
+        # It still catches a clock started too early or stopped too late by a whole stage.
+        assert inside <= s[ours] < inside * 1.1 + 500
 
 
 def test_chat_against_pagestream_serve(serve_stack, tmp_path):
