@@ -33,6 +33,7 @@ from engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, check_stop
 from kernels.advance_step import advance_step, advance_step_reference
+from kernels.attention import default_num_splits
 
 CPU_DEFAULT_KV_GB = 2.0
 GPU_RESERVE_BYTES = 1 << 30      # kept free beside the KV pool: CUDA graphs' activations, the sampler's temporaries
@@ -68,6 +69,8 @@ class ModelRunner:
         self.max_model_len = resolve_max_model_len(hf_config, mc.max_model_len)
         self.block_size = config.cache.block_size
         self.eos_token_ids = eos_token_ids
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
+            if self.device.type == "cuda" else 1
         self.ops = select_ops(mc.kernel_backend, self.device)
         self.model = build_model(hf_config, model_dir, self.max_model_len, self.device, self.dtype, self.ops,
                                  mc.load_format, mc.seed, progress)
@@ -89,7 +92,8 @@ class ModelRunner:
         self.copy_stream = torch.cuda.Stream() if on_gpu else None
         self.async_output = mc.async_output
         self.outputs = StepOutputs(self._commit, self.async_output, self.copy_stream)
-        self._inflight: tuple[dict[int, int], torch.Tensor] = ({}, torch.empty(0))   # see _inflight_rows
+        # The last launched step: its sequences, which of them it stepped (None: all), its sampled ids.
+        self._inflight: tuple[list[int], list[bool] | None, torch.Tensor] = ([], None, torch.empty(0))
         self.step_timers: list | None = None      # (start, end events, eager?, host launch time): measure_gpu_time
 
     def _attach_kv_cache(self, kv_cache: torch.Tensor) -> None:
@@ -150,9 +154,7 @@ class ModelRunner:
         return total * self.config.cache.gpu_memory_utilization - others - peak - GPU_RESERVE_BYTES
 
     def _num_splits(self, batch: int, max_seq_len: int) -> int:
-        from kernels.attention import default_num_splits
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
-        return default_num_splits(batch, self.args.num_kv_heads, max_seq_len, sms)
+        return default_num_splits(batch, self.args.num_kv_heads, max_seq_len, self.num_sms)
 
     def measure_gpu_time(self, on: bool = True) -> None:
         """Record a pair of CUDA events around every step (for the GPU-busy figure of the benchmark)."""
@@ -171,11 +173,12 @@ class ModelRunner:
         first step is launched (or by flush()), so the GPU does not wait while the host plans. A decode step
         can be launched before the tokens it consumes reach the host: they are taken from the device."""
         self.outputs.asynchronous = self.async_output
-        if any(s in self._inflight_rows() for s in plan.freed_seq_ids):
+        inflight = self._inflight_rows()
+        if any(s in inflight for s in plan.freed_seq_ids):
             self.flush()          # a preempted sequence's last token is still owed to the scheduler
+            inflight = {}
         self._apply(plan)
         live = {s: n for s, n in plan.num_scheduled_tokens.items() if not self.seqs[s].finished}
-        inflight = self._inflight_rows()
         # Tokens each sequence has, counting the one its last launched step is sampling.
         known = {s: len(self.seqs[s].token_ids) + (s in inflight) for s in live}
         decoding = bool(live) and not plan.forks and all(
@@ -210,7 +213,10 @@ class ModelRunner:
 
     def _inflight_rows(self) -> dict[int, int]:
         """Sequence -> its row in the last launched step, for the steps whose tokens are not on the host yet."""
-        return self._inflight[0] if self.outputs.pending else {}
+        if not self.outputs.pending:
+            return {}
+        seq_ids, active, _ = self._inflight
+        return {s: b for b, s in enumerate(seq_ids) if active is None or active[b]}
 
     def _last_tokens(self, rows: list[int], inflight: dict[int, int]):
         """Each row's input token for a decode step, and the mask of those still on the device (from the last
@@ -220,7 +226,7 @@ class ModelRunner:
             return host, None
         where = _device_tensor([inflight.get(s, -1) for s in rows], torch.int64, self.device)
         on_device = where >= 0
-        sampled = self._inflight[1][where.clamp(min=0)]
+        sampled = self._inflight[2][where.clamp(min=0)]
         return torch.where(on_device, sampled, _device_tensor(host, torch.int64, self.device)), on_device
 
     def _decode(self, rows: list[int], steps_left: list[int], input_ids, pending_mask, on_step):
@@ -246,7 +252,7 @@ class ModelRunner:
             self._stop_timer(timer, eager=False)
             sampling.advance(out.token_ids)
             self.outputs.push(rows, active, out, on_step)
-            self._inflight = ({s: b for b, (s, on) in enumerate(zip(rows, active)) if on}, out.token_ids)
+            self._inflight = (rows, active, out.token_ids)
 
     def _decode_forward(self, n: int) -> torch.Tensor:
         if self.graphs is not None:
@@ -293,7 +299,7 @@ class ModelRunner:
         out = self.sampler(logits, sampling)
         self._stop_timer(timer, eager=True)
         self.outputs.push(seq_ids, None, out, on_step)
-        self._inflight = ({s: i for i, s in enumerate(seq_ids)}, out.token_ids)
+        self._inflight = (seq_ids, None, out.token_ids)
         return seq_ids, out
 
     def _forward_prefill(self, chunks: list[tuple[list[int], list[int], int, int]]) -> torch.Tensor:

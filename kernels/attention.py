@@ -92,6 +92,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # =================================================================================================================
 
 @triton.jit
+def _split_tiles(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    """(KV tiles of a context, tiles per split): how the decode kernel shares a context among its splits, and how
+    the combine kernel finds the splits that wrote something. One definition, so the two always agree. A context
+    of 0 tokens has no tiles: every share is empty."""
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    return num_tiles, tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     out_ptr, part_o_ptr, part_lse_ptr,
@@ -124,8 +133,7 @@ def _paged_decode_kernel(
     else:
         q_row = b
     seq_len = tl.load(seq_lens_ptr + b)
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    num_tiles, tiles_per_split = _split_tiles(seq_len, num_splits, BLOCK_N)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     if SPLIT:
@@ -185,7 +193,7 @@ def _decode_combine_kernel(
 ):
     """One program per (sequence, query head): log-sum-exp merge of the non-empty splits.
 
-    Which splits are non-empty is recomputed from seq_len exactly as the decode kernel split the work, so the
+    Which splits are non-empty comes from _split_tiles, as the decode kernel split the work, so the
     workspace (torch.empty) is never read where nothing wrote it."""
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -195,9 +203,7 @@ def _decode_combine_kernel(
             return
     else:
         q_row = b
-    seq_len = tl.load(seq_lens_ptr + b)
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+    num_tiles, tiles_per_split = _split_tiles(tl.load(seq_lens_ptr + b), num_splits, BLOCK_N)
     num_valid = tl.cdiv(num_tiles, tiles_per_split)                 # 0 for a padding row
 
     offs_s = tl.arange(0, SPLITS_PAD)

@@ -12,6 +12,8 @@ ttft:500 tpot:50, in milliseconds): the throughput a service with those promises
 """
 from __future__ import annotations
 
+import numpy as np
+
 import statistics
 from collections import Counter
 
@@ -57,14 +59,8 @@ def meets_slo(out: RequestOutput, slo: dict[str, float]) -> bool:
 
 
 def percentile(values: list[float], p: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default), without numpy."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    rank = (len(ordered) - 1) * p / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
+    return float(np.percentile(values, p)) if len(values) else float("nan")
 
 
 def latency_values(outputs: list[RequestOutput]) -> dict[str, list[float]]:

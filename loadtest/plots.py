@@ -45,10 +45,7 @@ def latency_cdfs(runs: list[dict], path: Path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"Latency CDFs{': ' + title if title else ''}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def itl_histogram(runs: list[dict], path: Path, title: str = "") -> Path:
@@ -65,10 +62,7 @@ def itl_histogram(runs: list[dict], path: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"Inter-token latency{': ' + title if title else ''}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def sweep(runs: list[dict], path: Path, title: str = "") -> Path:
@@ -101,6 +95,10 @@ def sweep(runs: list[dict], path: Path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title or "Serving benchmark: rate sweep")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

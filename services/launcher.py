@@ -125,9 +125,10 @@ class Stack:
             self.redis.wait(timeout=10)
 
 
-def wait_ready(base_url: str, timeout_s: float = 600) -> bool:
+def wait_ready(base_url: str, timeout_s: float = 600, alive=lambda: True) -> bool:
+    """Whether /health/ready answers 200 within timeout_s; gives up as soon as alive() turns false."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and alive():
         try:
             with urllib.request.urlopen(f"{base_url}/health/ready", timeout=15) as r:
                 if r.status == 200:

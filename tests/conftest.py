@@ -37,6 +37,14 @@ ARCHITECTURES = {
 
 
 @pytest.fixture(scope="session")
+def default_tokenizer():
+    """The default model's tokenizer, as the load generator loads it (the setup installs the model; a missing
+    one is a failed setup, not a reason to skip)."""
+    from loadtest.datasets import load_tokenizer
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """tiny_model_dir(arch) -> a directory holding a random model of that architecture, saved by transformers."""
     import transformers
@@ -82,7 +90,6 @@ import signal as _signal
 import socket as _socket
 import subprocess as _subprocess
 import sys as _sys
-import time as _time
 from dataclasses import dataclass as _dataclass
 from pathlib import Path as _Path
 
@@ -131,7 +138,7 @@ class ServeStack:
 
 
 def start_stack(tmp_dir: _Path, *extra: str, api_key: str | None = "test-key", timeout_s: float = 300) -> ServeStack:
-    import urllib.request
+    from services.launcher import wait_ready
     port, grpc_port, redis_port = _free_port(), _free_port(), _free_port()
     prefix = f"t{_os.getpid()}"
     argv = [_sys.executable, "-m", "services.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port),
@@ -143,17 +150,10 @@ def start_stack(tmp_dir: _Path, *extra: str, api_key: str | None = "test-key", t
                              env={**_os.environ, "PYTHONUNBUFFERED": "1"})
     stack = ServeStack(proc, f"http://127.0.0.1:{port}", grpc_port, f"redis://127.0.0.1:{redis_port}/0", prefix,
                        api_key, log_path)
-    deadline = _time.monotonic() + timeout_s
-    while _time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"pagestream serve exited ({proc.returncode}):\n{stack.log()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{stack.base_url}/health/ready", timeout=10) as r:
-                if r.status == 200:
-                    return stack
-        except Exception:
-            pass
-        _time.sleep(0.5)
+    if wait_ready(stack.base_url, timeout_s, alive=lambda: proc.poll() is None):
+        return stack
+    if proc.poll() is not None:
+        raise RuntimeError(f"pagestream serve exited ({proc.returncode}):\n{stack.log()[-4000:]}")
     stop_stack(stack)
     raise RuntimeError(f"pagestream serve not ready in {timeout_s} s:\n{stack.log()[-4000:]}")
 

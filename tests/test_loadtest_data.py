@@ -8,47 +8,36 @@ import numpy as np
 import pytest
 
 from loadtest import datasets
+from loadtest.datasets import count_tokens
 from loadtest.client import RequestOutput
 from loadtest.metrics import meets_slo, parse_slo, percentile, summarize, tpot
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    try:
-        return datasets.load_tokenizer("smollm2-135m-instruct")
-    except ValueError as e:
-        pytest.skip(f"the default model is not installed: {e}")
-
-
-def tokens(tokenizer, text: str) -> int:
-    return len(tokenizer.encode(text, add_special_tokens=False))
-
-
 # ---- datasets --------------------------------------------------------------------------------------------------
-def test_random_prompts_have_the_drawn_lengths(tokenizer):
-    exact = datasets.random_requests(tokenizer, 30, input_len=48, output_len=16, seed=1)
-    assert all(r.prompt_len == 48 == tokens(tokenizer, r.prompt) and r.output_len == 16 for r in exact)
+def test_random_prompts_have_the_drawn_lengths(default_tokenizer):
+    exact = datasets.random_requests(default_tokenizer, 30, input_len=48, output_len=16, seed=1)
+    assert all(r.prompt_len == 48 == count_tokens(default_tokenizer, r.prompt) and r.output_len == 16 for r in exact)
     assert len({r.prompt for r in exact}) == 30                           # no two alike: no shared prefix cache
-    assert datasets.random_requests(tokenizer, 30, 48, 16, seed=1) == exact
-    assert datasets.random_requests(tokenizer, 30, 48, 16, seed=2) != exact
-    ranged = datasets.random_requests(tokenizer, 200, input_len=40, output_len=20, range_ratio=0.5, seed=3)
+    assert datasets.random_requests(default_tokenizer, 30, 48, 16, seed=1) == exact
+    assert datasets.random_requests(default_tokenizer, 30, 48, 16, seed=2) != exact
+    ranged = datasets.random_requests(default_tokenizer, 200, input_len=40, output_len=20, range_ratio=0.5, seed=3)
     assert all(20 <= r.prompt_len <= 60 and 10 <= r.output_len <= 30 for r in ranged)
-    assert all(r.prompt_len == tokens(tokenizer, r.prompt) for r in ranged)
+    assert all(r.prompt_len == count_tokens(default_tokenizer, r.prompt) for r in ranged)
     assert len({r.output_len for r in ranged}) > 10                        # spread, not a constant
     with pytest.raises(ValueError, match="range-ratio"):
-        datasets.random_requests(tokenizer, 1, 10, 10, range_ratio=1.0)
+        datasets.random_requests(default_tokenizer, 1, 10, 10, range_ratio=1.0)
 
 
-def test_workload_draws_as_the_offline_bench_does(tokenizer):
+def test_workload_draws_as_the_offline_bench_does(default_tokenizer):
     from loadtest.throughput import draw_requests, load_workload
-    requests = datasets.workload_requests(tokenizer, "w256", 12, scale=0.25)
-    offline = draw_requests(load_workload("w256"), len(tokenizer), 12, 0.25)
+    requests = datasets.workload_requests(default_tokenizer, "w256", 12, scale=0.25)
+    offline = draw_requests(load_workload("w256"), len(default_tokenizer), 12, 0.25)
     assert [r.output_len for r in requests] == [ol for _, ol in offline]
     assert [r.prompt_len for r in requests] == [len(ids) for ids, _ in offline]
-    assert all(r.prompt_len == tokens(tokenizer, r.prompt) for r in requests)
+    assert all(r.prompt_len == count_tokens(default_tokenizer, r.prompt) for r in requests)
 
 
-def test_sharegpt(tokenizer, tmp_path):
+def test_sharegpt(default_tokenizer, tmp_path):
     long_reply = "The capital of France is Paris, a city on the Seine."
     data = [
         {"id": "a", "conversations": [{"from": "human", "value": "What is the capital of France, please?"},
@@ -61,33 +50,35 @@ def test_sharegpt(tokenizer, tmp_path):
     ]
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(data))
-    got = datasets.sharegpt_requests(path, tokenizer, num=10, seed=0)
+    got = datasets.sharegpt_requests(path, default_tokenizer, num=10, seed=0)
     assert sorted((r.prompt, r.output_len) for r in got) == sorted([
-        ("What is the capital of France, please?", tokens(tokenizer, long_reply)),
-        ("Name three colors of the rainbow.", tokens(tokenizer, "Red, orange and yellow are three of them."))])
-    assert all(r.prompt_len == tokens(tokenizer, r.prompt) for r in got)
-    fixed = datasets.sharegpt_requests(path, tokenizer, num=10, output_len=7)
+        ("What is the capital of France, please?", count_tokens(default_tokenizer, long_reply)),
+        ("Name three colors of the rainbow.",
+         count_tokens(default_tokenizer, "Red, orange and yellow are three of them."))])
+    assert all(r.prompt_len == count_tokens(default_tokenizer, r.prompt) for r in got)
+    fixed = datasets.sharegpt_requests(path, default_tokenizer, num=10, output_len=7)
     assert len(fixed) == 3 and {r.output_len for r in fixed} == {7}      # "Hi" kept: its reply is not used
-    assert len(datasets.sharegpt_requests(path, tokenizer, num=1)) == 1
+    assert len(datasets.sharegpt_requests(path, default_tokenizer, num=1)) == 1
     path.write_text(json.dumps([data[1]]))
     with pytest.raises(ValueError, match="no usable conversation"):
-        datasets.sharegpt_requests(path, tokenizer, num=10)
+        datasets.sharegpt_requests(path, default_tokenizer, num=10)
 
 
-def test_jsonl(tokenizer, tmp_path):
+def test_jsonl(default_tokenizer, tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "Tell me a story.", "output_len": 40}\n\n{"prompt": "Hi", "max_tokens": 8}\n'
                     '{"prompt": "No length"}\n')
-    got = datasets.jsonl_requests(path, tokenizer, num=10, output_len=5)
+    got = datasets.jsonl_requests(path, default_tokenizer, num=10, output_len=5)
     assert [(r.prompt, r.prompt_len, r.output_len) for r in got] == [
-        ("Tell me a story.", tokens(tokenizer, "Tell me a story."), 40), ("Hi", tokens(tokenizer, "Hi"), 8),
-        ("No length", tokens(tokenizer, "No length"), 5)]
-    assert len(datasets.jsonl_requests(path, tokenizer, num=2, output_len=5)) == 2
+        ("Tell me a story.", count_tokens(default_tokenizer, "Tell me a story."), 40),
+        ("Hi", count_tokens(default_tokenizer, "Hi"), 8),
+        ("No length", count_tokens(default_tokenizer, "No length"), 5)]
+    assert len(datasets.jsonl_requests(path, default_tokenizer, num=2, output_len=5)) == 2
     with pytest.raises(ValueError, match=":4: no output_len"):
-        datasets.jsonl_requests(path, tokenizer, num=10)
+        datasets.jsonl_requests(path, default_tokenizer, num=10)
     path.write_text('["not", "an object"]\n')
     with pytest.raises(ValueError, match=":1: expected a JSON object"):
-        datasets.jsonl_requests(path, tokenizer, num=10, output_len=5)
+        datasets.jsonl_requests(path, default_tokenizer, num=10, output_len=5)
     assert [r.prompt for r in datasets.cycle_to(got, 7)] == [r.prompt for r in got] * 2 + [got[0].prompt]
 
 

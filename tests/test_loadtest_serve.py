@@ -108,26 +108,17 @@ def test_latencies_match_the_servers_instants(timed, endpoint):
     assert reported["total_output_tokens"] == 6 * 20 and reported["total_chunks"] == 6 * 11
 
 
-def test_output_counted_with_the_tokenizer_without_usage(smollm2_tokenizer):
+def test_output_counted_with_the_tokenizer_without_usage(default_tokenizer):
     server = FakeServer("--ttft-ms", "5", "--itl-ms", "1", "--no-usage", "--tokens-per-chunk", "2")
     try:
         outputs = asyncio.run(generate_all(streams(server.url), ["a", "b"], output_len=12))
     finally:
         server.stop()
     assert all(o.usage_completion_tokens is None for o in outputs)
-    count_output_tokens(outputs, smollm2_tokenizer)
+    count_output_tokens(outputs, default_tokenizer)
     assert [(o.output_tokens, o.tokens_from, o.chunks) for o in outputs] == [(12, "tokenizer", 6)] * 2
     with pytest.raises(SystemExit, match="--tokenizer"):          # no usage and no tokenizer: no guessing
         count_output_tokens([dataclasses.replace(outputs[0], output_tokens=0, tokens_from="")], tokenizer=None)
-
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    from loadtest.datasets import load_tokenizer
-    try:
-        return load_tokenizer("smollm2-135m-instruct")
-    except ValueError as e:
-        pytest.skip(f"the default model is not installed: {e}")
 
 
 def test_failures_are_recorded_not_raised(quick):

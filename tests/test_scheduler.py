@@ -18,6 +18,7 @@ from engine.plan import Plan, StepResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus
+from test_block_manager import check_pool
 
 EOS = 1
 STOP_ID = 2
@@ -904,23 +905,6 @@ class SchedulerMachine(RuleBasedStateMachine):
         check_pool(self.bm, [])
         assert all(c == 0 for c in self.bm.ref_counts)
         assert self.bm.num_free_blocks == self.bm.num_blocks
-
-
-def check_pool(bm: BlockManager, holders: list[Sequence]) -> None:
-    counts = [0] * bm.num_blocks
-    for seq in holders:
-        assert len(set(seq.block_ids)) == len(seq.block_ids), f"seq {seq.seq_id} lists a block twice"
-        for b in seq.block_ids:
-            counts[b] += 1
-    assert bm.ref_counts == counts, "ref counts differ from the number of holders"
-    for b in range(bm.num_blocks):
-        assert (b in bm.free_queue) == (counts[b] == 0), f"block {b}: in the free queue iff unreferenced"
-    assert len(bm.free_queue) + sum(1 for c in counts if c) == bm.num_blocks
-    for h, b in bm.cached.items():
-        assert bm.block_hash[b] == h, "a cache entry points at a block with another hash"
-    for b, h in enumerate(bm.block_hash):
-        assert h is None or bm.cached.get(h) == b
-    assert not bm.pending_copies
 
 
 # No explain phase, one bug reported at a time: a failure then shrinks in well under a minute.
