@@ -9,7 +9,7 @@ import importlib
 
 _EXPORTS = {
     "LLM": "engine.llm", "AsyncLLM": "engine.async_llm", "LLMEngine": "engine.llm_engine",
-    "SamplingParams": "engine.sampling_params", "RequestOutput": "engine.outputs",
+    "SamplingParams": "schemas.sampling_params", "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs", "EngineConfig": "engine.config", "ModelConfig": "engine.config",
     "CacheConfig": "engine.config", "SchedulerConfig": "engine.config",
 }

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from schemas.sampling_params import SamplingParams
 
 _STOP = object()
 

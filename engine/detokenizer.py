@@ -9,7 +9,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.decoders import DecodeStream
 
-from engine.sampling_params import SamplingParams
+from schemas.sampling_params import SamplingParams
 
 # Prompt tokens fed as context, so the first output token decodes as it would inside the whole text
 # (a leading space, for instance, depends on what precedes it).

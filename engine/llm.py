@@ -8,7 +8,7 @@ from tqdm import tqdm
 from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from schemas.sampling_params import SamplingParams
 
 Conversation = list[dict]
 

@@ -20,10 +20,10 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.model_files import resolve_model
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerStats
 from engine.sequence import FinishReason, Sequence
 from engine.tokenizer import Tokenizer
+from schemas.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 

@@ -30,10 +30,10 @@ from engine.model_loader import build_model, pick_device, pick_dtype
 from engine.ops import select_ops
 from engine.plan import Plan, StepResult, TokenLogprobs
 from engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
-from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, check_stop
 from kernels.advance_step import advance_step, advance_step_reference
 from kernels.attention import default_num_splits
+from schemas.sampling_params import SamplingParams
 
 CPU_DEFAULT_KV_GB = 2.0
 GPU_RESERVE_BYTES = 1 << 30      # kept free beside the KV pool: CUDA graphs' activations, the sampler's temporaries

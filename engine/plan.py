@@ -3,40 +3,14 @@
 A sequence the worker has not seen is sent in full once (NewSequence); after that only deltas travel
 (RunningSequence: its new blocks). The worker keeps each sequence's tokens itself, appending what it samples, so
 a decode step's plan is a few integers per sequence. In-process the engine hands these objects over directly; the
-services send them as msgpack (schemas/).
+services send them as msgpack (schemas/, where the parts that travel as they are, NewSequence, RunningSequence and
+Fork, are defined).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.sampling_params import SamplingParams
-
-
-@dataclass
-class NewSequence:
-    seq_id: int
-    token_ids: list[int]               # everything so far: prompt, plus outputs if it was preempted
-    num_prompt_tokens: int
-    num_computed_tokens: int           # prefix-cache hits: KV already in the cache
-    block_ids: list[int]
-    params: SamplingParams
-    seed: int
-
-
-@dataclass
-class RunningSequence:
-    seq_id: int
-    block_offset: int                  # the block table from this index on is replaced by new_block_ids
-    new_block_ids: list[int]           # (the offset is the old length, or one less after a copy on write)
-
-
-@dataclass
-class Fork:
-    """After this step's forward, `child_id` becomes a copy of `parent_id` (tokens and blocks) and samples its
-    own first token from the parent's logits with its own seed."""
-    parent_id: int
-    child_id: int
-    seed: int
+from schemas.plan import Fork, NewSequence, RunningSequence
 
 
 @dataclass

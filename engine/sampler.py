@@ -13,7 +13,7 @@ from itertools import chain
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from schemas.sampling_params import SamplingParams
 
 
 def _int64(x: int) -> int:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 from engine.block_manager import BlockManager, KVCacheStats
 from engine.config import SchedulerConfig
-from engine.plan import Fork, NewSequence, Plan, RunningSequence, StepResult
-from engine.sampling_params import SamplingParams
+from engine.plan import Plan, StepResult
 from engine.sequence import FinishReason, Sequence, SequenceStatus, check_stop
+from schemas.plan import Fork, NewSequence, RunningSequence
+from schemas.sampling_params import SamplingParams
 
 _GOLDEN = 0x9E3779B97F4A7C15
 

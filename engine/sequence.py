@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine.sampling_params import SamplingParams
+from schemas.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

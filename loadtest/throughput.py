@@ -61,7 +61,7 @@ class EngineRun:
 
 
 def run_engine(llm, requests, temperature: float) -> EngineRun:
-    from engine.sampling_params import SamplingParams
+    from schemas.sampling_params import SamplingParams
     params = [SamplingParams(max_tokens=ol, min_tokens=ol, ignore_eos=True, temperature=temperature, seed=i)
               for i, (_, ol) in enumerate(requests)]
     # Warm-up on the workload's own first prompts, a few tokens each: it compiles the Triton kernels for the
@@ -207,7 +207,7 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
 def run_latency(args: argparse.Namespace) -> int:
     """Batch-1 decode: the median time per output token after the first, over repeated single requests."""
     from engine.llm import LLM
-    from engine.sampling_params import SamplingParams
+    from schemas.sampling_params import SamplingParams
     from services.cli import engine_kwargs
 
     llm = LLM(progress=False, **engine_kwargs(args))

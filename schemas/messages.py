@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.plan import Fork, NewSequence, RunningSequence
-from engine.sampling_params import SamplingParams
 from schemas.codec import message
+from schemas.plan import Fork, NewSequence, RunningSequence
+from schemas.sampling_params import SamplingParams
 
 MAX_PROMPT_TOKENS = 1 << 20
 

@@ -93,7 +93,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) ->
 
 
 def sampling_params(args: argparse.Namespace):
-    from engine.sampling_params import SamplingParams
+    from schemas.sampling_params import SamplingParams
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, seed=args.sampling_seed, stop=args.stop)
 

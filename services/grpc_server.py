@@ -23,11 +23,11 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from engine.sampling_params import SamplingParams
 from schemas import pagestream_pb2 as pb
 from schemas import pagestream_pb2_grpc as pb_grpc
 from schemas.codec import decode, encode
 from schemas.messages import ChatMessage, GenerateRequest, ReplyItem
+from schemas.sampling_params import SamplingParams
 from services.pipeline_client import Overloaded, PipelineClient, Unavailable
 
 log = logging.getLogger("pagestream.grpc")

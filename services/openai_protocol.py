@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from engine.sampling_params import SamplingParams
 from schemas.messages import ChatMessage, ErrorInfo, GenerateRequest, ReplyItem, TokenLogprobsWire
+from schemas.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 

@@ -140,7 +140,7 @@ class PipelineClient:
             return ok
         ok = False
         if self.pipeline_alive:
-            from engine.sampling_params import SamplingParams
+            from schemas.sampling_params import SamplingParams
             probe = GenerateRequest(request_id=self.new_request_id("ready"), gateway=self.gateway_id,
                                     params=SamplingParams(max_tokens=1, temperature=0.0), arrival=time.time(),
                                     prompt="ping")

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from engine.block_manager import BlockManager, chain_hash
-from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+from schemas.sampling_params import SamplingParams
 
 PARAMS = SamplingParams()
 

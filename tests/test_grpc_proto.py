@@ -16,10 +16,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine.sampling_params import SamplingParams
 from schemas import pagestream_pb2 as pb
 from schemas import pagestream_pb2_grpc as pb_grpc
 from schemas.messages import ChatMessage, ErrorInfo, ReplyItem, TokenLogprobsWire
+from schemas.sampling_params import SamplingParams
 from services import grpc_server
 from services.grpc_server import params_from_proto, request_from_proto, response_from_reply
 from services.pipeline_client import Overloaded, Unavailable

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.sampler import Sampler, SamplingBatch, SamplingRow, apply_min_tokens, apply_penalties, mix64, uniform
-from engine.sampling_params import SamplingParams
+from schemas.sampling_params import SamplingParams
 
 EOS = 2
 M64 = (1 << 64) - 1

@@ -15,9 +15,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.plan import Plan, StepResult
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus
+from schemas.sampling_params import SamplingParams
 from test_block_manager import check_pool
 
 EOS = 1

@@ -4,11 +4,11 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from engine.plan import Fork, NewSequence, RunningSequence
-from engine.sampling_params import SamplingParams
 from schemas.codec import SchemaError, decode, encode
 from schemas.messages import (Abort, ChatMessage, ErrorInfo, GenerateRequest, PlanMessage, Reply, ReplyItem,
                               RequestMeta, ScheduleRequest, StepEvent, StepTokens, TokenLogprobsWire, WorkerInfo)
+from schemas.plan import Fork, NewSequence, RunningSequence
+from schemas.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(n=2, temperature=0.7, top_k=5, stop=["\n"], stop_token_ids=[7], logprobs=3, seed=11)
 
@@ -65,3 +65,15 @@ def test_bad_messages_fail_clearly(name, data, fragment):
     with pytest.raises(SchemaError, match=None) as failure:
         decode(cls, data)
     assert fragment in str(failure.value)
+
+
+def test_schemas_depend_on_nothing_of_the_engine():
+    """The wire contract stands alone: a service that only speaks messages does not load the engine."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, schemas.messages, schemas.plan, schemas.sampling_params; "
+            "print(sorted(m for m in sys.modules if m == 'engine' or m.startswith('engine.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    assert out.strip() == "[]"

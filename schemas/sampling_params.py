@@ -1,4 +1,8 @@
-"""Per-request sampling parameters, with the meanings and defaults users know from vLLM and the OpenAI API."""
+"""Per-request sampling parameters, with the meanings and defaults users know from vLLM and the OpenAI API.
+
+Part of the wire contract (requests and plans carry them between the services); users import them as
+`from engine import SamplingParams`.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
