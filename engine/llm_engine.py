@@ -22,7 +22,7 @@ from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.scheduler import Scheduler, SchedulerStats
 from engine.sequence import FinishReason, Sequence
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import eos_token_ids, load_tokenizer
 from schemas.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -46,8 +46,8 @@ class LLMEngine:
         mc = config.model
         files = resolve_model(mc.model, mc.load_format, progress=progress)
         self.model_name = files.name
-        self.tokenizer = _load_tokenizer(mc.tokenizer, files.path)
-        eos = self.tokenizer.eos_token_ids if self.tokenizer else _config_eos_ids(files.config)
+        self.tokenizer = load_tokenizer(files, mc.tokenizer, progress)
+        eos = eos_token_ids(files, self.tokenizer)
         self.runner = ModelRunner(config, files.config, files.path, eos, progress)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.args.vocab_size
@@ -170,20 +170,3 @@ class LLMEngine:
             c.delta_text, c.delta_token_ids = "", []
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, snapshot, finished,
                              request.num_cached_tokens, request.metrics)
-
-
-def _load_tokenizer(option: str | None, model_dir) -> Tokenizer | None:
-    """An explicit --tokenizer must load; the model directory's is used when it has one (dummy and tiny test
-    models have none, and run on token ids)."""
-    if option == "none":
-        return None
-    if option:
-        return Tokenizer(option)
-    if model_dir is not None and Tokenizer.present_in(model_dir):
-        return Tokenizer(model_dir)
-    return None
-
-
-def _config_eos_ids(hf_config: dict) -> frozenset[int]:
-    eos = hf_config.get("eos_token_id")
-    return frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])

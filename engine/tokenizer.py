@@ -1,7 +1,8 @@
 """The model's tokenizer: text to ids, chat conversations through the model's template, EOS ids.
 
-Loaded from the model directory with transformers (local files only). The fast Rust tokenizer underneath
-(`backend`) is what the detokenizer streams through.
+Loaded with transformers (local files only). The fast Rust tokenizer underneath (`backend`) is what the
+detokenizer streams through. `load_tokenizer` and `eos_token_ids` are the one way every process (the engine, the
+worker, the tokenizer and detokenizer services, the gateway) finds a model's tokenizer and EOS ids, so they agree.
 """
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ import json
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from engine.model_files import ModelFiles, resolve_model
+
+# Real checkpoints pad their vocabulary to a multiple of 64 (Llama 3: 128,256; Qwen2.5: 151,936 for 151,665
+# tokens) so the embedding and lm_head GEMMs tile evenly; a dummy model sized to a tokenizer keeps that property.
+# The padding ids decode to nothing (the detokenizer skips ids it does not know), so sampling one is harmless.
+VOCAB_MULTIPLE = 64
 
 
 class Tokenizer:
@@ -55,3 +63,45 @@ class Tokenizer:
         # The rendered template already holds its special tokens (BOS included where the model wants one).
         text = self.render_chat(messages, add_generation_prompt)
         return self.hf.encode(text, add_special_tokens=False)
+
+
+def load_tokenizer(files: ModelFiles, option: str | None = None, progress: bool = False) -> Tokenizer | None:
+    """The tokenizer the model is served with. An explicit option must load: "none" (run on token ids only), a
+    directory, or a name resolve_model knows (the alias smollm2-135m-instruct, a .gguf file). Without one, the
+    model directory's if it has one; dummy-weight and tiny test models have none, and run on token ids.
+
+    A tokenizer given to dummy weights decides their vocabulary: files.config's vocab_size becomes the
+    tokenizer's (padded to VOCAB_MULTIPLE), so every id it makes has an embedding. Every process that loads the
+    model through here therefore agrees on the vocabulary (the worker's embedding, the tokenizer service's
+    validation)."""
+    if option == "none":
+        return None
+    if option:
+        tokenizer = Tokenizer(_tokenizer_dir(option, progress))
+    elif files.path is not None and Tokenizer.present_in(files.path):
+        tokenizer = Tokenizer(files.path)
+    else:
+        return None
+    if files.path is None:
+        files.config["vocab_size"] = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return tokenizer
+
+
+def eos_token_ids(files: ModelFiles, tokenizer: Tokenizer | None) -> frozenset[int]:
+    """The tokenizer's EOS ids; without a tokenizer, those of the model's config.json."""
+    if tokenizer is not None:
+        return tokenizer.eos_token_ids
+    eos = files.config.get("eos_token_id")
+    return frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+def _tokenizer_dir(option: str, progress: bool) -> Path:
+    path = Path(option).expanduser()
+    if not path.is_dir():
+        try:
+            path = resolve_model(option, progress=progress).path
+        except ValueError as e:
+            raise ValueError(f"tokenizer {option!r}: {e}") from None
+    if not Tokenizer.present_in(path):
+        raise ValueError(f"tokenizer {option!r}: {path} has no tokenizer.json or tokenizer_config.json")
+    return path

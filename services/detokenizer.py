@@ -23,7 +23,7 @@ import redis
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_files import resolve_model
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import Tokenizer, load_tokenizer
 from schemas.codec import SchemaError, decode, encode
 from schemas.messages import Abort, Reply, ReplyItem, RequestMeta, StepTokens
 from services.runtime import Heartbeat, setup_logging, stop_event
@@ -248,7 +248,7 @@ class DetokenizerService:
 def run(args: argparse.Namespace) -> int:
     setup_logging("detokenizer")
     files = resolve_model(args.model, args.load_format, progress=False)
-    tokenizer = Tokenizer(files.path) if files.path and Tokenizer.present_in(files.path) else None
+    tokenizer = load_tokenizer(files, args.tokenizer)
     transport = Transport(args.redis_url, args.prefix)
     DetokenizerService(transport, tokenizer, args.partitions).run(stop_event())
     return 0

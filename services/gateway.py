@@ -411,15 +411,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-n", type=int, default=16, help="the largest n (completions per prompt) accepted")
 
 
-def _token_text(model: str, load_format: str) -> TokenText:
+def _token_text(model: str, load_format: str, tokenizer: str | None) -> TokenText:
     """The model's tokenizer, for the token strings of logprobs (and echo of token prompts); without one,
     tokens show as token_id:<id>."""
     from engine.model_files import resolve_model
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer import load_tokenizer
     try:
-        files = resolve_model(model, load_format, progress=False)
-        if files.path is not None and Tokenizer.present_in(files.path):
-            return TokenText(Tokenizer(files.path))
+        loaded = load_tokenizer(resolve_model(model, load_format, progress=False), tokenizer)
+        if loaded is not None:
+            return TokenText(loaded)
     except (ValueError, OSError) as e:
         log.warning("no tokenizer for %s (%s): logprobs show token ids", model, e)
     return TokenText()
@@ -428,7 +428,8 @@ def _token_text(model: str, load_format: str) -> TokenText:
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     return GatewaySettings(served_model_name=args.served_model_name or args.model, model=args.model,
                            api_keys=list(args.api_key), max_n=args.max_n, max_body_bytes=args.max_body_bytes,
-                           max_model_len=args.max_model_len, token_text=_token_text(args.model, args.load_format))
+                           max_model_len=args.max_model_len,
+                           token_text=_token_text(args.model, args.load_format, args.tokenizer))
 
 
 class _Server(uvicorn.Server):

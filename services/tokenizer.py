@@ -13,7 +13,7 @@ import logging
 import jinja2
 
 from engine.model_files import resolve_max_model_len, resolve_model
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import Tokenizer, load_tokenizer
 from schemas.codec import SchemaError, decode, encode
 from schemas.messages import ErrorInfo, GenerateRequest, Reply, ReplyItem, RequestMeta, ScheduleRequest
 from services.runtime import setup_logging, stop_event
@@ -97,8 +97,8 @@ class TokenizerService:
 def run(args: argparse.Namespace) -> int:
     setup_logging("tokenizer")
     files = resolve_model(args.model, args.load_format, progress=False)
-    # Dummy-weight models have none: then prompts must come as token ids (as with vLLM's skip_tokenizer_init).
-    tokenizer = Tokenizer(files.path) if files.path and Tokenizer.present_in(files.path) else None
+    # Without a tokenizer (dummy weights), prompts must come as token ids (as with vLLM's skip_tokenizer_init).
+    tokenizer = load_tokenizer(files, args.tokenizer)
     transport = Transport(args.redis_url, args.prefix)
     max_model_len = resolve_max_model_len(files.config, args.max_model_len)
     TokenizerService(transport, tokenizer, max_model_len, files.config["vocab_size"]).run(stop_event())

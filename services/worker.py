@@ -20,7 +20,7 @@ from engine.config import EngineConfig
 from engine.model_files import resolve_model
 from engine.model_runner import ModelRunner
 from engine.plan import Plan, StepResult
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import eos_token_ids, load_tokenizer
 from schemas.codec import SchemaError, decode, encode
 from schemas.messages import PlanMessage, StepEvent, StepTokens, TokenLogprobsWire, WorkerInfo
 from services.runtime import Heartbeat, setup_logging, stop_event
@@ -63,9 +63,7 @@ class WorkerService:
     def run(self, stop) -> None:
         mc = self.config.model
         files = resolve_model(mc.model, mc.load_format)
-        eos = Tokenizer(files.path).eos_token_ids if files.path and Tokenizer.present_in(files.path) else \
-            frozenset([files.config["eos_token_id"]] if isinstance(files.config.get("eos_token_id"), int)
-                      else files.config.get("eos_token_id") or [])
+        eos = eos_token_ids(files, load_tokenizer(files, mc.tokenizer))
         self.runner = ModelRunner(self.config, files.config, files.path, eos)
         r = self.runner
         info = WorkerInfo(self.worker, self.epoch, r.num_blocks, r.block_size, r.max_model_len, r.args.vocab_size,
