@@ -6,11 +6,10 @@ import itertools
 from tqdm import tqdm
 
 from engine.config import DEFAULT_MODEL, EngineConfig
+from engine.input_processor import Conversation
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput
 from schemas.sampling_params import SamplingParams
-
-Conversation = list[dict]
 
 
 class LLM:
@@ -21,8 +20,8 @@ class LLM:
 
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False, priority: list[int] | None = None) -> list[RequestOutput]:
-        """Prompts are strings or token-id lists; outputs come back in the same order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Prompts are strings, token-id lists or conversations; outputs come back in the same order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict))):
             prompts = [prompts]
         params = params or SamplingParams()
         params = params if isinstance(params, list) else [params] * len(prompts)
@@ -41,11 +40,9 @@ class LLM:
     def chat(self, conversations: Conversation | list[Conversation],
              params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Conversations (lists of {"role", "content"} messages) through the model's chat template."""
-        if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        return self.generate([self.tokenizer.encode_chat(c) for c in conversations], params, use_tqdm)
+        return self.generate(conversations, params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

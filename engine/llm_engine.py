@@ -9,7 +9,6 @@ LLM (offline batches) and AsyncLLM (streaming) drive this; the services split th
 """
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,6 +16,7 @@ from typing import Callable
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.input_processor import Conversation, InputProcessor
 from engine.model_files import resolve_model
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -25,7 +25,7 @@ from engine.sequence import FinishReason, Sequence
 from engine.tokenizer import eos_token_ids, load_tokenizer
 from schemas.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | Conversation          # text, token ids, or messages for the chat template
 
 
 @dataclass
@@ -54,30 +54,23 @@ class LLMEngine:
         block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                      config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, block_manager, self.max_model_len, eos)
+        self.input_processor = InputProcessor(self.tokenizer, self.max_model_len, self.vocab_size, mc.seed)
         self.requests: dict[str, _Request] = {}
         self._touched: dict[str, _Request] = {}       # requests that got tokens since the last step()
         self._on_output: Callable[[RequestOutput], None] | None = None
-        self._rng = random.Random(mc.seed)
 
     # ---- requests ------------------------------------------------------------------------------------------
-    def tokenize(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: pass token ids")
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
-        return ids
-
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    priority: int = 0, prompt_token_ids: list[int] | None = None) -> None:
+                    priority: int = 0) -> None:
         """Queue a request. Raises ValueError, queuing nothing, if it is invalid."""
         params = params or SamplingParams()
-        ids = self.tokenize(prompt) if prompt_token_ids is None else self.tokenize(prompt_token_ids)
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        self.scheduler.add_request(request_id, ids, params, seed, priority)
+        if isinstance(prompt, str):
+            ids = self.input_processor.process(params, prompt=prompt)
+        elif prompt and isinstance(prompt[0], dict):
+            ids = self.input_processor.process(params, messages=prompt)
+        else:
+            ids = self.input_processor.process(params, prompt_token_ids=prompt)
+        self.scheduler.add_request(request_id, ids, params, self.input_processor.seed(params), priority)
         self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
                                              RequestMetrics(arrival_time=time.monotonic()))
 

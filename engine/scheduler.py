@@ -66,14 +66,11 @@ class Scheduler:
         return seq
 
     def check_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """What only the scheduler knows. The prompt itself (not empty, in the vocabulary, within max_model_len
+        with its max_tokens) was checked by the InputProcessor before it got here."""
         n = len(prompt_token_ids)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens, but max_model_len is {self.max_model_len}: "
-                             f"at most {self.max_model_len - 1} prompt tokens leave room for one generated token")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         # The most KV this request can hold (every token but the last sampled one). A preempted sequence is

@@ -100,13 +100,13 @@ def sampling_params(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
+    from engine.llm_engine import LLMEngine, Prompt
 
     engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
     params = sampling_params(args)
 
-    def stream(token_ids: list[int]) -> str:
-        engine.add_request("cli", token_ids if token_ids else "", params)
+    def stream(prompt: Prompt) -> str:
+        engine.add_request("cli", prompt, params)
         text = ""
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -129,15 +129,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if not line:
                 break
             messages.append({"role": "user", "content": line})
-            messages.append({"role": "assistant", "content": stream(engine.tokenizer.encode_chat(messages))})
+            messages.append({"role": "assistant", "content": stream(messages)})
         return 0
     if not args.prompts:
         raise SystemExit("give a prompt, e.g. pagestream generate \"What is the capital of France?\"")
     # An instruct model answers a question asked through its template; as raw text it may just end it.
     as_chat = args.chat or (not args.raw and engine.tokenizer is not None and engine.tokenizer.has_chat_template)
     for prompt in args.prompts:
-        stream(engine.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if as_chat
-               else engine.tokenize(prompt))
+        stream([{"role": "user", "content": prompt}] if as_chat else prompt)
     return 0
 
 

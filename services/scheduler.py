@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import time
 import uuid
 from collections import OrderedDict
 
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
+from engine.input_processor import InputProcessor
 from engine.plan import Plan, StepResult
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason
@@ -57,8 +57,9 @@ class SchedulerService:
         self.config, self.worker, self.enable_prefix_caching = config, worker, enable_prefix_caching
         self.epoch = uuid.uuid4().hex
         self.consumer = instance_id("scheduler")
-        self.rng = random.Random(seed)
+        self.seed = seed
         self.scheduler: Scheduler | None = None
+        self.input_processor: InputProcessor | None = None     # the worker's limits; chooses unseeded requests' seeds
         self.worker_epoch: str | None = None
         self.outstanding: OrderedDict[int, Plan] = OrderedDict()     # plan id -> plan, in order
         self.next_plan_id = 0
@@ -108,9 +109,12 @@ class SchedulerService:
         if rid in self.seen or rid in self.aborted or (request.epoch and request.epoch != self.epoch):
             return                 # a repeat, aborted before it got here, or sent before this scheduler started
         self.seen.add(rid)
-        seed = request.params.seed if request.params.seed is not None else self.rng.getrandbits(63)
         try:
-            self.scheduler.add_request(rid, request.prompt_token_ids, request.params, seed, request.priority)
+            # The tokenizer service validated the prompt; checked again against the worker's own limits, so that
+            # a stray message gets an error reply instead of breaking a plan (or the worker).
+            ids = self.input_processor.process(request.params, prompt_token_ids=request.prompt_token_ids)
+            seed = self.input_processor.seed(request.params)
+            self.scheduler.add_request(rid, ids, request.params, seed, request.priority)
         except ValueError as e:
             reply = Reply([ReplyItem(request_id=rid, error=ErrorInfo(str(e)))])
             self.transport.publish(self.names.reply(request.gateway), encode(reply), pipe)
@@ -223,6 +227,7 @@ class SchedulerService:
         self.worker_epoch = info.epoch
         blocks = BlockManager(info.num_blocks, info.block_size, self.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, blocks, info.max_model_len, frozenset(info.eos_token_ids))
+        self.input_processor = InputProcessor(None, info.max_model_len, info.vocab_size, self.seed)
         log.info("worker %s (epoch %s): %d KV blocks of %d, max_model_len %d", self.worker, info.epoch[:8],
                  info.num_blocks, info.block_size, info.max_model_len)
 

@@ -1,19 +1,19 @@
 """The tokenizer service: N replicas in one consumer group turn requests into validated token ids.
 
-Chat conversations go through the model's template; prompts are checked against max_model_len. An invalid
-request is answered with an error straight to its gateway and never reaches the scheduler. A valid one is
-forwarded to the scheduler, and what the detokenizers will need (the gateway, the prompt's tail, the stop strings)
-is stored under the request's key, all in one transaction with the acknowledgement.
+Each request goes through the engine's InputProcessor (chat template, tokenization, the checks against the
+vocabulary and max_model_len), as LLMEngine.add_request's do. An invalid request is answered with an error
+straight to its gateway and never reaches the scheduler. A valid one is forwarded to the scheduler, and what the
+detokenizers will need (the gateway, the prompt's tail, the stop strings) is stored under the request's key, all
+in one transaction with the acknowledgement.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 
-import jinja2
-
+from engine.input_processor import InputProcessor
 from engine.model_files import resolve_max_model_len, resolve_model
-from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.tokenizer import load_tokenizer
 from schemas.codec import SchemaError, decode, encode
 from schemas.messages import ErrorInfo, GenerateRequest, Reply, ReplyItem, RequestMeta, ScheduleRequest
 from services.runtime import setup_logging, stop_event
@@ -27,9 +27,8 @@ META_TTL_S = 24 * 3600             # a request's metadata outlives any request; 
 
 
 class TokenizerService:
-    def __init__(self, transport: Transport, tokenizer: Tokenizer | None, max_model_len: int, vocab_size: int):
-        self.transport, self.tokenizer = transport, tokenizer
-        self.max_model_len, self.vocab_size = max_model_len, vocab_size
+    def __init__(self, transport: Transport, input_processor: InputProcessor):
+        self.transport, self.input_processor = transport, input_processor
         self.names = transport.names
         self.consumer = instance_id("tokenizer")
 
@@ -64,34 +63,11 @@ class TokenizerService:
 
     def tokenize(self, request: GenerateRequest) -> list[int]:
         """The request's prompt as token ids, or ValueError with a message fit for the client."""
-        if self.tokenizer is None and request.prompt_token_ids is None:
-            raise ValueError("this model is served without a tokenizer: send prompt token ids")
-        if request.messages is not None:
-            if not request.messages:
-                raise ValueError("messages must not be empty")
-            conversation = [{"role": m.role, "content": m.content} for m in request.messages]
-            try:
-                ids = self.tokenizer.encode_chat(conversation, request.add_generation_prompt)
-            except jinja2.TemplateError as e:        # e.g. a template that insists on alternating roles
-                raise ValueError(f"the conversation does not fit the model's chat template: {e}") from None
-        elif request.prompt_token_ids is not None:
-            ids = request.prompt_token_ids
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
-        elif request.prompt is not None:
-            ids = self.tokenizer.encode(request.prompt)
-        else:
-            raise ValueError("a prompt or messages is required")
-        if not ids:
-            raise ValueError("the prompt is empty")
-        max_tokens = request.params.max_tokens or 0
-        if len(ids) + max(max_tokens, 1) > self.max_model_len:
-            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                             f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} "
-                             f"for the completion). Please reduce the prompt or max_tokens.")
-        return ids
-
+        messages = None if request.messages is None else [{"role": m.role, "content": m.content}
+                                                          for m in request.messages]
+        return self.input_processor.process(request.params, prompt=request.prompt,
+                                            prompt_token_ids=request.prompt_token_ids, messages=messages,
+                                            add_generation_prompt=request.add_generation_prompt)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,5 +77,6 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(files, args.tokenizer)
     transport = Transport(args.redis_url, args.prefix)
     max_model_len = resolve_max_model_len(files.config, args.max_model_len)
-    TokenizerService(transport, tokenizer, max_model_len, files.config["vocab_size"]).run(stop_event())
+    processor = InputProcessor(tokenizer, max_model_len, files.config["vocab_size"])
+    TokenizerService(transport, processor).run(stop_event())
     return 0

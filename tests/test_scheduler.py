@@ -546,11 +546,8 @@ def test_finish_by_stop_string_frees_one_sibling_only():
 
 # ---- validation ------------------------------------------------------------------------------------------------
 def test_request_validation():
+    # The prompt itself (empty, too long) is the InputProcessor's to refuse: see test_input_processor.py.
     s = make_scheduler(num_blocks=4, block_size=4, max_model_len=64, max_num_seqs=3)
-    with pytest.raises(ValueError, match="empty"):
-        add(s, "a", [])
-    with pytest.raises(ValueError, match="max_model_len"):
-        add(s, "a", range(64))
     with pytest.raises(ValueError, match="max_num_seqs"):
         add(s, "a", range(4), n=4)
     with pytest.raises(ValueError, match="KV cache"):
@@ -708,15 +705,17 @@ class SchedulerMachine(RuleBasedStateMachine):
           priority=st.integers(0, 3), max_tokens=st.integers(1, 16), stop=st.sampled_from(sorted(STOPS)),
           reuse_id=st.integers(0, 9))
     def add_request(self, stem, keep, extra, n, priority, max_tokens, stop, reuse_id):
-        # Mostly valid lengths (shared stems make prefix hits), sometimes empty or too long.
+        # Shared stems make prefix hits. An empty or too long prompt never gets here: the InputProcessor refuses it.
         prompt = self.stems[stem][:keep % self.max_model_len] + [self.rng.randrange(3, 9) for _ in range(extra)]
+        if not 0 < len(prompt) < self.max_model_len:
+            return
         stop_params = dict(self.STOPS[stop])
         if "min_tokens" in stop_params:
             stop_params["min_tokens"] = min(stop_params["min_tokens"], max_tokens)
         params = SamplingParams(n=n, max_tokens=max_tokens, **stop_params)
         rid = self.rng.choice(self.ids) if reuse_id == 0 and self.ids else f"r{len(self.ids)}"
         cfg = self.s.config
-        valid = (rid not in self.s.requests and 0 < len(prompt) < self.max_model_len and n <= cfg.max_num_seqs
+        valid = (rid not in self.s.requests and n <= cfg.max_num_seqs
                  and (cfg.enable_chunked_prefill or len(prompt) <= cfg.max_num_batched_tokens)
                  and -(-(len(prompt) + 1) // self.bs) <= self.bm.num_blocks)
         waiting_before = list(self.s.waiting)

@@ -1,0 +1,75 @@
+"""The one input path: a request's prompt (text, token ids, or a chat conversation) becomes validated prompt token
+ids, and an unseeded request gets its sampling seed.
+
+LLMEngine.add_request (so LLM, AsyncLLM and the CLI) and the tokenizer service both go through here, so a prompt
+is accepted or refused the same way, with the same message, whichever way it came in. The scheduler service runs
+the token-id checks once more on what reaches it (a stray message must get an error reply, not break a plan) and
+picks the seeds there, where one leader draws them in arrival order. The engine's Scheduler trusts its input and
+checks only what it alone knows: the KV pool, max_num_seqs, request ids in use.
+"""
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+import jinja2
+
+from schemas.sampling_params import SamplingParams
+
+if TYPE_CHECKING:              # the scheduler service validates token ids without loading transformers
+    from engine.tokenizer import Tokenizer
+
+Conversation = list[dict]          # [{"role": ..., "content": ...}, ...]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Tokenizer | None, max_model_len: int, vocab_size: int, seed: int = 0):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self._rng = random.Random(seed)
+
+    def process(self, params: SamplingParams, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                messages: Conversation | None = None, add_generation_prompt: bool = True) -> list[int]:
+        """The prompt token ids of a request given as messages (through the chat template), else as token ids,
+        else as text. Raises ValueError, with a message fit for the client, if the request cannot be served."""
+        if messages is not None:
+            ids = self._encode_chat(messages, add_generation_prompt)
+        elif prompt_token_ids is not None:
+            ids = list(prompt_token_ids)
+        elif prompt is not None:
+            ids = self._require_tokenizer().encode(prompt)
+        else:
+            raise ValueError("a prompt or messages is required")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        # Tokenized prompts too: a tokenizer larger than the model's vocabulary must not reach the embedding.
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
+        # max_tokens None: as many as fit, and at least one must.
+        completion = params.max_tokens if params.max_tokens is not None else 1
+        if len(ids) + completion > self.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                             f"requested {len(ids) + completion} tokens ({len(ids)} in the prompt, {completion} "
+                             f"for the completion). Please reduce the prompt or max_tokens.")
+        return ids
+
+    def seed(self, params: SamplingParams) -> int:
+        """The request's sampling seed: its own, else the next draw of this processor's generator (so unseeded
+        requests are reproducible from the engine's seed and their order of arrival)."""
+        return params.seed if params.seed is not None else self._rng.getrandbits(63)
+
+    def _encode_chat(self, messages: Conversation, add_generation_prompt: bool) -> list[int]:
+        if not messages:
+            raise ValueError("messages must not be empty")
+        try:
+            return self._require_tokenizer().encode_chat(messages, add_generation_prompt)
+        except jinja2.TemplateError as e:           # e.g. a template that insists on alternating roles
+            raise ValueError(f"the conversation does not fit the model's chat template: {e}") from None
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model runs without a tokenizer (dummy weights and no --tokenizer): "
+                             "send the prompt as token ids")
+        return self.tokenizer
