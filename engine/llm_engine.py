@@ -1,9 +1,10 @@
-"""The engine core in one process: scheduler, model runner and detokenizer, one step at a time.
+"""The engine core in one process: input and output processors, scheduler, model runner, one step at a time.
 
+    ids = input_processor.process()  # add_request: chat template, tokenize, validate
     plan = scheduler.schedule()      # which sequences compute how many tokens
     result = runner.execute(plan)    # forward + sample
     scheduler.update(result)         # append tokens, finish on EOS / stop ids / length
-    detokenize, cut at stop strings  # a stop string finishes the sequence through the scheduler
+    output processor, per token      # detokenize, cut at stop strings: one finishes the sequence in the scheduler
 
 LLM (offline batches) and AsyncLLM (streaming) drive this; the services split the same objects across processes.
 """
@@ -15,10 +16,10 @@ from typing import Callable
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
 from engine.input_processor import Conversation, InputProcessor
 from engine.model_files import resolve_model
 from engine.model_runner import ModelRunner
+from engine.output_processor import CompletionState, OutputProcessor
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.scheduler import Scheduler, SchedulerStats
 from engine.sequence import FinishReason, Sequence
@@ -37,7 +38,7 @@ class _Request:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     completions: dict[int, CompletionOutput] = field(default_factory=dict)
-    detokenizers: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
+    states: dict[int, CompletionState] = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -55,6 +56,7 @@ class LLMEngine:
                                      config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, block_manager, self.max_model_len, eos)
         self.input_processor = InputProcessor(self.tokenizer, self.max_model_len, self.vocab_size, mc.seed)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self.requests: dict[str, _Request] = {}
         self._touched: dict[str, _Request] = {}       # requests that got tokens since the last step()
         self._on_output: Callable[[RequestOutput], None] | None = None
@@ -121,6 +123,8 @@ class LLMEngine:
             if request is None:
                 continue
             self._append(request, seq, seq.token_ids[-1], sampled_logprobs.get(seq.seq_id))
+            if seq.index == 0:
+                request.metrics.token_times.append(now)
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
                 request.num_cached_tokens = seq.num_cached_tokens
@@ -136,23 +140,19 @@ class LLMEngine:
         if out is None:
             out = request.completions[seq.index] = CompletionOutput(
                 index=seq.index, logprobs=[] if request.params.logprobs is not None else None)
-            if self.tokenizer is not None:
-                request.detokenizers[seq.index] = IncrementalDetokenizer(
-                    self.tokenizer.backend, request.prompt_token_ids, request.params)
+            request.states[seq.index] = self.output_processor.new_completion(request.prompt_token_ids,
+                                                                             request.params)
+        finish = seq.finish_reason.value if seq.is_finished else None
+        step = request.states[seq.index].add_token(token, finish, seq.stop_reason)
+        if step.stop_upstream:
+            self.scheduler.finish(seq, FinishReason.STOP, stop_reason=step.stop_reason)
         out.token_ids.append(token)
         out.delta_token_ids.append(token)
         if out.logprobs is not None and logprobs is not None:
             out.logprobs.append(logprobs)
-        detok = request.detokenizers.get(seq.index)
-        if detok is not None:
-            out.delta_text += detok.add([token])
-            if detok.stop_reason is not None and not seq.is_finished:
-                self.scheduler.finish(seq, FinishReason.STOP, stop_reason=detok.stop_reason)
-            if seq.is_finished:
-                out.delta_text += detok.flush()
-            out.text = detok.text[:detok.released]
-        if seq.is_finished:
-            out.finish_reason, out.stop_reason = seq.finish_reason.value, seq.stop_reason
+        out.text += step.text
+        out.delta_text += step.text
+        out.finish_reason, out.stop_reason = step.finish_reason, step.stop_reason
 
     def _output(self, request: _Request, finished: bool) -> RequestOutput:
         completions = [request.completions[i] for i in sorted(request.completions)]

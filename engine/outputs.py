@@ -31,6 +31,9 @@ class RequestMetrics:
     arrival_time: float
     first_token_time: float | None = None
     finished_time: float | None = None
+    # time.monotonic() as each output token of the first completion (index 0) reached the host: inter-token
+    # latencies for the offline benchmark
+    token_times: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -1,5 +1,8 @@
 """The detokenizer service: M replicas turn the worker's token columns into text deltas for the gateways.
 
+Each token goes through the engine's OutputProcessor (incremental detokenization, stop strings, finish reasons),
+as LLMEngine's do; this service adds the partitions, the checkpoints and the exactly-once delivery.
+
 Ordering: a request's tokens all go to one partition stream (tokens:<p>), and each partition has exactly one
 owner at a time, held by a lease (a Redis key with a TTL, renewed every second). Replicas share the partitions
 fairly (ceil(P / live replicas) each); a new replica takes what is free, and a dead one's leases expire and are
@@ -21,9 +24,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from engine.detokenizer import IncrementalDetokenizer
 from engine.model_files import resolve_model
-from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.output_processor import CompletionState, OutputProcessor
+from engine.tokenizer import load_tokenizer
 from schemas.codec import SchemaError, decode, encode
 from schemas.messages import Abort, Reply, ReplyItem, RequestMeta, StepTokens
 from services.runtime import Heartbeat, setup_logging, stop_event
@@ -42,7 +45,7 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 @dataclass
 class _Completion:
     meta: RequestMeta
-    detok: IncrementalDetokenizer | None
+    state: CompletionState
     next_position: int = 0         # the next token position expected from the worker
     next_seq: int = 0              # the next reply seq for the gateway
     finished: bool = False
@@ -59,9 +62,9 @@ class LeaseLost(Exception):
 
 
 class DetokenizerService:
-    def __init__(self, transport: Transport, tokenizer: Tokenizer | None, partitions: int):
+    def __init__(self, transport: Transport, output_processor: OutputProcessor, partitions: int):
         self.transport, self.names, self.redis = transport, transport.names, transport.redis
-        self.tokenizer, self.partitions = tokenizer, partitions
+        self.output_processor, self.partitions = output_processor, partitions
         self.consumer = instance_id("detokenizer")
         self.owned: set[int] = set()
         self.requests: dict[str, _Request] = {}          # requests of owned partitions that have state here
@@ -131,27 +134,20 @@ class DetokenizerService:
     def _advance(self, c: _Completion, msg: StepTokens, i: int, pipe) -> ReplyItem:
         """Detokenize one token of completion c, checkpoint it, and return its reply item."""
         rid, index, token = msg.request_ids[i], msg.indexes[i], msg.token_ids[i]
-        text, stop_string = "", None
-        if c.detok is not None:
-            text = c.detok.add([token])
-            stop_string = c.detok.stop_reason
-        finish_reason = "stop" if stop_string is not None else msg.finish_reasons[i]
-        stop_reason = stop_string if stop_string is not None else msg.stop_reasons[i]
-        if finish_reason is not None and c.detok is not None and stop_string is None:
-            text += c.detok.flush()                      # the text held back for a stop string that never came
-        if stop_string is not None:                      # the worker doesn't know: stop the sequence upstream
-            self.transport.publish(self.names.abort, encode(Abort(rid, index, "stop", stop_string)), pipe)
-        item = ReplyItem(request_id=rid, index=index, seq=c.next_seq, text=text, token_ids=[token],
+        out = c.state.add_token(token, msg.finish_reasons[i], msg.stop_reasons[i])
+        if out.stop_upstream:                            # a stop string: the worker doesn't know, stop it there
+            self.transport.publish(self.names.abort, encode(Abort(rid, index, "stop", out.stop_reason)), pipe)
+        item = ReplyItem(request_id=rid, index=index, seq=c.next_seq, text=out.text, token_ids=[token],
                          logprobs=[msg.logprobs[i]] if msg.logprobs is not None else None,
-                         finish_reason=finish_reason, stop_reason=stop_reason,
+                         finish_reason=out.finish_reason, stop_reason=out.stop_reason,
                          prompt_tokens=c.meta.num_prompt_tokens, cached_tokens=msg.num_cached_tokens[i])
         c.next_seq += 1
         c.next_position = msg.positions[i] + 1
         state = self.names.detok_state(rid, index)
-        if finish_reason is None:
+        if out.finish_reason is None:
             pipe.rpush(f"{state}:tokens", token)
             pipe.hset(state, mapping={"next_seq": c.next_seq, "next_position": c.next_position,
-                                      "released": c.detok.released if c.detok else 0})
+                                      "released": c.state.released})
         else:
             self._finish(c, rid, index, pipe)
         return item
@@ -182,16 +178,14 @@ class DetokenizerService:
         meta = decode(RequestMeta, raw)
         if request is None:
             request = self.requests[rid] = _Request(done={int(i) for i in pipe.smembers(self.names.detok_done(rid))})
-        detok = (IncrementalDetokenizer(self.tokenizer.backend, meta.prompt_tail, meta.params)
-                 if self.tokenizer is not None else None)
-        c = _Completion(meta, detok)
+        c = _Completion(meta, self.output_processor.new_completion(meta.prompt_tail, meta.params))
         state = {k.decode(): int(v) for k, v in pipe.hgetall(self.names.detok_state(rid, index)).items()}
         if state:                                        # another replica handled it before: resume
             c.next_seq, c.next_position = state["next_seq"], state["next_position"]
             c.finished = bool(state.get("finished"))
-            if detok is not None and not c.finished:
-                detok.add([int(t) for t in pipe.lrange(f"{self.names.detok_state(rid, index)}:tokens", 0, -1)])
-                detok.released = state["released"]
+            if not c.finished:
+                tokens = pipe.lrange(f"{self.names.detok_state(rid, index)}:tokens", 0, -1)
+                c.state.restore([int(t) for t in tokens], state["released"])
         request.completions[index] = c
         return c
 
@@ -248,7 +242,7 @@ class DetokenizerService:
 def run(args: argparse.Namespace) -> int:
     setup_logging("detokenizer")
     files = resolve_model(args.model, args.load_format, progress=False)
-    tokenizer = load_tokenizer(files, args.tokenizer)
     transport = Transport(args.redis_url, args.prefix)
-    DetokenizerService(transport, tokenizer, args.partitions).run(stop_event())
+    processor = OutputProcessor(load_tokenizer(files, args.tokenizer))
+    DetokenizerService(transport, processor, args.partitions).run(stop_event())
     return 0
