@@ -189,3 +189,26 @@ def test_wrong_or_missing_api_key_is_401(serve_stack):
     for key in ("wrong-key", None):
         r = post(serve_stack, "/v1/completions", {"model": "smollm2-135m-instruct", "prompt": "hi"}, key=key)
         assert r.status_code == 401 and r.json()["error"]["message"]
+
+
+# ---- dummy weights with a real tokenizer -----------------------------------------------------------------------
+def test_dummy_weights_with_a_tokenizer_serve_text(tmp_path):
+    """`serve --load-format dummy --tokenizer smollm2-135m-instruct` (a tiny shape here): every service loads the
+    tokenizer it is given, so text prompts work, and the served text is the offline engine's on the same weights."""
+    from transformers import LlamaConfig
+
+    from conftest import TINY, start_stack, stop_stack
+
+    shape = tmp_path / "shape"
+    LlamaConfig(**{**TINY, "max_position_embeddings": 2048}).save_pretrained(shape)
+    offline = LLM(str(shape), load_format="dummy", tokenizer="smollm2-135m-instruct", progress=False)
+    want = offline.generate("Hello", greedy(8))[0]
+    stack = start_stack(tmp_path, "--model", str(shape), "--load-format", "dummy", "--tokenizer",
+                        "smollm2-135m-instruct", api_key=None)
+    try:
+        client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model=str(shape), prompt="Hello", max_tokens=8, temperature=0, logprobs=0)
+        assert r.choices[0].text == want.outputs[0].text and r.usage.prompt_tokens == len(want.prompt_token_ids)
+        assert not any(t.startswith("token_id:") for t in r.choices[0].logprobs.tokens)   # the gateway's too
+    finally:
+        stop_stack(stack)
