@@ -19,7 +19,8 @@ class ModelConfig:
     device: str = "auto"                  # auto: cuda when available, else cpu
     max_model_len: int | None = None      # default: the model's max_position_embeddings
     seed: int = 0                         # seeds dummy weights and the draws of unseeded requests
-    tokenizer: str | None = None          # default: the model directory; "none" runs on token ids only
+    tokenizer: str | None = None          # a directory or model alias (default: the model directory's; dummy
+                                          # weights take its vocabulary); "none" runs on token ids only
     kernel_backend: str = "auto"          # auto: Triton kernels on GPU, PyTorch references on CPU
     cuda_graphs: bool = True              # decode steps replay CUDA graphs (GPU); off: eager, like vLLM's enforce_eager
     async_output: bool = True             # step n's tokens are handled while step n+1 runs (across plans too)

