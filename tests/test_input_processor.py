@@ -131,3 +131,43 @@ def test_the_engine_and_the_tokenizer_service_share_the_processor(tmp_path, redi
             engine.add_request("x", kwargs["prompt_token_ids"], PARAMS)
         assert str(by_service.value) == str(by_engine.value)
     assert not engine.has_unfinished_requests()
+
+
+def test_the_scheduler_service_refuses_a_stray_prompt_with_an_error_reply(redis_url):
+    """A ScheduleRequest the tokenizer service would never send (empty, too long, out of the vocabulary) gets the
+    input processor's message back at its gateway; the scheduler stays empty and seeds the valid one."""
+    import threading
+    import uuid
+
+    from engine.config import SchedulerConfig
+    from schemas.codec import decode, encode
+    from schemas.messages import Reply, ScheduleRequest, WorkerInfo
+    from services.scheduler import SchedulerService
+    from services.transport import FIELD, Transport
+
+    transport = Transport(redis_url, prefix=f"sched-{uuid.uuid4().hex[:6]}")
+    names = transport.names
+    transport.redis.set(names.alive("worker", "w0"), "e1")
+    transport.redis.set(names.worker_info("w0"), encode(WorkerInfo("w0", "e1", 64, 16, LIMIT, VOCAB, [2])))
+    service = SchedulerService(transport, SchedulerConfig(), "w0", enable_prefix_caching=True, seed=7)
+    service._wait_for_worker(threading.Event())
+    assert type(service.input_processor) is InputProcessor
+
+    def schedule(rid: str, ids: list[int]) -> None:
+        pipe = transport.pipeline()
+        service._on_request(ScheduleRequest(rid, "gw", ids, PARAMS, arrival=0.0), pipe)
+        pipe.execute()
+
+    stray = {"empty": [], "long": [5] * 60, "oov": [VOCAB]}
+    for rid, ids in stray.items():
+        schedule(rid, ids)
+    schedule("ok", [5, 6, 7])
+    replies = [decode(Reply, fields[FIELD]).items[0] for _, fields in transport.redis.xrange(names.reply("gw"))]
+    expected = {}
+    for rid, ids in stray.items():
+        with pytest.raises(ValueError) as refused:
+            InputProcessor(None, LIMIT, VOCAB).process(PARAMS, prompt_token_ids=ids)
+        expected[rid] = str(refused.value)
+    assert {r.request_id: r.error.message for r in replies} == expected
+    assert list(service.scheduler.requests) == ["ok"]
+    assert service.scheduler.requests["ok"][0].seed == InputProcessor(None, LIMIT, VOCAB, seed=7).seed(PARAMS)
