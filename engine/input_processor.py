@@ -70,6 +70,6 @@ class InputProcessor:
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise ValueError("this model runs without a tokenizer (dummy weights and no --tokenizer): "
-                             "send the prompt as token ids")
+            raise ValueError("this model runs without a tokenizer (dummy weights without --tokenizer, or "
+                             "--tokenizer none): send the prompt as token ids")
         return self.tokenizer
