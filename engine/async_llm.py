@@ -90,7 +90,9 @@ class AsyncLLM:
                             raise
                         done.set_exception(e)
                 if self.engine.has_unfinished_requests():
-                    self.engine.step(on_output=lambda out: self._deliver(out.request_id, out))
+                    # A request that arrives during a plan of k steps ends it at the next step boundary.
+                    self.engine.step(on_output=lambda out: self._deliver(out.request_id, out),
+                                     should_stop=lambda: not self._commands.empty())
         except BaseException as e:               # the engine broke: fail every open stream, don't hang them
             self._error = e
             for request_id in list(self._streams):

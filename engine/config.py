@@ -5,6 +5,7 @@ field of every concern is a keyword, so users pass the flat options they know fr
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -76,3 +77,27 @@ class EngineConfig:
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {s.policy!r}")
         if self.model.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.model.load_format!r}")
+
+
+# ---- as command-line flags -----------------------------------------------------------------------------------
+_PARTS = (ModelConfig, CacheConfig, SchedulerConfig)
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Every field of every concern as a flag: --max-num-seqs, --block-size, --no-enable-prefix-caching..."""
+    group = parser.add_argument_group("engine")
+    for part in _PARTS:
+        for f in dataclasses.fields(part):
+            flag = "--" + f.name.replace("_", "-")
+            kind = str(f.type).split(" | ")[0]
+            if kind == "bool":
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            else:
+                group.add_argument(flag, type=_TYPES[kind], default=f.default, metavar=kind.upper())
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The engine options among parsed flags, for EngineConfig.from_kwargs (or LLM(**kwargs))."""
+    names = {f.name for part in _PARTS for f in dataclasses.fields(part)}
+    return {k: v for k, v in vars(args).items() if k in names}

@@ -88,18 +88,22 @@ class LLMEngine:
         return self.scheduler.stats()
 
     # ---- one step ------------------------------------------------------------------------------------------
-    def step(self, stream: bool = True,
-             on_output: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
+    def step(self, stream: bool = True, on_output: Callable[[RequestOutput], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> list[RequestOutput]:
         """One plan. Returns an output for every request that got tokens since the last step (stream=False:
         only for those that finished, which is all an offline batch needs, and spares copying every request's
         tokens each step). With asynchronous output a plan's last step reaches the host during the next
         plan, so its tokens come with the next step's outputs. on_output: instead of returning them, hand
-        the outputs over as each step's tokens arrive (a plan of k steps streams token by token)."""
+        the outputs over as each step's tokens arrive (a plan of k steps streams token by token).
+        should_stop: asked between the plan's steps; True ends the plan at that step boundary (AsyncLLM: a new
+        request arrived, and is admitted by the next plan instead of waiting for this one to end)."""
         self._on_output = on_output
+        plan = self.scheduler.schedule()
         try:
-            self.runner.execute(self.scheduler.schedule(), self._on_step)
+            self.runner.execute(plan, self._on_step, should_stop=should_stop)
         finally:
             self._on_output = None
+        self.scheduler.cut(plan, self.runner.steps_run)
         return self._take_outputs(stream)
 
     def _take_outputs(self, stream: bool) -> list[RequestOutput]:

@@ -95,6 +95,7 @@ class ModelRunner:
         # The last launched step: its sequences, which of them it stepped (None: all), its sampled ids.
         self._inflight: tuple[list[int], list[bool] | None, torch.Tensor] = ([], None, torch.empty(0))
         self.step_timers: list | None = None      # (start, end events, eager?, host launch time): measure_gpu_time
+        self.steps_run = 0                        # steps the last execute() launched (fewer if should_stop cut it)
 
     def _attach_kv_cache(self, kv_cache: torch.Tensor) -> None:
         for i, layer in enumerate(self.model.layers):
@@ -163,16 +164,21 @@ class ModelRunner:
     # ---- one plan ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: Plan, on_step: Callable[[StepResult], None] | None = None,
-                on_done: Callable[[], None] | None = None) -> list[StepResult]:
+                on_done: Callable[[int], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> list[StepResult]:
         """Launch the plan's steps. Each step's StepResult goes to on_step once its tokens are on the host, in
-        launch order, and on_done runs after the plan's last one. Returns the results processed during this
-        call. Sequences that end inside the plan sit out the steps after (the scheduler, a plan behind, may
+        launch order, and on_done(steps run) runs after the plan's last one. Returns the results processed
+        during this call. Sequences that end inside the plan sit out the steps after (the scheduler, a plan behind, may
         still schedule them: they are skipped, or their tokens dropped).
+
+        should_stop is asked before every step after the first: True ends the plan there (new prompts are
+        waiting), and steps_run says how many steps ran, for Scheduler.cut.
 
         With asynchronous output the plan's last step is left on the GPU: it is processed once the next plan's
         first step is launched (or by flush()), so the GPU does not wait while the host plans. A decode step
         can be launched before the tokens it consumes reach the host: they are taken from the device."""
         self.outputs.asynchronous = self.async_output
+        self.steps_run = 0
         inflight = self._inflight_rows()
         if any(s in inflight for s in plan.freed_seq_ids):
             self.flush()          # a preempted sequence's last token is still owed to the scheduler
@@ -185,20 +191,24 @@ class ModelRunner:
             n >= 1 and self.seqs[s].num_computed_tokens + 1 == known[s] for s, n in live.items())
         if decoding:
             rows = list(live)
-            self._decode(rows, [live[s] - 1 for s in rows], *self._last_tokens(rows, inflight), on_step)
+            self.steps_run = self._decode(rows, [live[s] - 1 for s in rows], *self._last_tokens(rows, inflight),
+                                          on_step, should_stop)
         elif live:
             self.flush()          # prompt chunks and forks are built on the host, from every token
             live = {s: n for s, n in live.items() if not self.seqs[s].finished}
             first = {s: min(n, len(self.seqs[s].token_ids) - self.seqs[s].num_computed_tokens)
                      for s, n in live.items()}
             seq_ids, out = self._eager_step(first, plan, on_step)
+            self.steps_run = 1
             more = [(i, s) for i, s in enumerate(seq_ids) if s in live and live[s] - first[s] > 0]
-            if more:
+            if more and not (should_stop is not None and should_stop()):
                 index = torch.tensor([i for i, _ in more], device=self.device)
                 rows = [s for _, s in more]
-                self._decode(rows, [live[s] - first[s] - 1 for s in rows], out.token_ids[index], None, on_step)
+                self.steps_run += self._decode(rows, [live[s] - first[s] - 1 for s in rows], out.token_ids[index],
+                                               None, on_step, should_stop)
         if on_done is not None:
-            self.outputs.push_done(on_done)
+            steps = self.steps_run
+            self.outputs.push_done(lambda: on_done(steps))
         if not self.async_output or not live:
             self.flush()
         return self.outputs.take_results()
@@ -229,11 +239,12 @@ class ModelRunner:
         sampled = self._inflight[2][where.clamp(min=0)]
         return torch.where(on_device, sampled, _device_tensor(host, torch.int64, self.device)), on_device
 
-    def _decode(self, rows: list[int], steps_left: list[int], input_ids, pending_mask, on_step):
+    def _decode(self, rows: list[int], steps_left: list[int], input_ids, pending_mask, on_step, should_stop) -> int:
         """Decode steps for `rows` from the device batch: the first computes input_ids (host ids, or a device
-        tensor of what earlier steps sampled), and row b goes on for steps_left[b] more steps. Rows whose
-        input token is not on the host yet (pending_mask; all of them when input_ids is on the device and the
-        mask is None) have it counted by the sampler from the device."""
+        tensor of what earlier steps sampled), and row b goes on for steps_left[b] more steps, unless
+        should_stop() ends them at a step boundary. Rows whose input token is not on the host yet (pending_mask;
+        all of them when input_ids is on the device and the mask is None) have it counted by the sampler from
+        the device. Returns the number of steps launched."""
         seqs = [self.seqs[s] for s in rows]
         batch = self.decode_batch
         batch.load(rows, [s.num_computed_tokens for s in seqs], [s.block_ids for s in seqs], steps_left, input_ids)
@@ -241,7 +252,10 @@ class ModelRunner:
                                            self.eos_token_ids, self.device)
         if isinstance(input_ids, torch.Tensor):
             sampling.advance(input_ids, pending_mask)
-        for step in range(1 + max(steps_left)):
+        steps = 1 + max(steps_left)
+        for step in range(steps):
+            if step > 0 and should_stop is not None and should_stop():
+                return step
             if step > 0:
                 batch.advance(out.token_ids, advance_step if self.ops.name == "triton" else advance_step_reference)
             active = [batch.active(b) for b in range(len(rows))]
@@ -253,6 +267,7 @@ class ModelRunner:
             sampling.advance(out.token_ids)
             self.outputs.push(rows, active, out, on_step)
             self._inflight = (rows, active, out.token_ids)
+        return steps
 
     def _decode_forward(self, n: int) -> torch.Tensor:
         if self.graphs is not None:

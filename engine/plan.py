@@ -25,6 +25,9 @@ class Plan:
     forks: list[Fork] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)   # (src, dst), before the forward
     freed_seq_ids: list[int] = field(default_factory=list)   # finished or preempted: the worker drops them first
+    # The scheduler's own record, never sent: how many tokens each sequence samples if every step runs. A plan
+    # cut short after j steps (the worker stops at a step boundary when new prompts wait) samples min(n, j).
+    samples: dict[int, int] = field(default_factory=dict)
 
     @property
     def total_tokens(self) -> int:

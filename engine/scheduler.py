@@ -119,8 +119,10 @@ class Scheduler:
         """The next plan. It may be made before the results of the previous ones are back (the worker is a plan
         behind): their tokens count as in flight, and a sequence whose last token is in flight waits for it."""
         # Forking copies the parent's state after the step that completes its prompt, so such plans are one step.
+        # So are plans with prompt tokens to compute: decode steps never hold a prompt back (a prompt that
+        # arrives during a plan of k steps is taken at its next step boundary: see cut()).
         forks_due = any(s.num_pending_forks for s in self.running) or any(s.num_pending_forks for s in self.waiting)
-        steps = 1 if forks_due else self.config.num_scheduler_steps
+        steps = 1 if forks_due or self.has_prompt_work() else self.config.num_scheduler_steps
         plan = Plan(freed_seq_ids=self._freed)
         self._freed = []
         budget = self.config.max_num_batched_tokens       # bounds step 1; later steps compute one token each
@@ -183,6 +185,31 @@ class Scheduler:
         plan.block_copies = self.block_manager.take_pending_copies()
         return plan
 
+    def has_prompt_work(self) -> bool:
+        """Whether the next step would compute prompt tokens: a running prompt not computed yet, or a waiting
+        sequence that could be admitted now (a cheap check: it ignores prefix-cache hits)."""
+        if any(s.num_tokens + s.num_inflight - s.num_computed_tokens > 1 for s in self.running):
+            return True
+        if not self.waiting or self.waiting[0].num_inflight:
+            return False
+        head = self.waiting[0]
+        promised = sum(s.num_pending_forks for s in self.running)
+        if len(self.running) + promised + 1 + head.num_pending_forks > self.config.max_num_seqs:
+            return False
+        return self.block_manager.num_free_blocks * self.block_manager.block_size >= head.num_tokens
+
+    def cut(self, plan: Plan, steps_run: int) -> None:
+        """The worker ran only the first steps_run steps of plan (it stops a plan at a step boundary when a
+        plan with new prompts is waiting). The steps it skipped neither computed nor sampled anything: take
+        them back. Their blocks stay with the sequence, which grows into them later."""
+        for seq_id, n in plan.samples.items():
+            missing = n - min(n, steps_run)
+            seq = self._seqs.get(seq_id)
+            if missing and seq is not None:
+                seq.num_inflight = max(0, seq.num_inflight - missing)
+                if seq.status is SequenceStatus.RUNNING:
+                    seq.num_computed_tokens -= missing
+
     def update(self, result: StepResult) -> list[Sequence]:
         """One step's sampled tokens: append them and finish the sequences they stop. Returns the sequences
         that grew. Tokens of sequences finished meanwhile (aborted, stop string) are dropped."""
@@ -218,6 +245,7 @@ class Scheduler:
         seq.num_computed_tokens += num_new + extra
         if num_new == uncomputed:                         # reaches its last token: samples in every step it runs
             seq.num_inflight += 1 + extra
+            plan.samples[seq.seq_id] = 1 + extra
             if seq.num_pending_forks:
                 forking.append(seq)
         self.block_manager.cache_full_blocks(seq, min(seq.num_computed_tokens, seq.num_tokens))
@@ -236,6 +264,7 @@ class Scheduler:
             self._seqs[child.seq_id] = child
             bisect.insort(self.running, child, key=lambda s: s.sort_key)
             plan.forks.append(Fork(parent.seq_id, child.seq_id, child.seed))
+            plan.samples[child.seq_id] = 1
         parent.num_pending_forks = 0
 
     def _preempt(self, seq: Sequence, plan: Plan) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
 from loadtest.datasets import SampleRequest
+from loadtest.hops import breakdown, format_breakdown
 from loadtest.metrics import format_summary, parse_slo, summarize, tpot
 
 
@@ -180,6 +181,15 @@ def jsonable(value):
     return value
 
 
+async def scrape_metrics(http: HTTPClient) -> str:
+    """The server's /metrics text, or "" if it has none (the breakdown is then empty)."""
+    try:
+        response = await http.send(http.request_bytes("GET", "/metrics", accept="text/plain"))
+    except OSError:
+        return ""
+    return response.text if response.status == 200 else ""
+
+
 def parse_rates(text: str) -> list[float]:
     try:
         rates = [float(x) for x in text.split(",") if x.strip()]
@@ -259,16 +269,19 @@ async def benchmark(args: argparse.Namespace) -> dict:
 
         runs = []
         for rate in rates:
+            before = await scrape_metrics(http)
             outputs, duration, lag = await run_load(client, requests, rate, args.burstiness, args.max_concurrency,
                                                     args.seed, progress=not args.disable_tqdm)
+            hops = breakdown(before, await scrape_metrics(http))
             count_output_tokens(outputs, tokenizer)
             summary = summarize(outputs, duration, percentiles, slo)
             summary["max_dispatch_lag_ms"] = lag * 1000
             title = f"rate {'inf' if math.isinf(rate) else f'{rate:g}'}" + (f", {args.label}" if args.label else "")
             print(format_summary(summary, title, percentiles), flush=True)
+            print(format_breakdown(hops), flush=True)
             runs.append({"request_rate": rate, "burstiness": args.burstiness,
                          "max_concurrency": args.max_concurrency, "summary": summary,
-                         "requests": [request_record(o) for o in outputs]})
+                         "hops": [asdict(h) for h in hops], "requests": [request_record(o) for o in outputs]})
     finally:
         http.close()
     config = {k: v for k, v in vars(args).items() if not callable(v) and k not in ("parser",)}

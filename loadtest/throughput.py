@@ -141,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from engine.llm import LLM
-    from services.cli import engine_kwargs
+    from engine.config import engine_kwargs
 
     spec = load_workload(args.workload)
     llm = LLM(progress=False, **engine_kwargs(args))
@@ -207,8 +207,8 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
 def run_latency(args: argparse.Namespace) -> int:
     """Batch-1 decode: the median time per output token after the first, over repeated single requests."""
     from engine.llm import LLM
+    from engine.config import engine_kwargs
     from schemas.sampling_params import SamplingParams
-    from services.cli import engine_kwargs
 
     llm = LLM(progress=False, **engine_kwargs(args))
     rng = random.Random(0)

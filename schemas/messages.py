@@ -8,6 +8,11 @@
 
 Messages carry (request_id, seq) where a consumer must drop duplicates: a message can be delivered twice when a
 consumer dies after its effect but before its acknowledgement. Encoding and checking: schemas.codec.
+
+Every hop is timed: each service stamps (unix time, time.time()) when it takes a request or a token, and the
+stamps travel on. A request's first token carries its whole journey, FIRST_TOKEN_STAMPS; every other token
+carries the stamps of its delivery, DELIVERY_STAMPS. The gateway adds its own two and turns them into the hops
+of /metrics: consecutive stamps bound one hop, so a request's hops add up to its time to first token.
 """
 from __future__ import annotations
 
@@ -18,6 +23,16 @@ from schemas.plan import Fork, NewSequence, RunningSequence
 from schemas.sampling_params import SamplingParams
 
 MAX_PROMPT_TOKENS = 1 << 20
+
+# The stamps of a request's first token, in order; the gateway appends the last two.
+FIRST_TOKEN_STAMPS = ("arrival", "tokenizer_took", "scheduler_took", "admitted", "plan_started", "on_host",
+                      "detokenizer_took", "gateway_took", "written")
+# Every token's delivery: from the worker's host memory to the client.
+DELIVERY_STAMPS = ("on_host", "detokenizer_took", "gateway_took", "written")
+# A hop is named for the two stamps that bound it; these are its names in /metrics.
+FIRST_TOKEN_HOPS = ("gateway_to_tokenizer", "tokenizer_to_scheduler", "admission_wait", "scheduler_to_worker",
+                    "gpu_step", "worker_to_detokenizer", "detokenizer_to_gateway", "gateway_to_client")
+DELIVERY_HOPS = FIRST_TOKEN_HOPS[-3:]
 
 
 @dataclass
@@ -53,6 +68,7 @@ class ScheduleRequest:
     arrival: float
     priority: int = 0
     epoch: str = ""
+    tokenizer_took: float = 0.0                               # when a tokenizer took the GenerateRequest
 
 
 @message("request_meta")
@@ -95,6 +111,9 @@ class PlanMessage:
     fork_indexes: list[int]                                   # the child's completion index, aligned with forks
     block_copies: list[tuple[int, int]]
     freed_seq_ids: list[int]
+    # Aligned with `new`: the request's stamps so far (arrival, tokenizer_took, scheduler_took, admitted), for
+    # the first token's journey; empty for a sequence sent again after preemption.
+    new_stamps: list[list[float]] = field(default_factory=list)
 
 
 @message("step_event")
@@ -106,7 +125,7 @@ class StepEvent:
     token_ids: list[list[int]]                                # per sequence, one per step it sampled
     finish_reasons: list[str | None]                          # "stop" / "length" where the worker ended it
     stop_reasons: list[int | None]                            # the stop token id, where one ended it
-    step_seconds: float = 0.0                                 # GPU time of the plan, for metrics
+    num_steps_run: int = 0         # fewer than the plan's num_steps: cut at a step boundary (Scheduler.cut)
 
 
 @message("worker_info")
@@ -142,6 +161,10 @@ class StepTokens:
     stop_reasons: list[int | None]
     logprobs: list[TokenLogprobsWire] | None = None          # aligned, when any request of the step asked
     num_cached_tokens: list[int] = field(default_factory=list)   # the request's prompt tokens from the cache
+    on_host: float = 0.0                                      # when the step's tokens reached the worker's host
+    # Aligned (or empty: none of the step's tokens is a first): a request's first token carries its stamps
+    # from arrival to plan_started.
+    first_stamps: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -165,6 +188,7 @@ class ReplyItem:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: ErrorInfo | None = None
+    stamps: list[float] = field(default_factory=list)       # FIRST_TOKEN_STAMPS or DELIVERY_STAMPS so far
 
 
 @message("reply")

@@ -7,37 +7,17 @@
     pagestream service NAME [...]                  one service: gateway, tokenizer, scheduler, worker, detokenizer
     pagestream bench throughput [--workload w256] ...         offline throughput (see loadtest/throughput.py)
     pagestream bench serve --base-url URL [--request-rate R] ...   load a running server (see loadtest/serve.py)
+    pagestream bench pipeline [--workload w256] ...           offline and served, one table (loadtest/pipeline.py)
 
 Every engine option (ModelConfig, CacheConfig, SchedulerConfig fields) is a flag: --max-num-seqs, --block-size...
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
-from engine.config import CacheConfig, ModelConfig, SchedulerConfig
-
-_TYPES = {"int": int, "float": float, "str": str}
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine")
-    for part in (ModelConfig, CacheConfig, SchedulerConfig):
-        for f in dataclasses.fields(part):
-            flag = "--" + f.name.replace("_", "-")
-            kind = str(f.type).split(" | ")[0]
-            if kind == "bool":
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-            else:
-                group.add_argument(flag, type=_TYPES[kind], default=f.default, metavar=kind.upper())
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    names = {f.name for part in (ModelConfig, CacheConfig, SchedulerConfig) for f in dataclasses.fields(part)}
-    return {k: v for k, v in vars(args).items() if k in names}
-
+from engine.config import SchedulerConfig, add_engine_args, engine_kwargs
 
 def engine_config(args: argparse.Namespace):
     from engine.config import EngineConfig
@@ -183,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     add_latency_arguments(lat)
     add_engine_args(lat)
     lat.set_defaults(func=run_latency)
+    from loadtest.pipeline import add_arguments as add_pipeline_args, run as run_pipeline
+    pipeline = bench_kinds.add_parser("pipeline", help="the same checkpoint and workload offline and served, in "
+                                                       "one table (see loadtest/pipeline.py)")
+    add_pipeline_args(pipeline)
+    add_engine_args(pipeline)
+    pipeline.set_defaults(func=run_pipeline, parser=pipeline)
     from loadtest.serve import add_arguments as add_serve_bench_args, run as run_serve_bench
     serve_bench = bench_kinds.add_parser("serve", help="load an OpenAI-compatible server and measure it "
                                                        "(see loadtest/serve.py)")

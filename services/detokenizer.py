@@ -109,6 +109,7 @@ class DetokenizerService:
         if entry.payload is None:                        # trimmed before anyone read it
             self.transport.ack(stream, GROUP, [entry.id])
             return
+        took = time.time()
         msg = decode(StepTokens, entry.payload)
         lease = self.names.partition_lease(partition)
         with self.redis.pipeline(transaction=True) as pipe:
@@ -122,6 +123,8 @@ class DetokenizerService:
                 if completion is None or completion.finished or msg.positions[i] < completion.next_position:
                     continue                             # unknown (expired), already ended, or a repeat
                 item = self._advance(completion, msg, i, pipe)
+                if msg.on_host:
+                    item.stamps = (msg.first_stamps[i] if msg.first_stamps else []) + [msg.on_host, took]
                 replies.setdefault(completion.meta.gateway, []).append(item)
             for gateway, items in replies.items():
                 self.transport.publish(self.names.reply(gateway), encode(Reply(items)), pipe)

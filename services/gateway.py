@@ -176,6 +176,11 @@ class _Timing:
             self.metrics.inter_token_latency.observe(now - last)
         self.last[key] = now
 
+    def delivered(self, item: ReplyItem, to_client: bool) -> None:
+        """The item's text was written to the client (to_client), or will go out with the whole response."""
+        if item.stamps:
+            self.metrics.observe_hops(item.stamps + [time.time()], to_client)
+
     def done(self) -> None:
         self.metrics.e2e_request_latency.observe(time.monotonic() - self.start)
 
@@ -264,6 +269,7 @@ class Api:
                 chunk = builder.add(prompt_index, item)
                 if chunk is not None:
                     yield sse(chunk)
+                timing.delivered(item, to_client=True)
                 pair = await self._next(stream, builder)
             else:
                 status = 200
@@ -287,6 +293,7 @@ class Api:
                     return _error_response(status, pipeline_error_body(item.error))
                 timing.item(prompt_index, item)
                 builder.add(prompt_index, item)
+                timing.delivered(item, to_client=False)
                 pair = await self._next(stream, builder)
             status = 200
             timing.done()

@@ -16,6 +16,7 @@ import math
 import time
 from typing import Any, Callable, Iterable
 
+from schemas.messages import DELIVERY_HOPS, DELIVERY_STAMPS, FIRST_TOKEN_HOPS, FIRST_TOKEN_STAMPS
 from services.transport import Names
 
 log = logging.getLogger("pagestream.metrics")
@@ -28,6 +29,9 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 20.0, 40.0, 80.0, 160.0, 640.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
                0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+# Hops run from tens of microseconds (a local Redis round trip) to seconds (waiting for admission).
+HOP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+               0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                240.0, 480.0, 960.0, 1920.0)
 
@@ -98,14 +102,23 @@ class Gauge(_Valued):
 
 
 class Histogram(Metric):
-    """Unlabelled; `bounds` are the finite bucket bounds (le), +Inf is implied."""
+    """`bounds` are the finite bucket bounds (le), +Inf is implied; with labelnames, one set of buckets per label
+    set (observe(value, hop="gpu_step"))."""
     kind = "histogram"
 
-    def __init__(self, name: str, help: str, bounds: Iterable[float]):
-        super().__init__(name, help)
+    def __init__(self, name: str, help: str, bounds: Iterable[float], labelnames: Iterable[str] = ()):
+        super().__init__(name, help, labelnames)
         self.bounds = tuple(sorted(bounds))
-        self.counts = [0] * (len(self.bounds) + 1)          # per bucket (not cumulative); the last is +Inf
-        self.sum = 0.0
+        # Per label set: counts per bucket (not cumulative; the last is +Inf) and the sum.
+        self.series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+        if not self.labelnames:
+            self._series(())
+
+    def _series(self, key: tuple[str, ...]) -> tuple[list[int], list[float]]:
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = ([0] * (len(self.bounds) + 1), [0.0])
+        return series
 
     @classmethod
     def from_cumulative(cls, name: str, help: str, buckets: list[tuple[float, float]], total: float
@@ -113,25 +126,32 @@ class Histogram(Metric):
         """A snapshot kept elsewhere, as Prometheus writes it: (le, cumulative count) pairs ending with +Inf."""
         buckets = sorted(buckets)
         h = cls(name, help, [le for le, _ in buckets if not math.isinf(le)])
+        counts, sum_ = h._series(())
         previous = 0.0
         for i, (_, cumulative) in enumerate(buckets):
-            h.counts[i] = cumulative - previous
+            counts[i] = cumulative - previous
             previous = cumulative
-        h.sum = total
+        sum_[0] = total
         return h
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1        # le: a value on a bound counts in it
-        self.sum += value
+    def observe(self, value: float, **labels: Any) -> None:
+        counts, sum_ = self._series(self._key(labels))
+        counts[bisect.bisect_left(self.bounds, value)] += 1        # le: a value on a bound counts in it
+        sum_[0] += value
 
     def lines(self) -> list[str]:
         out = self.header()
-        cumulative = 0
-        for le, count in zip((*self.bounds, math.inf), self.counts):
-            cumulative += count
-            out.append(f'{self.name}_bucket{{le="{format_value(le)}"}} {format_value(cumulative)}')
-        out.append(f"{self.name}_sum {format_value(self.sum)}")
-        out.append(f"{self.name}_count {format_value(cumulative)}")
+        for key, (counts, sum_) in self.series.items():
+            labels = list(zip(self.labelnames, key))
+            def series(suffix: str, extra: list[tuple[str, str]] = []) -> str:   # noqa: B006
+                pairs = labels + extra
+                return self.name + suffix + _labels(tuple(n for n, _ in pairs), tuple(v for _, v in pairs))
+            cumulative = 0
+            for le, count in zip((*self.bounds, math.inf), counts):
+                cumulative += count
+                out.append(f"{series('_bucket', [('le', format_value(le))])} {format_value(cumulative)}")
+            out.append(f"{series('_sum')} {format_value(sum_[0])}")
+            out.append(f"{series('_count')} {format_value(cumulative)}")
         return out
 
 
@@ -155,10 +175,30 @@ class GatewayMetrics:
                                              "Between successive token deltas of a completion.", ITL_BUCKETS)
         self.e2e_request_latency = Histogram("pagestream_e2e_request_latency_seconds",
                                              "From a request's arrival to its last token.", E2E_BUCKETS)
+        self.first_token_hops = Histogram(
+            "pagestream_first_token_hop_seconds", "Where a request's time to first token goes, hop by hop (they "
+            "add up to it): " + ", ".join(FIRST_TOKEN_HOPS) + ".", HOP_BUCKETS, ["hop"])
+        self.token_hops = Histogram(
+            "pagestream_token_hop_seconds", "Every token's delivery, hop by hop, from the worker's host memory to "
+            "the client: " + ", ".join(DELIVERY_HOPS) + ".", HOP_BUCKETS, ["hop"])
 
     def all(self) -> list[Metric]:
         return [self.requests, self.generation_tokens, self.prompt_tokens, self.time_to_first_token,
-                self.inter_token_latency, self.e2e_request_latency]
+                self.inter_token_latency, self.e2e_request_latency, self.first_token_hops, self.token_hops]
+
+    def observe_hops(self, stamps: list[float], to_client: bool) -> None:
+        """A token's stamps (schemas.messages: FIRST_TOKEN_STAMPS for a request's first token, else
+        DELIVERY_STAMPS, the gateway's two included) as hops. Without a client hop (a response sent whole), the
+        last stamp is left out. Clocks of different hosts may disagree a little: no hop is negative."""
+        if not to_client:
+            stamps = stamps[:-1]
+        if len(stamps) == len(FIRST_TOKEN_STAMPS) - (not to_client):
+            for hop, start, end in zip(FIRST_TOKEN_HOPS, stamps, stamps[1:]):
+                self.first_token_hops.observe(max(0.0, end - start), hop=hop)
+            stamps = stamps[-len(DELIVERY_STAMPS) + (not to_client):]
+        if len(stamps) == len(DELIVERY_STAMPS) - (not to_client):
+            for hop, start, end in zip(DELIVERY_HOPS, stamps, stamps[1:]):
+                self.token_hops.observe(max(0.0, end - start), hop=hop)
 
 
 # ---- the pipeline's, read from Redis at scrape time ------------------------------------------------------------

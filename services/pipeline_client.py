@@ -165,6 +165,7 @@ class PipelineClient:
                 log.exception("reading %s failed; retrying", self.reply_stream)
                 await asyncio.sleep(0.5)
                 continue
+            took = time.time()                              # every item's gateway_took stamp
             for _, entries in streams or []:
                 for entry_id, fields in entries:
                     last_id = self.last_reply_id = entry_id
@@ -174,6 +175,8 @@ class PipelineClient:
                         log.error("dropping a malformed reply %s: %s", entry_id, e)
                         continue
                     for item in reply.items:
+                        if item.stamps:
+                            item.stamps.append(took)
                         self._dispatch(item)
 
     def _dispatch(self, item: ReplyItem) -> None:

@@ -1,9 +1,11 @@
 """The scheduler service: the engine's Scheduler and block accounting for one worker, one plan ahead of it.
 
 It reads three streams in one call: new requests (schedule), aborts (abort) and the worker's per-plan events
-(events:<worker>). It keeps at most two plans outstanding: while the worker runs plan r, plan r+1 already waits
-in its stream, made before r's tokens were known (their tokens count as in flight, see engine.scheduler). So the
-worker never waits for the scheduler, and the scheduler never waits for a token it does not need.
+(events:<worker>). It keeps two plans outstanding: while the worker runs plan r, plan r+1 already waits in its
+stream, made before r's tokens were known (their tokens count as in flight, see engine.scheduler). So the worker
+never waits for the scheduler, and the scheduler never waits for a token it does not need. A prompt that can be
+admitted does not wait for those two: it goes out at once in a third plan, and the worker ends the plans ahead
+of it at their next step boundary (each event says how many steps ran; Scheduler.cut takes back the rest).
 
 If the worker dies or restarts (its heartbeat's epoch changes), every request it held is lost: the gateways
 fail them (they watch the same heartbeats) and this service starts over with the new worker's KV pool.
@@ -32,6 +34,7 @@ log = logging.getLogger("pagestream.scheduler")
 
 GROUP = "scheduler"
 MAX_OUTSTANDING_PLANS = 2          # the one running and the next, waiting in the worker's stream
+MAX_OUTSTANDING_WITH_PROMPTS = 3   # plus one that admits prompts at the running plans' next step boundary
 STATS_EVERY_S = 0.5
 QUEUE_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -64,7 +67,7 @@ class SchedulerService:
         self.outstanding: OrderedDict[int, Plan] = OrderedDict()     # plan id -> plan, in order
         self.next_plan_id = 0
         self.gateways: dict[str, str] = {}                 # request id -> its gateway, for error replies
-        self.arrivals: dict[str, float] = {}               # request id -> arrival, until admitted (queue time)
+        self.stamps: dict[str, list[float]] = {}           # request id -> its stamps, until admitted
         self.seen, self.aborted = _Bounded(), _Bounded()
         self.queue_time_counts = [0] * (len(QUEUE_TIME_BUCKETS) + 1)
         self.queue_time_sum = 0.0
@@ -83,12 +86,15 @@ class SchedulerService:
             # Don't wait for input when a plan can go out now; otherwise block until something arrives.
             entries = self.transport.read(streams, GROUP, self.consumer, count=512, block_ms=50 if idle else None)
             self._handle(entries)
-            planned = len(self.outstanding) < MAX_OUTSTANDING_PLANS and self._plan()
+            room = len(self.outstanding) < MAX_OUTSTANDING_PLANS or (
+                len(self.outstanding) < MAX_OUTSTANDING_WITH_PROMPTS and self.scheduler.has_prompt_work())
+            planned = room and self._plan()
             idle = not planned and not entries
             self._publish_stats()
 
     def _handle(self, entries: list[Entry]) -> None:
         pipe = self.transport.pipeline()
+        took = time.time()
         for entry in entries:
             try:
                 if entry.stream == self.names.events(self.worker):
@@ -96,7 +102,7 @@ class SchedulerService:
                 elif entry.stream == self.names.abort:
                     self._on_abort(decode(Abort, entry.payload))
                 else:
-                    self._on_request(decode(ScheduleRequest, entry.payload), pipe)
+                    self._on_request(decode(ScheduleRequest, entry.payload), took, pipe)
             except SchemaError as e:
                 self.transport.dead_letter(entry.stream, GROUP, entry.id, entry.payload, str(e))
                 continue
@@ -104,7 +110,7 @@ class SchedulerService:
         pipe.execute()
 
     # ---- inputs --------------------------------------------------------------------------------------------
-    def _on_request(self, request: ScheduleRequest, pipe) -> None:
+    def _on_request(self, request: ScheduleRequest, took: float, pipe) -> None:
         rid = request.request_id
         if rid in self.seen or rid in self.aborted or (request.epoch and request.epoch != self.epoch):
             return                 # a repeat, aborted before it got here, or sent before this scheduler started
@@ -120,7 +126,7 @@ class SchedulerService:
             self.transport.publish(self.names.reply(request.gateway), encode(reply), pipe)
             return
         self.gateways[rid] = request.gateway
-        self.arrivals[rid] = request.arrival
+        self.stamps[rid] = [request.arrival, request.tokenizer_took, took]
 
     def _on_abort(self, abort: Abort) -> None:
         seqs = self.scheduler.requests.get(abort.request_id)
@@ -134,8 +140,10 @@ class SchedulerService:
         self._forget_finished()
 
     def _on_event(self, event: StepEvent) -> None:
-        if self.outstanding.pop(event.plan_id, None) is None:
+        plan = self.outstanding.pop(event.plan_id, None)
+        if plan is None:
             return                                             # a plan of a worker that is gone
+        self.scheduler.cut(plan, event.num_steps_run)
         steps = max(map(len, event.token_ids), default=0)
         for step in range(steps):
             pairs = [(s, tokens[step]) for s, tokens in zip(event.seq_ids, event.token_ids) if step < len(tokens)]
@@ -145,7 +153,7 @@ class SchedulerService:
     def _forget_finished(self) -> None:
         for rid in [r for r in self.gateways if r not in self.scheduler.requests]:
             del self.gateways[rid]
-            self.arrivals.pop(rid, None)
+            self.stamps.pop(rid, None)
 
     # ---- output --------------------------------------------------------------------------------------------
     def _plan(self) -> bool:
@@ -154,12 +162,14 @@ class SchedulerService:
         if plan.is_empty and not plan.freed_seq_ids:
             return False
         now = time.time()
-        for new in plan.new:
-            seq = self.scheduler.get_sequence(new.seq_id)
-            arrival = self.arrivals.pop(seq.request_id, None)
-            if arrival is not None:
-                self._observe_queue_time(now - arrival)
         seqs = [self.scheduler.get_sequence(n.seq_id) for n in plan.new]
+        new_stamps = []
+        for seq in seqs:
+            stamps = self.stamps.pop(seq.request_id, None)          # None: sent again after preemption
+            if stamps is not None:
+                self._observe_queue_time(now - stamps[0])
+                stamps.append(now)
+            new_stamps.append(stamps or [])
         children = [self.scheduler.get_sequence(f.child_id) for f in plan.forks]
         message = PlanMessage(
             plan_id=self.next_plan_id, worker_epoch=self.worker_epoch, scheduler_epoch=self.epoch,
@@ -167,7 +177,7 @@ class SchedulerService:
             new_indexes=[s.index for s in seqs], running=plan.running,
             scheduled_seq_ids=list(plan.num_scheduled_tokens), scheduled_tokens=list(plan.num_scheduled_tokens.values()),
             forks=plan.forks, fork_indexes=[c.index for c in children], block_copies=plan.block_copies,
-            freed_seq_ids=plan.freed_seq_ids)
+            freed_seq_ids=plan.freed_seq_ids, new_stamps=new_stamps)
         self.transport.publish(self.names.plan(self.worker), encode(message))
         if not plan.is_empty:                                  # an empty plan (only frees) gets no event
             self.outstanding[self.next_plan_id] = plan
@@ -214,7 +224,7 @@ class SchedulerService:
                         len(self.scheduler.requests))
         self.scheduler, self.outstanding = None, OrderedDict()
         self.gateways.clear()
-        self.arrivals.clear()
+        self.stamps.clear()
         while not stop.is_set():
             alive = self.transport.redis.get(self.names.alive("worker", self.worker))
             raw = self.transport.redis.get(self.names.worker_info(self.worker))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
 from engine.input_processor import InputProcessor
 from engine.model_files import resolve_max_model_len, resolve_model
@@ -40,6 +41,7 @@ class TokenizerService:
                 self.handle(entry)
 
     def handle(self, entry) -> None:
+        took = time.time()
         try:
             request = decode(GenerateRequest, entry.payload)
         except SchemaError as e:                   # nobody to answer: keep it for inspection
@@ -56,7 +58,7 @@ class TokenizerService:
                                request.params)
             pipe.set(self.names.request_meta(request.request_id), encode(meta), ex=META_TTL_S)
             forward = ScheduleRequest(request.request_id, request.gateway, token_ids, request.params,
-                                      request.arrival, request.priority, request.epoch)
+                                      request.arrival, request.priority, request.epoch, tokenizer_took=took)
             self.transport.publish(self.names.schedule, encode(forward), pipe)
         self.transport.ack(self.names.tokenize, GROUP, [entry.id], pipe)
         pipe.execute()

@@ -1,11 +1,15 @@
 """The GPU worker service: runs the scheduler's plans, publishes every step's tokens as they come.
 
-It registers its KV pool (WorkerInfo) and beats a heartbeat whose value is its epoch. For each plan (in order, one
-at a time) it runs the model runner's k steps; after each step the sampled tokens are handed to a publisher thread
-that writes one columnar StepTokens message per detokenizer partition, so step n's tokens are on their way while
-step n+1 runs. After the plan, one StepEvent tells the scheduler what every sequence sampled, acknowledged
-together with the plan. Sequences that end inside a plan (EOS, a stop token, max_tokens) are masked by the runner:
-their later tokens are neither computed nor published.
+It registers its KV pool (WorkerInfo) and beats a heartbeat whose value is its epoch. Three threads:
+- the plan reader takes plans from Redis into an inbox, so the model loop never waits on Redis;
+- the model loop runs each plan's k steps (in order, one plan at a time). Between steps it looks at the inbox:
+  when a plan with new prompts waits, the running plan ends at that step boundary (the scheduler takes the
+  skipped steps back when it learns how many ran), so a prompt never waits for a plan of decode steps to end;
+- the publisher turns each step's tokens, as they reach the host, into one columnar StepTokens message per
+  detokenizer partition, so step n's tokens are on their way while step n+1 runs. After a plan's last step,
+  one StepEvent tells the scheduler what every sequence sampled, acknowledged together with the plan.
+Sequences that end inside a plan (EOS, a stop token, max_tokens) are masked by the runner: their later tokens
+are neither computed nor published.
 """
 from __future__ import annotations
 
@@ -13,14 +17,17 @@ import argparse
 import logging
 import queue
 import threading
+import time
 import uuid
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.model_files import resolve_model
 from engine.model_runner import ModelRunner
 from engine.plan import Plan, StepResult
 from engine.tokenizer import eos_token_ids, load_tokenizer
+from engine.warmup import warm_up
 from schemas.codec import SchemaError, decode, encode
 from schemas.messages import PlanMessage, StepEvent, StepTokens, TokenLogprobsWire, WorkerInfo
 from services.runtime import Heartbeat, setup_logging, stop_event
@@ -47,6 +54,32 @@ class _StepOut:
     positions: list[int]
     finishes: list
     logprobs: list | None
+    on_host: float
+    first_stamps: dict[int, list[float]] = field(default_factory=dict)   # seq id -> stamps, for first tokens
+
+
+class PlanInbox:
+    """Plans taken from Redis by the reader thread, waiting for the model loop. It counts the waiting plans
+    that bring new prompts: the model loop reads that count between steps, which costs no lock and no I/O."""
+
+    def __init__(self):
+        self._plans: deque[tuple[PlanMessage, bytes]] = deque()
+        self._ready = threading.Condition()
+        self.num_with_new_prompts = 0
+
+    def put(self, message: PlanMessage, entry_id: bytes) -> None:
+        with self._ready:
+            self._plans.append((message, entry_id))
+            self.num_with_new_prompts += bool(message.new)
+            self._ready.notify()
+
+    def get(self, timeout: float) -> tuple[PlanMessage, bytes] | None:
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._plans, timeout):
+                return None
+            message, entry_id = self._plans.popleft()
+            self.num_with_new_prompts -= bool(message.new)
+            return message, entry_id
 
 
 class WorkerService:
@@ -59,6 +92,8 @@ class WorkerService:
         self.scheduler_epoch: str | None = None
         self.step = 0
         self.outbox: queue.Queue = queue.Queue(maxsize=64)
+        self.inbox = PlanInbox()
+        self.first_stamps: dict[int, list[float]] = {}     # seq id -> its request's stamps, until its first token
 
     def run(self, stop) -> None:
         mc = self.config.model
@@ -66,20 +101,37 @@ class WorkerService:
         eos = eos_token_ids(files, load_tokenizer(files, mc.tokenizer))
         self.runner = ModelRunner(self.config, files.config, files.path, eos)
         r = self.runner
+        # Compile and cache every kernel variant a real load meets before saying we are here.
+        log.info("warmed up in %.1f s", warm_up(r, self.config.scheduler, r.max_model_len, eos))
         info = WorkerInfo(self.worker, self.epoch, r.num_blocks, r.block_size, r.max_model_len, r.args.vocab_size,
                           sorted(eos))
         self.transport.redis.set(self.names.worker_info(self.worker), encode(info))
         Heartbeat(self.transport, self.names.alive("worker", self.worker), self.epoch, stop).start()
-        publisher = threading.Thread(target=self._publish, args=(stop,), name="publisher", daemon=True)
-        publisher.start()
+        threads = [threading.Thread(target=self._publish, name="publisher", daemon=True),
+                   threading.Thread(target=self._read_plans, args=(stop,), name="plan reader", daemon=True)]
+        for thread in threads:
+            thread.start()
         log.info("worker %s (epoch %s) on %s: %d KV blocks", self.worker, self.epoch[:8], r.device, r.num_blocks)
-        plans = self.names.plan(self.worker)
         while not stop.is_set():
             # A plan's last step stays on the GPU until the next plan is launched; with none waiting, finish it.
-            entries = self.transport.read([plans], GROUP, self.consumer, count=1,
-                                          block_ms=None if self.runner.has_pending_outputs else 100)
-            if not entries and self.runner.has_pending_outputs:
-                self.runner.flush()
+            item = self.inbox.get(timeout=0 if self.runner.has_pending_outputs else 0.1)
+            if item is None:
+                if self.runner.has_pending_outputs:
+                    self.runner.flush()
+                continue
+            self._execute(*item)
+        self.outbox.put(None)
+        threads[0].join(timeout=10)
+
+    def _read_plans(self, stop) -> None:
+        plans = self.names.plan(self.worker)
+        while not stop.is_set():
+            try:
+                entries = self.transport.read([plans], GROUP, self.consumer, count=16, block_ms=100)
+            except Exception:
+                log.exception("reading plans failed; retrying")
+                stop.wait(0.5)
+                continue
             for entry in entries:
                 try:
                     message = decode(PlanMessage, entry.payload)
@@ -89,19 +141,23 @@ class WorkerService:
                 if message.worker_epoch != self.epoch:            # made for a worker before this one
                     self.transport.ack(plans, GROUP, [entry.id])
                     continue
-                self._execute(message, entry.id)
-        self.outbox.put(None)
-        publisher.join(timeout=10)
+                self.inbox.put(message, entry.id)
 
     def _execute(self, message: PlanMessage, entry_id: bytes) -> None:
+        plan_started = time.time()
         if message.scheduler_epoch != self.scheduler_epoch:       # a new scheduler: nothing it knows of is held
             self.runner.seqs.clear()
             self.owners.clear()
+            self.first_stamps.clear()
             self.scheduler_epoch = message.scheduler_epoch
         for seq_id in message.freed_seq_ids:
             self.owners.pop(seq_id, None)
+            self.first_stamps.pop(seq_id, None)
         for new, rid, index in zip(message.new, message.new_request_ids, message.new_indexes):
             self.owners[new.seq_id] = _Owner(rid, index, new.num_computed_tokens)
+        for new, stamps in zip(message.new, message.new_stamps):
+            if stamps:
+                self.first_stamps[new.seq_id] = stamps + [plan_started]
         for fork, index in zip(message.forks, message.fork_indexes):
             parent = self.owners[fork.parent_id]
             self.owners[fork.child_id] = _Owner(parent.request_id, index, parent.num_cached_tokens)
@@ -111,27 +167,35 @@ class WorkerService:
         sampled: dict[int, list[int]] = {}
 
         def on_step(result: StepResult) -> None:
+            on_host = time.time()
             seqs = self.runner.seqs
             positions = [len(seqs[s].token_ids) - seqs[s].num_prompt_tokens - 1 for s in result.seq_ids]
             finishes = [seqs[s].finish for s in result.seq_ids]
-            self.outbox.put(_StepOut(self.step, result.seq_ids, result.token_ids, positions, finishes,
-                                     result.logprobs))
+            out = _StepOut(self.step, result.seq_ids, result.token_ids, positions, finishes, result.logprobs,
+                           on_host)
+            if self.first_stamps:
+                for s, position in zip(result.seq_ids, positions):
+                    if position == 0 and s in self.first_stamps:
+                        out.first_stamps[s] = self.first_stamps.pop(s)
+            self.outbox.put(out)
             self.step += 1
             for s, t in zip(result.seq_ids, result.token_ids):
                 sampled.setdefault(s, []).append(t)
 
-        def on_done() -> None:
+        def on_done(steps_run: int) -> None:
             # The plan's last step is on the host (with asynchronous output: while the next plan runs).
             seq_ids = list(sampled)
             finishes = [self.runner.seqs[s].finish if s in self.runner.seqs else None for s in seq_ids]
             event = StepEvent(message.plan_id, seq_ids, [sampled[s] for s in seq_ids],
-                              [f[0].value if f else None for f in finishes], [f[1] if f else None for f in finishes])
+                              [f[0].value if f else None for f in finishes], [f[1] if f else None for f in finishes],
+                              num_steps_run=steps_run)
             self.outbox.put((event, entry_id))
 
-        self.runner.execute(plan, on_step, on_done)
+        # A plan with new prompts waiting ends this one at the next step boundary.
+        self.runner.execute(plan, on_step, on_done, should_stop=lambda: self.inbox.num_with_new_prompts > 0)
 
     # ---- the publisher thread ------------------------------------------------------------------------------
-    def _publish(self, stop) -> None:
+    def _publish(self) -> None:
         plans = self.names.plan(self.worker)
         while True:
             item = self.outbox.get()
@@ -160,7 +224,8 @@ class WorkerService:
             if msg is None:
                 msg = columns[p] = StepTokens(step=out.step, request_ids=[], indexes=[], positions=[], token_ids=[],
                                               finish_reasons=[], stop_reasons=[], num_cached_tokens=[],
-                                              logprobs=[] if out.logprobs is not None else None)
+                                              logprobs=[] if out.logprobs is not None else None,
+                                              on_host=out.on_host)
             finish = out.finishes[i]
             msg.request_ids.append(owner.request_id)
             msg.indexes.append(owner.index)
@@ -169,11 +234,14 @@ class WorkerService:
             msg.finish_reasons.append(finish[0].value if finish else None)
             msg.stop_reasons.append(finish[1] if finish else None)
             msg.num_cached_tokens.append(owner.num_cached_tokens)
+            msg.first_stamps.append(out.first_stamps.get(seq_id, []))
             if out.logprobs is not None:
                 lp = out.logprobs[i]
                 msg.logprobs.append(TokenLogprobsWire(lp.logprob, [t for t, _ in lp.top], [v for _, v in lp.top]))
         pipe = self.transport.redis.pipeline(transaction=False)
         for p, msg in columns.items():
+            if not any(msg.first_stamps):
+                msg.first_stamps = []
             self.transport.publish(self.names.tokens(p), encode(msg), pipe)
         pipe.execute()
 

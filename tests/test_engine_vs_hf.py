@@ -104,6 +104,46 @@ def test_multi_step_plans_keep_greedy_outputs(llama_reference):
     assert tokens(llm.generate(prompts, greedy(30))) == [e[:30] for e in expected]
 
 
+@pytest.mark.parametrize("steps", [4, 8])
+def test_plans_cut_at_step_boundaries_keep_greedy_outputs(llama_reference, steps):
+    """Plans of k steps cut short at random step boundaries (as when a new prompt arrives mid-plan), with
+    preemption forced and prompts chunked: the same tokens, and every block back in the pool at the end."""
+    import random
+    path, prompts, expected = llama_reference
+    engine = LLM(str(path), progress=False, num_scheduler_steps=steps, num_blocks=16, block_size=16,
+                 max_num_batched_tokens=64).engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, greedy())
+    coin = random.Random(5)
+    out, cuts = {}, []
+
+    def should_stop() -> bool:                      # asked only between steps: each True cuts a plan
+        cuts.append(coin.random() < 0.3)
+        return cuts[-1]
+
+    while engine.has_unfinished_requests():
+        for o in engine.step(stream=False, should_stop=should_stop):
+            out[o.request_id] = o.outputs[0].token_ids
+    assert [out[f"r{i}"] for i in range(len(prompts))] == expected
+    assert sum(cuts) > 5 and engine.scheduler.num_preemptions > 0
+    assert engine.stats().kv.num_used_blocks == 0
+
+
+def test_prompt_work_makes_single_step_plans(llama_reference):
+    """While prompts are waiting or chunked, plans are one step: decode steps never hold a prompt back."""
+    path, prompts, _ = llama_reference
+    engine = LLM(str(path), progress=False, num_scheduler_steps=8, max_num_batched_tokens=64).engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, greedy())
+    plans = []
+    while engine.has_unfinished_requests():
+        prompt_work = engine.scheduler.has_prompt_work() or bool(engine.scheduler.waiting)
+        engine.step(stream=False)
+        plans.append((prompt_work, engine.runner.steps_run))
+    assert all(steps == 1 for work, steps in plans if work)
+    assert any(steps == 8 for work, steps in plans if not work)
+
+
 def run_one_plan_ahead(engine, requests) -> dict[str, list[int]]:
     """Drive scheduler and runner as the pipeline does: plan r+1 is made before plan r's tokens come back."""
     for rid, (prompt, params) in requests.items():

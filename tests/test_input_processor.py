@@ -155,7 +155,7 @@ def test_the_scheduler_service_refuses_a_stray_prompt_with_an_error_reply(redis_
 
     def schedule(rid: str, ids: list[int]) -> None:
         pipe = transport.pipeline()
-        service._on_request(ScheduleRequest(rid, "gw", ids, PARAMS, arrival=0.0), pipe)
+        service._on_request(ScheduleRequest(rid, "gw", ids, PARAMS, arrival=0.0), 0.0, pipe)
         pipe.execute()
 
     stray = {"empty": [], "long": [5] * 60, "oov": [VOCAB]}

@@ -1,0 +1,237 @@
+"""The pipeline's cost in one command: the same checkpoint and requests, offline and served, in one process.
+
+    pagestream bench pipeline --model llama-3-8b --load-format dummy --tokenizer smollm2-135m-instruct   (GPU)
+    pagestream bench pipeline --workload w256 --num-prompts 32 --scale 0.1 --rates inf,4                (CPU)
+
+Offline is the engine in-process (AsyncLLM: no Redis, no HTTP), each request streamed from the moment it is
+due; served is `pagestream serve` started here with the same engine flags, loaded by `bench serve`'s client. Both
+get the fixed workload's requests (as text, through the model's tokenizer), at each rate of --rates (inf: all at
+once; the inf runs are repeated --runs times), with the same arrival times, after the same warm-up
+(engine/warmup.py). The offline engine is released before the server starts, so the two never share the GPU.
+
+The table: throughput, served / offline (the pipeline's cost is 1 minus it), TTFT, TPOT and ITL percentiles;
+then, per served run, where the time went, hop by hop (loadtest/hops.py).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
+from loadtest.hops import breakdown, format_breakdown
+from loadtest.metrics import summarize
+from loadtest.serve import arrival_offsets, jsonable, run_load, scrape_metrics
+
+PERCENTILES = (50, 90, 99)
+SERVER_READY_S = 900               # loading 16 GB of weights, warming up, capturing CUDA graphs: minutes at most
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pipeline benchmark")
+    group.add_argument("--workload", default="w256", help="w256, w1000, or a workload JSON file")
+    group.add_argument("--num-prompts", type=int, default=None, help="the first N requests (default: all)")
+    group.add_argument("--scale", type=float, default=1.0, help="multiply input and output lengths")
+    group.add_argument("--rates", default="inf,16", help="request rates, comma-separated (inf: all at once)")
+    group.add_argument("--runs", type=int, default=3, help="how many times each all-at-once run is repeated")
+    group.add_argument("--tokenizers", type=int, default=4, help="the served pipeline's tokenizer processes")
+    group.add_argument("--detokenizers", type=int, default=2, help="the served pipeline's detokenizer processes")
+    group.add_argument("--result-json", type=Path, default=None)
+
+
+def schedule(args: argparse.Namespace) -> list[float]:
+    from loadtest.serve import parse_rates
+    rates = parse_rates(args.rates)
+    return [r for r in rates for _ in range(args.runs if math.isinf(r) else 1)]
+
+
+# ---- offline ---------------------------------------------------------------------------------------------------
+async def offline_load(engine, requests, rate: float, seed: int = 0) -> tuple[list[RequestOutput], float]:
+    """Every request through AsyncLLM when it is due, timed as bench serve's client times a stream."""
+    from schemas.sampling_params import SamplingParams
+    offsets = arrival_offsets(len(requests), rate, 1.0, seed)
+    start = time.perf_counter()
+
+    async def one(request, due: float) -> RequestOutput:
+        await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
+        out = RequestOutput(request.prompt_len, request.output_len, start=time.perf_counter())
+        params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0)
+        last = None
+        async for result in engine.generate(request.prompt, params):
+            now = time.perf_counter()
+            if result.outputs[0].delta_token_ids:
+                if out.ttft is None:
+                    out.ttft = now - out.start
+                else:
+                    out.itl.append(now - last)
+                last = now
+                out.chunks += 1
+        out.e2el = time.perf_counter() - out.start
+        out.usage_prompt_tokens = len(result.prompt_token_ids)
+        out.output_tokens, out.tokens_from, out.success = len(result.outputs[0].token_ids), "engine", True
+        out.start -= start
+        return out
+
+    outputs = await asyncio.gather(*(one(r, due) for r, due in zip(requests, offsets)))
+    return list(outputs), max(o.start + o.e2el for o in outputs)
+
+
+def run_offline(args: argparse.Namespace, requests, rates: list[float]) -> list[dict]:
+    """The offline runs, in a child process: the engine's GPU memory is the driver's to take back when it exits,
+    before the server starts (an engine released in-process can leave its pool allocated)."""
+    from engine.config import engine_kwargs
+    work = Path(tempfile.mkdtemp(prefix="pagestream-offline-"))
+    spec = {"engine": engine_kwargs(args), "rates": rates, "requests": [asdict(r) for r in requests]}
+    (work / "spec.json").write_text(json.dumps(jsonable(spec)))
+    child = subprocess.run([sys.executable, "-m", "loadtest.pipeline", str(work / "spec.json"),
+                            str(work / "runs.json")])
+    if child.returncode != 0:
+        raise SystemExit(f"the offline runs failed (exit {child.returncode})")
+    runs = json.loads((work / "runs.json").read_text())
+    for run in runs:
+        run["rate"] = float(run["rate"])             # JSON spells inf "inf"
+    return runs
+
+
+def offline_child(spec_path: str, out_path: str) -> None:
+    from engine.async_llm import AsyncLLM
+    from engine.warmup import warm_up
+    from loadtest.datasets import SampleRequest
+    spec = json.loads(Path(spec_path).read_text())
+    requests = [SampleRequest(**r) for r in spec["requests"]]
+    llm = AsyncLLM(progress=False, **spec["engine"])
+    try:
+        engine = llm.engine
+        seconds = warm_up(engine.runner, engine.config.scheduler, engine.max_model_len, engine.scheduler.eos_token_ids)
+        _log(f"offline: warmed up in {seconds:.1f} s")
+        runs = []
+        for rate in spec["rates"]:
+            rate = float(rate)
+            outputs, duration = asyncio.run(offline_load(llm, requests, rate))
+            runs.append({"mode": "offline", "rate": rate, "summary": summarize(outputs, duration, PERCENTILES)})
+            _log(f"offline, rate {rate:g}: {runs[-1]['summary']['output_throughput']:.1f} output tok/s")
+    finally:
+        llm.shutdown()
+    Path(out_path).write_text(json.dumps(jsonable(runs)))
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---- served ----------------------------------------------------------------------------------------------------
+def start_server(args: argparse.Namespace, parser: argparse.ArgumentParser, log_path: Path):
+    """`pagestream serve` with this command's engine flags, on free ports; returns (process, base URL)."""
+    from engine.config import engine_kwargs
+    from services.launcher import forward_argv, free_port, wait_ready
+    engine_flags = set(engine_kwargs(args))
+    flags = forward_argv(parser, args, {a.dest for a in parser._actions} - engine_flags)
+    port = free_port()
+    argv = [sys.executable, "-m", "services.cli", "serve", "--port", str(port), "--grpc-port", "0",
+            "--tokenizers", str(args.tokenizers), "--detokenizers", str(args.detokenizers),
+            "--prefix", f"bench{os.getpid()}", *flags]
+    _log("served: " + " ".join(argv[2:]))
+    proc = subprocess.Popen(argv, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base_url = f"http://127.0.0.1:{port}"
+    if not wait_ready(base_url, SERVER_READY_S, alive=lambda: proc.poll() is None):
+        stop_server(proc)
+        raise SystemExit(f"the server did not get ready:\n{log_path.read_text()[-3000:]}")
+    _log(f"served: ready at {base_url}")
+    return proc, base_url
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    import signal
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def served_runs(base_url: str, requests, rates: list[float]) -> list[dict]:
+    http = HTTPClient(base_url, None, 3600)
+    try:
+        model = (await http.get_json("/v1/models"))["data"][0]["id"]
+        client = OpenAIStreamClient(http, "/v1/completions", model, include_usage=True, ignore_eos=True,
+                                    temperature=0.0)
+        warm, _, _ = await run_load(client, requests[:1], float("inf"))
+        if not warm[0].success:
+            raise SystemExit(f"the served warm-up request failed: {warm[0].error}")
+        runs = []
+        for rate in rates:
+            before = await scrape_metrics(http)
+            outputs, duration, _ = await run_load(client, requests, rate)
+            hops = breakdown(before, await scrape_metrics(http))
+            for out in outputs:
+                out.output_tokens, out.tokens_from = out.usage_completion_tokens or 0, "usage"
+            runs.append({"mode": "served", "rate": rate, "summary": summarize(outputs, duration, PERCENTILES),
+                         "hops": hops})
+            _log(f"served, rate {rate:g}: {runs[-1]['summary']['output_throughput']:.1f} output tok/s")
+        return runs
+    finally:
+        http.close()
+
+
+# ---- the table -------------------------------------------------------------------------------------------------
+def format_table(offline: list[dict], served: list[dict]) -> str:
+    head = (f"{'run':22s} {'out tok/s':>10s} {'served/off':>10s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
+            f"{'TPOT p50':>9s} {'ITL p50':>8s} {'ITL p99':>8s} {'fail':>5s}   (ms)")
+    lines = [head]
+    for mode_runs in (offline, served):
+        seen: dict[float, int] = {}
+        for i, run in enumerate(mode_runs):
+            s, rate = run["summary"], run["rate"]
+            seen[rate] = seen.get(rate, 0) + 1
+            name = f"{run['mode']} rate {rate:g} #{seen[rate]}"
+            ratio = ""
+            if run["mode"] == "served" and i < len(offline):
+                ratio = f"{s['output_throughput'] / offline[i]['summary']['output_throughput']:10.3f}"
+            lines.append(f"{name:22s} {s['output_throughput']:10.1f} {ratio:>10s} {s['median_ttft_ms']:9.1f} "
+                         f"{s['p99_ttft_ms']:9.1f} {s['median_tpot_ms']:9.2f} {s['median_itl_ms']:8.2f} "
+                         f"{s['p99_itl_ms']:8.2f} {s['failed']:5d}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from loadtest.datasets import load_tokenizer, workload_requests
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    requests = workload_requests(tokenizer, args.workload, args.num_prompts, args.scale)
+    rates = schedule(args)
+    _log(f"{len(requests)} requests of {args.workload} (scale {args.scale}): "
+         f"{sum(r.prompt_len for r in requests)} prompt, {sum(r.output_len for r in requests)} output tokens; "
+         f"rates {', '.join(f'{r:g}' for r in rates)}")
+    offline = run_offline(args, requests, rates)
+    log_path = Path(tempfile.mkdtemp(prefix="pagestream-bench-")) / "serve.log"
+    proc, base_url = start_server(args, args.parser, log_path)
+    try:
+        served = asyncio.run(served_runs(base_url, requests, rates))
+    finally:
+        stop_server(proc)
+    print()
+    for run_ in served:
+        print(format_breakdown(run_["hops"], f"served, rate {run_['rate']:g}"))
+    print()
+    print(format_table(offline, served))
+    if args.result_json:
+        served = [dict(r, hops=[asdict(h) for h in r["hops"]]) for r in served]
+        args.result_json.write_text(json.dumps(jsonable({"workload": args.workload, "num_prompts": len(requests),
+                                                         "scale": args.scale, "offline": offline,
+                                                         "served": served, "server_log": str(log_path)}),
+                                               indent=1))
+    return 0 if all(r["summary"]["failed"] == 0 for r in offline + served) else 1
+
+
+
+if __name__ == "__main__":          # the offline child of run_offline: SPEC.json OUT.json
+    offline_child(sys.argv[1], sys.argv[2])
