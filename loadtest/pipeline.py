@@ -3,8 +3,8 @@
     pagestream bench pipeline --model llama-3-8b --load-format dummy --tokenizer smollm2-135m-instruct   (GPU)
     pagestream bench pipeline --workload w256 --num-prompts 32 --scale 0.1 --rates inf,4                (CPU)
 
-Offline is the engine in-process (AsyncLLM: no Redis, no HTTP), each request streamed from the moment it is
-due; served is `pagestream serve` started here with the same engine flags, loaded by `bench serve`'s client. Both
+Offline is the engine in-process (LLMEngine in a child process: no Redis, no HTTP), each request added the
+moment it is due and timed from when its tokens reach the host; served is `pagestream serve` started here with the same engine flags, loaded by `bench serve`'s client. Both
 get the fixed workload's requests (as text, through the model's tokenizer), at each rate of --rates (inf: all at
 once; the inf runs are repeated --runs times), with the same arrival times, after the same warm-up
 (engine/warmup.py). The offline engine is released before the server starts, so the two never share the GPU.
@@ -30,6 +30,7 @@ from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
 from loadtest.hops import breakdown, format_breakdown
 from loadtest.metrics import summarize
 from loadtest.serve import arrival_offsets, jsonable, run_load, scrape_metrics
+from schemas.sampling_params import SamplingParams
 
 PERCENTILES = (50, 90, 99)
 SERVER_READY_S = 900               # loading 16 GB of weights, warming up, capturing CUDA graphs: minutes at most
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--runs", type=int, default=3, help="how many times each all-at-once run is repeated")
     group.add_argument("--tokenizers", type=int, default=4, help="the served pipeline's tokenizer processes")
     group.add_argument("--detokenizers", type=int, default=2, help="the served pipeline's detokenizer processes")
+    group.add_argument("--gateways", type=int, default=1, help="the served pipeline's gateway processes")
     group.add_argument("--result-json", type=Path, default=None)
 
 
@@ -53,35 +55,50 @@ def schedule(args: argparse.Namespace) -> list[float]:
     return [r for r in rates for _ in range(args.runs if math.isinf(r) else 1)]
 
 
-# ---- offline ---------------------------------------------------------------------------------------------------
-async def offline_load(engine, requests, rate: float, seed: int = 0) -> tuple[list[RequestOutput], float]:
-    """Every request through AsyncLLM when it is due, timed as bench serve's client times a stream."""
-    from schemas.sampling_params import SamplingParams
+# ---- offline ----------------------------------------------------------------------------------------------------
+def offline_load(engine, requests, rate: float, seed: int = 0) -> tuple[list[RequestOutput], float, dict]:
+    """Every request added to the engine (LLMEngine, in this process) when it is due, and timed from its
+    metrics as bench serve's client times a stream: arrival, the time each token reached the host. A request
+    that comes due during a plan of k steps ends it at the next step boundary, as a served one does. Returns
+    the outputs, the duration and where the GPU time went (loadtest.throughput.gpu_busy)."""
+    from loadtest.throughput import gpu_busy
     offsets = arrival_offsets(len(requests), rate, 1.0, seed)
-    start = time.perf_counter()
+    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0) for r in requests]
+    runner = engine.runner
+    runner.measure_gpu_time()
+    start = time.monotonic()
+    queue = list(range(len(requests)))[::-1]                   # next due at the end
+    finished = {}
 
-    async def one(request, due: float) -> RequestOutput:
-        await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
-        out = RequestOutput(request.prompt_len, request.output_len, start=time.perf_counter())
-        params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0)
-        last = None
-        async for result in engine.generate(request.prompt, params):
-            now = time.perf_counter()
-            if result.outputs[0].delta_token_ids:
-                if out.ttft is None:
-                    out.ttft = now - out.start
-                else:
-                    out.itl.append(now - last)
-                last = now
-                out.chunks += 1
-        out.e2el = time.perf_counter() - out.start
-        out.usage_prompt_tokens = len(result.prompt_token_ids)
-        out.output_tokens, out.tokens_from, out.success = len(result.outputs[0].token_ids), "engine", True
-        out.start -= start
-        return out
+    def due() -> bool:
+        return bool(queue) and time.monotonic() >= start + offsets[queue[-1]]
 
-    outputs = await asyncio.gather(*(one(r, due) for r, due in zip(requests, offsets)))
-    return list(outputs), max(o.start + o.e2el for o in outputs)
+    while queue or engine.has_unfinished_requests():
+        while due():
+            i = queue.pop()
+            engine.add_request(f"offline-{i}", requests[i].prompt, params[i])
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, start + offsets[queue[-1]] - time.monotonic()))
+            continue
+        for out in engine.step(stream=False, should_stop=due):
+            finished[int(out.request_id.split("-")[1])] = out
+    end = time.monotonic()
+    busy = None
+    if runner.step_timers is not None:
+        whole, decode, split = gpu_busy(runner.step_timers, start, end)
+        busy = {"gpu_busy": whole, "gpu_busy_decode": decode, "split": split}
+    runner.measure_gpu_time(False)
+    outputs = []
+    for i, request in enumerate(requests):
+        m, completion = finished[i].metrics, finished[i].outputs[0]
+        times = m.token_times
+        outputs.append(RequestOutput(
+            request.prompt_len, request.output_len, success=True, start=m.arrival_time - start,
+            ttft=m.first_token_time - m.arrival_time, itl=[b - a for a, b in zip(times, times[1:])],
+            e2el=m.finished_time - m.arrival_time, chunks=len(times),
+            usage_prompt_tokens=len(finished[i].prompt_token_ids), output_tokens=len(completion.token_ids),
+            tokens_from="engine"))
+    return outputs, end - start, busy
 
 
 def run_offline(args: argparse.Namespace, requests, rates: list[float]) -> list[dict]:
@@ -102,24 +119,24 @@ def run_offline(args: argparse.Namespace, requests, rates: list[float]) -> list[
 
 
 def offline_child(spec_path: str, out_path: str) -> None:
-    from engine.async_llm import AsyncLLM
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
     from engine.warmup import warm_up
     from loadtest.datasets import SampleRequest
     spec = json.loads(Path(spec_path).read_text())
     requests = [SampleRequest(**r) for r in spec["requests"]]
-    llm = AsyncLLM(progress=False, **spec["engine"])
-    try:
-        engine = llm.engine
-        seconds = warm_up(engine.runner, engine.config.scheduler, engine.max_model_len, engine.scheduler.eos_token_ids)
-        _log(f"offline: warmed up in {seconds:.1f} s")
-        runs = []
-        for rate in spec["rates"]:
-            rate = float(rate)
-            outputs, duration = asyncio.run(offline_load(llm, requests, rate))
-            runs.append({"mode": "offline", "rate": rate, "summary": summarize(outputs, duration, PERCENTILES)})
-            _log(f"offline, rate {rate:g}: {runs[-1]['summary']['output_throughput']:.1f} output tok/s")
-    finally:
-        llm.shutdown()
+    engine = LLMEngine(EngineConfig.from_kwargs(**spec["engine"]), progress=False)
+    seconds = warm_up(engine.runner, engine.config.scheduler, engine.max_model_len, engine.scheduler.eos_token_ids)
+    _log(f"offline: warmed up in {seconds:.1f} s")
+    runs = []
+    for rate in spec["rates"]:
+        rate = float(rate)
+        outputs, duration, busy = offline_load(engine, requests, rate)
+        runs.append({"mode": "offline", "rate": rate, "summary": summarize(outputs, duration, PERCENTILES),
+                     "gpu": busy})
+        _log(f"offline, rate {rate:g}: {runs[-1]['summary']['output_throughput']:.1f} output tok/s"
+             + (f", GPU busy {busy['gpu_busy']:.1%} (decode {busy['gpu_busy_decode']:.1%}), {busy['split']}"
+                if busy else ""))
     Path(out_path).write_text(json.dumps(jsonable(runs)))
 
 
@@ -137,6 +154,7 @@ def start_server(args: argparse.Namespace, parser: argparse.ArgumentParser, log_
     port = free_port()
     argv = [sys.executable, "-m", "services.cli", "serve", "--port", str(port), "--grpc-port", "0",
             "--tokenizers", str(args.tokenizers), "--detokenizers", str(args.detokenizers),
+            "--gateways", str(args.gateways),
             "--prefix", f"bench{os.getpid()}", *flags]
     _log("served: " + " ".join(argv[2:]))
     proc = subprocess.Popen(argv, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,

@@ -196,3 +196,19 @@ class ReplyItem:
 class Reply:
     """Detokenizer (or tokenizer, for errors) -> one gateway: deltas for many requests in one message."""
     items: list[ReplyItem]
+
+
+@dataclass
+class MetricSeries:
+    name: str = field(metadata={"max_len": 128})
+    labels: list[str] = field(metadata={"max_len": 8})      # label values, in the metric's label order
+    values: list[float] = field(metadata={"max_len": 256})  # a counter's value; a histogram's bucket counts, sum
+
+
+@message("gateway_stats")
+@dataclass
+class GatewayStats:
+    """One gateway's own metrics (key stats:gateway:<id>), so that /metrics on any gateway of a deployment
+    answers for all of them (several gateway processes share one port)."""
+    gateway: str = field(metadata={"max_len": 256})
+    series: list[MetricSeries] = field(metadata={"max_len": 1024})

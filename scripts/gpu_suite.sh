@@ -6,12 +6,18 @@
 #     latency  batch-1 decode of a 512-token prompt (Llama-3-8B shape, random weights)
 #     w256     offline throughput on w256 with the ablation table; w1000 the same without it
 #     peers    Hugging Face transformers on w256 (continuous batching, and static generate on its first 128)
-# Logs go to $OUT (default /tmp/pagestream-gpu). The peers read shared/peers (PEERS=path to override).
+#     pipeline     the served pipeline's cost: offline and served on the same dummy Llama-3-8B, w256 all at once
+#                  (3 runs) and at 16 req/s, one table and the hop breakdown (pagestream bench pipeline)
+#     pipeline-1b  the same for the Llama-3.2-1B shape, all at once (2 runs)
+# Logs go to $OUT (default /tmp/pagestream-gpu). The peers read shared/peers (PEERS=path to override). The
+# pipeline stages serve text through TOKENIZER (default smollm2-135m-instruct: a model alias or a directory).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/pagestream-gpu}
 PEERS=${PEERS:-../shared/peers}
+TOKENIZER=${TOKENIZER:-smollm2-135m-instruct}
+SERVED=(--tokenizer "$TOKENIZER" --load-format dummy --tokenizers 4 --detokenizers 2 --gateways 4)
 mkdir -p "$OUT"
 MODEL=(--model llama-3-8b --load-format dummy)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -31,6 +37,12 @@ for stage in "$@"; do
                    --result-json "$OUT/w1000.json" 2>&1 | tee "$OUT/w1000.log" | tail -4 ;;
         peers) { python3 "$PEERS/hf_peer.py" cb w256 | tail -1; B=64 N=128 python3 "$PEERS/hf_peer.py" static w256 | tail -1; } \
                    2>&1 | tee "$OUT/peers.log" ;;
+        pipeline) python3 -m services.cli bench pipeline --model llama-3-8b "${SERVED[@]}" --workload w256 \
+                      --rates inf,16 --runs 3 --result-json "$OUT/pipeline.json" > "$OUT/pipeline.log" 2>&1
+                  grep -v " INFO \|WARN" "$OUT/pipeline.log" | tail -50 ;;
+        pipeline-1b) python3 -m services.cli bench pipeline --model llama-3.2-1b "${SERVED[@]}" --workload w256 \
+                      --rates inf --runs 2 --result-json "$OUT/pipeline-1b.json" > "$OUT/pipeline-1b.log" 2>&1
+                  grep -v " INFO \|WARN" "$OUT/pipeline-1b.log" | tail -30 ;;
         *) echo "unknown stage $stage"; exit 2 ;;
     esac
 done

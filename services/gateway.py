@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from schemas.messages import ErrorInfo, ReplyItem
-from services.metrics import CONTENT_TYPE, Gauge, GatewayMetrics, PipelineScraper, exposition
+from services.metrics import (CONTENT_TYPE, Gauge, GatewayMetrics, PipelineScraper, exposition, peer_gateway_stats,
+                              publish_gateway_stats)
 from services.openai_protocol import (ERROR_TYPES, MODEL_NOT_FOUND, SSE_DONE, Limits, ProtocolError, ResponseBuilder,
                                       TokenText, decode_json_body, error_body, model_card, models_list, parse_chat,
                                       parse_completion, pipeline_error_body, sse)
@@ -345,7 +347,12 @@ class Api:
     async def metrics_text(self, request: Request) -> Response:
         pending = Gauge("pagestream_gateway_pending_requests", "Pipeline requests this gateway has in flight.")
         pending.set(self.client.num_pending)
-        metrics = self.metrics.all() + [pending] + await self.scraper.collect()
+        try:
+            peers = await peer_gateway_stats(self.client.redis, self.client.names, self.client.gateway_id)
+        except Exception as e:                       # Redis down: this gateway's own figures still answer
+            log.warning("could not read the other gateways' metrics: %s", e)
+            peers = []
+        metrics = self.metrics.merged(peers) + [pending] + await self.scraper.collect()
         return Response(exposition(metrics), media_type=CONTENT_TYPE)
 
     async def index(self, request: Request) -> Response:
@@ -416,6 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
     group.add_argument("--max-body-bytes", type=int, default=4 * MIB, help="larger request bodies get 413")
     group.add_argument("--max-n", type=int, default=16, help="the largest n (completions per prompt) accepted")
+    group.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)   # a listening socket from serve
 
 
 def _token_text(model: str, load_format: str, tokenizer: str | None) -> TokenText:
@@ -470,6 +478,8 @@ async def _start_grpc(client: PipelineClient, settings: GatewaySettings, port: i
 async def serve(args: argparse.Namespace, settings: GatewaySettings) -> None:
     client = PipelineClient(args.redis_url, args.prefix, args.worker_name, args.max_pending)
     await client.start()
+    stats = asyncio.create_task(publish_gateway_stats(client.redis, client.names, client.gateway_id,
+                                                      settings.metrics))
     grpc = None
     try:
         if args.grpc_port:
@@ -477,8 +487,13 @@ async def serve(args: argparse.Namespace, settings: GatewaySettings) -> None:
         # No access log: at hundreds of requests a second it costs more than it tells; /metrics counts them.
         config = uvicorn.Config(build_app(client, settings), host=args.host, port=args.port, log_config=None,
                                 access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-        await _Server(config).serve()
+        # Under `serve --gateways N` every gateway accepts on one listening socket that serve bound: the kernel
+        # hands each connection to one of them.
+        sockets = [socket.socket(fileno=args.fd)] if args.fd is not None else None
+        await _Server(config).serve(sockets=sockets)
     finally:
+        stats.cancel()
+        await asyncio.gather(stats, return_exceptions=True)
         if grpc is not None:
             await grpc.stop()
         await client.close()

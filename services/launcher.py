@@ -24,7 +24,7 @@ from services.transport import redis_server_binary
 
 log = logging.getLogger("pagestream.serve")
 
-SERVE_ONLY = {"tokenizers", "detokenizers", "redis_port"}     # flags of serve itself, not passed to services
+SERVE_ONLY = {"tokenizers", "detokenizers", "gateways", "redis_port"}     # flags of serve itself, not passed to services
 RESTART_DELAY_S = 1.0
 
 
@@ -78,13 +78,30 @@ def forward_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, skip
 class Service:
     name: str
     argv: list[str]
+    pass_fds: tuple[int, ...] = ()
     proc: subprocess.Popen | None = None
     restarts: int = 0
     died_at: float | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv)
+        self.proc = subprocess.Popen(self.argv, pass_fds=self.pass_fds)
         self.died_at = None
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound here once so that every gateway process accepts on it (and a port in
+    use is one clear error, before anything starts)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"cannot listen on {host}:{port} (--host/--port): {e.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 @dataclass
@@ -148,13 +165,17 @@ def serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.redis_url is None:
             stack.redis, args.redis_url = start_redis(args.redis_port or free_port())
             log.info("redis-server at %s", args.redis_url)
+        listener = listen(args.host, args.port)
         common = forward_argv(parser, args, SERVE_ONLY)
         command = [sys.executable, "-m", "services.cli", "service"]
-        names = (["worker", "scheduler"] + ["tokenizer"] * args.tokenizers + ["detokenizer"] * args.detokenizers
-                 + ["gateway"])
+        names = ["worker", "scheduler"] + ["tokenizer"] * args.tokenizers + ["detokenizer"] * args.detokenizers
         for name in names:
             stack.services.append(Service(name, command + [name] + common))
-            stack.services[-1].start()
+        for _ in range(args.gateways):
+            stack.services.append(Service("gateway", command + ["gateway", *common, "--fd", str(listener.fileno())],
+                                          (listener.fileno(),)))
+        for service in stack.services:
+            service.start()
         base_url = f"http://127.0.0.1:{args.port}"
         if wait_ready(base_url):
             print(f"pagestream is serving {args.model} at {base_url} (OpenAI API under /v1, chat page at /)",
@@ -168,4 +189,6 @@ def serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--detokenizers", type=int, default=1, help="detokenizer processes")
+    parser.add_argument("--gateways", type=int, default=1,
+                        help="gateway (HTTP API) processes, all accepting on --port")
     parser.add_argument("--redis-port", type=int, default=None, help="port of the embedded redis-server")

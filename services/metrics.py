@@ -16,7 +16,9 @@ import math
 import time
 from typing import Any, Callable, Iterable
 
-from schemas.messages import DELIVERY_HOPS, DELIVERY_STAMPS, FIRST_TOKEN_HOPS, FIRST_TOKEN_STAMPS
+from schemas.codec import SchemaError, decode
+from schemas.messages import (DELIVERY_HOPS, DELIVERY_STAMPS, FIRST_TOKEN_HOPS, FIRST_TOKEN_STAMPS, GatewayStats,
+                              MetricSeries)
 from services.transport import Names
 
 log = logging.getLogger("pagestream.metrics")
@@ -86,6 +88,13 @@ class _Valued(Metric):
                                 for k, v in self.values.items()]
 
 
+    def series_values(self) -> Iterable[tuple[tuple[str, ...], list[float]]]:
+        return ((key, [value]) for key, value in self.values.items())
+
+    def add_series(self, key: tuple[str, ...], values: list[float]) -> None:
+        self.values[key] = self.values.get(key, 0.0) + values[0]
+
+
 class Counter(_Valued):
     kind = "counter"
 
@@ -133,6 +142,15 @@ class Histogram(Metric):
             previous = cumulative
         sum_[0] = total
         return h
+
+    def series_values(self) -> Iterable[tuple[tuple[str, ...], list[float]]]:
+        return ((key, counts + sum_) for key, (counts, sum_) in self.series.items())
+
+    def add_series(self, key: tuple[str, ...], values: list[float]) -> None:
+        counts, sum_ = self._series(key)
+        for i, v in enumerate(values[:-1]):
+            counts[i] += v
+        sum_[0] += values[-1]
 
     def observe(self, value: float, **labels: Any) -> None:
         counts, sum_ = self._series(self._key(labels))
@@ -185,6 +203,25 @@ class GatewayMetrics:
     def all(self) -> list[Metric]:
         return [self.requests, self.generation_tokens, self.prompt_tokens, self.time_to_first_token,
                 self.inter_token_latency, self.e2e_request_latency, self.first_token_hops, self.token_hops]
+
+    def snapshot(self, gateway: str) -> GatewayStats:
+        return GatewayStats(gateway, [MetricSeries(m.name, list(key), values) for m in self.all()
+                                      for key, values in m.series_values()])
+
+    def merged(self, peers: Iterable[GatewayStats]) -> list[Metric]:
+        """These metrics summed with other gateways' snapshots (series that fit no metric are left out)."""
+        total = GatewayMetrics()
+        by_name = {m.name: m for m in total.all()}
+        for m in self.all():
+            for key, values in m.series_values():
+                by_name[m.name].add_series(key, values)
+        for stats in peers:
+            for series in stats.series:
+                metric = by_name.get(series.name)
+                width = len(metric.bounds) + 2 if isinstance(metric, Histogram) else 1
+                if metric is not None and len(series.labels) == len(metric.labelnames) and len(series.values) == width:
+                    metric.add_series(tuple(series.labels), series.values)
+        return total.all()
 
     def observe_hops(self, stamps: list[float], to_client: bool) -> None:
         """A token's stamps (schemas.messages: FIRST_TOKEN_STAMPS for a request's first token, else
@@ -327,3 +364,38 @@ class PipelineScraper:
                 groups = [] if read is None else [{"name": "gateway", "pending": 0, "last-delivered-id": read}]
             per_stream.append((stream[cut:], info, groups))
         return (scheduler_metrics(stats) if isinstance(stats, dict) else []) + stream_metrics(per_stream)
+
+
+# ---- several gateways ------------------------------------------------------------------------------------------
+GATEWAY_STATS_EVERY_S = 1.0
+GATEWAY_STATS_TTL_S = 3600        # a gone gateway's counts stay in the sums for an hour, then drop out
+
+
+async def publish_gateway_stats(redis, names: Names, gateway: str, metrics: GatewayMetrics) -> None:
+    """Every second, this gateway's metrics where its peers read them (runs until cancelled)."""
+    import asyncio
+    from schemas.codec import encode
+    while True:
+        try:
+            await redis.set(names.gateway_stats(gateway), encode(metrics.snapshot(gateway)), ex=GATEWAY_STATS_TTL_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:                       # Redis down: the next round tries again
+            log.warning("could not publish the gateway's metrics: %s", e)
+        await asyncio.sleep(GATEWAY_STATS_EVERY_S)
+
+
+async def peer_gateway_stats(redis, names: Names, gateway: str) -> list[GatewayStats]:
+    """The other gateways' latest snapshots (a malformed one is left out)."""
+    keys = [k async for k in redis.scan_iter(match=names.gateway_stats("*"), count=1000)]
+    own = names.gateway_stats(gateway).encode()
+    keys = [k for k in keys if k != own]
+    out = []
+    for raw in await redis.mget(keys) if keys else []:
+        if raw is None:
+            continue
+        try:
+            out.append(decode(GatewayStats, raw))
+        except SchemaError as e:
+            log.warning("a gateway's metrics are malformed: %s", e)
+    return out

@@ -61,6 +61,9 @@ class Names:
     def alive(self, service: str, instance: str = "") -> str:
         return f"{self.prefix}:alive:{service}" + (f":{instance}" if instance else "")
 
+    def gateway_stats(self, gateway: str) -> str:
+        return f"{self.prefix}:stats:gateway:{gateway}"
+
     def worker_info(self, worker: str) -> str:
         return f"{self.prefix}:worker:{worker}"
 
