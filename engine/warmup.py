@@ -27,19 +27,32 @@ _PARAMS = (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_
 
 
 def warm_up(runner: ModelRunner, config: SchedulerConfig, max_model_len: int, eos_token_ids) -> float:
-    """Run the warm-up workload; returns its seconds. On a GPU: enough prompt tokens for two full prefill
-    chunks and mixed steps, up to 64 sequences decoding through multi-step plans; on the CPU (nothing to
-    compile) two short requests."""
+    """Run the warm-up workload; returns its seconds. On a GPU: rounds of prompts of one length each, from a few
+    tokens (the prefill kernel picks its query tile by the longest chunk of a step: a step of short chunks alone,
+    as prefix-cache hits make them, has a tile of its own) to enough for two full chunks of the token budget,
+    with up to 64 sequences decoding through multi-step plans; on the CPU (nothing to compile) two short
+    requests."""
     start = time.perf_counter()
     on_gpu = runner.device.type == "cuda"
-    num = min(64 if on_gpu else 2, config.max_num_seqs)
     capacity = runner.num_blocks * runner.block_size // 2
+    num = min(64 if on_gpu else 2, config.max_num_seqs)
     total = min(2 * config.max_num_batched_tokens if on_gpu else 64, capacity)
-    prompt_len = max(1, min(total // num, max_model_len // 2))
+    longest = max(1, min(total // num, max_model_len // 2))
+    rounds = [(num, longest)]
+    if on_gpu:
+        rounds = [(2, n) for n in (8, 24, 48, 96) if n < longest] + rounds
+    rng = random.Random(0)
+    for count, prompt_len in rounds:
+        _run(runner, config, max_model_len, eos_token_ids, count, prompt_len, rng)
+    return time.perf_counter() - start
+
+
+def _run(runner: ModelRunner, config: SchedulerConfig, max_model_len: int, eos_token_ids, num: int,
+         prompt_len: int, rng: random.Random) -> None:
+    """num requests of about prompt_len tokens, each decoding a few multi-step plans, to the end."""
     output_len = max(1, min(2 * config.num_scheduler_steps + 3, max_model_len - prompt_len - 1))
     scheduler = Scheduler(replace(config), BlockManager(runner.num_blocks, runner.block_size, False), max_model_len,
                           eos_token_ids)
-    rng = random.Random(0)
     vocab = runner.args.vocab_size
     for i in range(num):
         length = rng.randint(max(1, prompt_len // 2), prompt_len)
@@ -51,4 +64,3 @@ def warm_up(runner: ModelRunner, config: SchedulerConfig, max_model_len: int, eo
         scheduler.cut(plan, runner.steps_run)
     runner.flush()
     runner.seqs.clear()
-    return time.perf_counter() - start

@@ -28,7 +28,7 @@ MAX_LIST = 1 << 22       # items
 MAX_MAP = 1 << 16        # keys
 
 T = TypeVar("T")
-_PLAIN = {int: {int}, float: {int, float}}       # the exact types a list[int] / list[float] may hold (no bools)
+_WIRE_SCALARS = {int, float, str, bytes, bool, type(None)}
 
 
 class SchemaError(ValueError):
@@ -71,7 +71,9 @@ def decode(cls: type[T], data: bytes) -> T:
 # ---- to the wire ---------------------------------------------------------------------------------------------
 def _to_wire(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
-        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {name: _to_wire(getattr(value, name)) for name in _field_names(type(value))}
+    if type(value) is list and set(map(type, value)) <= _WIRE_SCALARS:
+        return value                 # token ids, stamps, request ids: msgpack takes the list as it is
     if isinstance(value, (list, tuple)):
         return [_to_wire(v) for v in value]
     if isinstance(value, dict):
@@ -79,7 +81,20 @@ def _to_wire(value: Any) -> Any:
     return value
 
 
+@cache
+def _field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 # ---- from the wire, checked ----------------------------------------------------------------------------------
+@cache
+def _plain_types(tp: Any) -> frozenset | None:
+    """The exact Python types a list item of type tp may be on the wire, when they need no conversion: int, str,
+    None and their unions (never bool: type(True) is bool). None for any other item type."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return frozenset(options) if all(o in (int, str, type(None)) for o in options) else None
+
+
 @cache
 def _hints(cls) -> dict[str, tuple[Any, int | None, bool]]:
     """field name -> (type, max_len, required) for a dataclass."""
@@ -130,10 +145,17 @@ def _from_wire(value: Any, tp: Any, path: str, max_len: int | None = None) -> An
                 raise SchemaError(f"{path}: expected {len(args)} items, got {len(value)}")
             return tuple(_from_wire(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
-        if origin is list and item in (int, float) and set(map(type, value)) <= _PLAIN[item]:
-            # Token ids and stamps: a C-speed check of the whole list instead of a call per item (a prompt or a
-            # plan carries up to a million of them). Anything else takes the path below and its error message.
-            return value if item is int else [float(v) for v in value]
+        if origin is list:
+            # Lists of plain values (token ids, stamps, request ids, finish reasons): a C-speed check of the whole
+            # list instead of a call per item (a prompt or a plan carries up to a million of them). Anything
+            # else, a wrong item included, takes the path below and its error message.
+            kinds = set(map(type, value))
+            plain = _plain_types(item)
+            if plain is not None and kinds <= plain and (
+                    str not in kinds or max(len(v) for v in value if type(v) is str) <= MAX_STR):
+                return value
+            if item is float and kinds <= {int, float}:
+                return [float(v) for v in value]
         items = [_from_wire(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:

@@ -36,6 +36,7 @@ from services.transport import Transport, instance_id, partition_of
 log = logging.getLogger("pagestream.worker")
 
 GROUP = "worker"
+PUBLISH_BATCH = 64                 # steps and events sent in one round trip at most
 
 
 @dataclass
@@ -43,6 +44,7 @@ class _Owner:
     request_id: str
     index: int
     num_cached_tokens: int
+    partition: int                 # the detokenizer partition of its request (partition_of, once per sequence)
 
 
 @dataclass
@@ -91,7 +93,7 @@ class WorkerService:
         self.owners: dict[int, _Owner] = {}
         self.scheduler_epoch: str | None = None
         self.step = 0
-        self.outbox: queue.Queue = queue.Queue(maxsize=64)
+        self.outbox: queue.Queue = queue.Queue(maxsize=1024)   # steps the publisher may fall behind before the model loop waits
         self.inbox = PlanInbox()
         self.first_stamps: dict[int, list[float]] = {}     # seq id -> its request's stamps, until its first token
 
@@ -154,13 +156,13 @@ class WorkerService:
             self.owners.pop(seq_id, None)
             self.first_stamps.pop(seq_id, None)
         for new, rid, index in zip(message.new, message.new_request_ids, message.new_indexes):
-            self.owners[new.seq_id] = _Owner(rid, index, new.num_computed_tokens)
+            self.owners[new.seq_id] = _Owner(rid, index, new.num_computed_tokens, partition_of(rid, self.partitions))
         for new, stamps in zip(message.new, message.new_stamps):
             if stamps:
                 self.first_stamps[new.seq_id] = stamps + [plan_started]
         for fork, index in zip(message.forks, message.fork_indexes):
             parent = self.owners[fork.parent_id]
-            self.owners[fork.child_id] = _Owner(parent.request_id, index, parent.num_cached_tokens)
+            self.owners[fork.child_id] = _Owner(parent.request_id, index, parent.num_cached_tokens, parent.partition)
         plan = Plan(num_steps=message.num_steps, new=message.new, running=message.running,
                     num_scheduled_tokens=dict(zip(message.scheduled_seq_ids, message.scheduled_tokens)),
                     forks=message.forks, block_copies=message.block_copies, freed_seq_ids=message.freed_seq_ids)
@@ -196,36 +198,44 @@ class WorkerService:
 
     # ---- the publisher thread ------------------------------------------------------------------------------
     def _publish(self) -> None:
+        """Publish what the model loop hands over, in order, everything waiting in one round trip: when it
+        falls behind (a small model's steps come every few milliseconds) it sends more per trip rather than
+        falling further behind. A plan's event is acknowledged in the same transaction as the plan it answers."""
         plans = self.names.plan(self.worker)
         while True:
-            item = self.outbox.get()
-            if item is None:
-                return
+            batch = [self.outbox.get()]
+            while batch[-1] is not None and len(batch) < PUBLISH_BATCH:
+                try:
+                    batch.append(self.outbox.get_nowait())
+                except queue.Empty:
+                    break
+            pipe = self.transport.pipeline()
             try:
-                if isinstance(item, _StepOut):
-                    self._publish_tokens(item)
-                else:                       # the plan's event, acknowledged with the plan it answers
-                    event, entry_id = item
-                    pipe = self.transport.pipeline()
-                    self.transport.publish(self.names.events(self.worker), encode(event), pipe)
-                    self.transport.ack(plans, GROUP, [entry_id], pipe)
-                    pipe.execute()
+                for item in batch:
+                    if isinstance(item, _StepOut):
+                        self._publish_tokens(item, pipe)
+                    elif item is not None:
+                        event, entry_id = item
+                        self.transport.publish(self.names.events(self.worker), encode(event), pipe)
+                        self.transport.ack(plans, GROUP, [entry_id], pipe)
+                pipe.execute()
             except Exception:
                 log.exception("publishing failed")
+            if batch[-1] is None:
+                return
 
-    def _publish_tokens(self, out: _StepOut) -> None:
+    def _publish_tokens(self, out: _StepOut, pipe) -> None:
         columns: dict[int, StepTokens] = {}
         for i, seq_id in enumerate(out.seq_ids):
             owner = self.owners.get(seq_id)
             if owner is None:
                 continue
-            p = partition_of(owner.request_id, self.partitions)
-            msg = columns.get(p)
+            msg = columns.get(owner.partition)
             if msg is None:
-                msg = columns[p] = StepTokens(step=out.step, request_ids=[], indexes=[], positions=[], token_ids=[],
-                                              finish_reasons=[], stop_reasons=[], num_cached_tokens=[],
-                                              logprobs=[] if out.logprobs is not None else None,
-                                              on_host=out.on_host)
+                msg = columns[owner.partition] = StepTokens(
+                    step=out.step, request_ids=[], indexes=[], positions=[], token_ids=[], finish_reasons=[],
+                    stop_reasons=[], num_cached_tokens=[], logprobs=[] if out.logprobs is not None else None,
+                    on_host=out.on_host)
             finish = out.finishes[i]
             msg.request_ids.append(owner.request_id)
             msg.indexes.append(owner.index)
@@ -238,13 +248,10 @@ class WorkerService:
             if out.logprobs is not None:
                 lp = out.logprobs[i]
                 msg.logprobs.append(TokenLogprobsWire(lp.logprob, [t for t, _ in lp.top], [v for _, v in lp.top]))
-        pipe = self.transport.redis.pipeline(transaction=False)
         for p, msg in columns.items():
-            if not any(msg.first_stamps):
+            if not out.first_stamps:
                 msg.first_stamps = []
             self.transport.publish(self.names.tokens(p), encode(msg), pipe)
-        pipe.execute()
-
 
 
 def run(args: argparse.Namespace) -> int:
