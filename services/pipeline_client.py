@@ -8,6 +8,7 @@ in flight ends with a clear 503 error instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -95,6 +96,9 @@ class PipelineClient:
         Unavailable, or ValueError (SchemaError: a field over its size limit; a request id in flight)."""
         if len(self._inflight) >= self.max_pending:
             raise Overloaded(f"{len(self._inflight)} requests in flight; try again later")
+        if not self.pipeline_alive:               # perhaps only not seen yet: this gateway looks twice a second
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self._check_liveness()
         if not self.pipeline_alive:
             raise Unavailable("the scheduler or the worker is not running")
         if request.request_id in self._inflight:

@@ -57,6 +57,7 @@ class _StepOut:
     finishes: list
     logprobs: list | None
     on_host: float
+    owners: list["_Owner | None"]      # aligned with seq_ids, taken when the step reached the host
     first_stamps: dict[int, list[float]] = field(default_factory=dict)   # seq id -> stamps, for first tokens
 
 
@@ -153,7 +154,6 @@ class WorkerService:
             self.first_stamps.clear()
             self.scheduler_epoch = message.scheduler_epoch
         for seq_id in message.freed_seq_ids:
-            self.owners.pop(seq_id, None)
             self.first_stamps.pop(seq_id, None)
         for new, rid, index in zip(message.new, message.new_request_ids, message.new_indexes):
             self.owners[new.seq_id] = _Owner(rid, index, new.num_computed_tokens, partition_of(rid, self.partitions))
@@ -174,7 +174,7 @@ class WorkerService:
             positions = [len(seqs[s].token_ids) - seqs[s].num_prompt_tokens - 1 for s in result.seq_ids]
             finishes = [seqs[s].finish for s in result.seq_ids]
             out = _StepOut(self.step, result.seq_ids, result.token_ids, positions, finishes, result.logprobs,
-                           on_host)
+                           on_host, [self.owners.get(s) for s in result.seq_ids])
             if self.first_stamps:
                 for s, position in zip(result.seq_ids, positions):
                     if position == 0 and s in self.first_stamps:
@@ -195,6 +195,10 @@ class WorkerService:
 
         # A plan with new prompts waiting ends this one at the next step boundary.
         self.runner.execute(plan, on_step, on_done, should_stop=lambda: self.inbox.num_with_new_prompts > 0)
+        # Only now are the freed sequences forgotten: execute() first hands over the tokens a preempted one
+        # still had in flight, and each step's tokens carry their owners to the publisher.
+        for seq_id in message.freed_seq_ids:
+            self.owners.pop(seq_id, None)
 
     # ---- the publisher thread ------------------------------------------------------------------------------
     def _publish(self) -> None:
@@ -226,8 +230,7 @@ class WorkerService:
 
     def _publish_tokens(self, out: _StepOut, pipe) -> None:
         columns: dict[int, StepTokens] = {}
-        for i, seq_id in enumerate(out.seq_ids):
-            owner = self.owners.get(seq_id)
+        for i, (seq_id, owner) in enumerate(zip(out.seq_ids, out.owners)):
             if owner is None:
                 continue
             msg = columns.get(owner.partition)
