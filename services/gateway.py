@@ -223,7 +223,7 @@ class Api:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: Request, chat: bool) -> Response:
-        start = time.monotonic()
+        start, arrival = time.monotonic(), time.time()    # arrival: before the body is read (the first hop's start)
         try:
             body = decode_json_body(await read_body(request, self.settings.max_body_bytes))
             parsed = (parse_chat(body, self.settings.limits) if chat
@@ -233,7 +233,7 @@ class Api:
         except ClientDisconnect:
             return self._refuse(CLIENT_GONE, error_body("the client disconnected", CLIENT_GONE))
         response_id = self.client.new_request_id("chatcmpl" if chat else "cmpl")
-        stream = merge([self.client.generate(r) for r in parsed.generate_requests(response_id, time.time())])
+        stream = merge([self.client.generate(r) for r in parsed.generate_requests(response_id, arrival)])
         try:
             first = await until_disconnected(request.receive, anext(stream))
         except (Overloaded, Unavailable) as e:
