@@ -168,8 +168,8 @@ class ModelRunner:
                 should_stop: Callable[[], bool] | None = None) -> list[StepResult]:
         """Launch the plan's steps. Each step's StepResult goes to on_step once its tokens are on the host, in
         launch order, and on_done(steps run) runs after the plan's last one. Returns the results processed
-        during this call. Sequences that end inside the plan sit out the steps after (the scheduler, a plan behind, may
-        still schedule them: they are skipped, or their tokens dropped).
+        during this call. Sequences that end inside the plan sit out the steps after (the scheduler, a plan
+        behind, may still schedule them: they are skipped, or their tokens dropped).
 
         should_stop is asked before every step after the first: True ends the plan there (new prompts are
         waiting), and steps_run says how many steps ran, for Scheduler.cut.

@@ -1,13 +1,14 @@
-"""The pipeline's cost in one command: the same checkpoint and requests, offline and served, in one process.
+"""The pipeline's cost in one command: the same checkpoint and requests, offline and served, in one table.
 
     pagestream bench pipeline --model llama-3-8b --load-format dummy --tokenizer smollm2-135m-instruct   (GPU)
     pagestream bench pipeline --workload w256 --num-prompts 32 --scale 0.1 --rates inf,4                (CPU)
 
 Offline is the engine in-process (LLMEngine in a child process: no Redis, no HTTP), each request added the
-moment it is due and timed from when its tokens reach the host; served is `pagestream serve` started here with the same engine flags, loaded by `bench serve`'s client. Both
-get the fixed workload's requests (as text, through the model's tokenizer), at each rate of --rates (inf: all at
-once; the inf runs are repeated --runs times), with the same arrival times, after the same warm-up
-(engine/warmup.py). The offline engine is released before the server starts, so the two never share the GPU.
+moment it is due and timed from when its tokens reach the host; served is `pagestream serve` started here with
+the same engine flags, loaded by `bench serve`'s client. Both get the fixed workload's requests (as text,
+through the model's tokenizer), at each rate of --rates (inf: all at once; the inf runs are repeated --runs
+times), with the same arrival times, after the same warm-up (engine/warmup.py). The offline child exits, giving
+its GPU memory back, before the server starts.
 
 The table: throughput, served / offline (the pipeline's cost is 1 minus it), TTFT, TPOT and ITL percentiles;
 then, per served run, where the time went, hop by hop (loadtest/hops.py).

@@ -94,7 +94,8 @@ class WorkerService:
         self.owners: dict[int, _Owner] = {}
         self.scheduler_epoch: str | None = None
         self.step = 0
-        self.outbox: queue.Queue = queue.Queue(maxsize=1024)   # steps the publisher may fall behind before the model loop waits
+        # Steps the publisher may fall behind by before the model loop waits for it.
+        self.outbox: queue.Queue = queue.Queue(maxsize=1024)
         self.inbox = PlanInbox()
         self.first_stamps: dict[int, list[float]] = {}     # seq id -> its request's stamps, until its first token
 
