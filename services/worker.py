@@ -154,8 +154,6 @@ class WorkerService:
             self.owners.clear()
             self.first_stamps.clear()
             self.scheduler_epoch = message.scheduler_epoch
-        for seq_id in message.freed_seq_ids:
-            self.first_stamps.pop(seq_id, None)
         for new, rid, index in zip(message.new, message.new_request_ids, message.new_indexes):
             self.owners[new.seq_id] = _Owner(rid, index, new.num_computed_tokens, partition_of(rid, self.partitions))
         for new, stamps in zip(message.new, message.new_stamps):
@@ -200,6 +198,7 @@ class WorkerService:
         # still had in flight, and each step's tokens carry their owners to the publisher.
         for seq_id in message.freed_seq_ids:
             self.owners.pop(seq_id, None)
+            self.first_stamps.pop(seq_id, None)
 
     # ---- the publisher thread ------------------------------------------------------------------------------
     def _publish(self) -> None:
