@@ -61,16 +61,15 @@ class EngineRun:
 
 
 def run_engine(llm, requests, temperature: float) -> EngineRun:
+    from engine.warmup import warm_up
     from schemas.sampling_params import SamplingParams
     params = [SamplingParams(max_tokens=ol, min_tokens=ol, ignore_eos=True, temperature=temperature, seed=i)
               for i, (_, ol) in enumerate(requests)]
-    # Warm-up on the workload's own first prompts, a few tokens each: it compiles the Triton kernels for the
-    # shapes the run meets (prefill tiles, mixed and decode steps) before the clock starts, as a server would
-    # have done long before its first measured request.
-    llm.generate([p for p, _ in requests[:64]], [SamplingParams(max_tokens=16, ignore_eos=True,
-                                                                temperature=temperature, seed=i)
-                                                 for i in range(min(64, len(requests)))])
-    runner = llm.engine.runner
+    # The server's warm-up: it compiles the Triton kernels for the shapes the run meets (prefill tiles, mixed and
+    # decode steps) before the clock starts, as a server has done before its first request.
+    engine = llm.engine
+    warm_up(engine.runner, engine.config.scheduler, engine.max_model_len, engine.scheduler.eos_token_ids)
+    runner = engine.runner
     llm.engine.scheduler.block_manager.reset_prefix_cache()    # no run may reuse an earlier run's prompts
     runner.measure_gpu_time()
     start = time.perf_counter()
