@@ -1,13 +1,14 @@
 """The GPU worker service: runs the scheduler's plans, publishes every step's tokens as they come.
 
-It registers its KV pool (WorkerInfo) and beats a heartbeat whose value is its epoch. Three threads:
-- the plan reader takes plans from Redis into an inbox, so the model loop never waits on Redis;
+It registers its KV pool (WorkerInfo) and beats a heartbeat whose value is its epoch. Its parts:
+- the plan reader (a thread) takes plans from Redis into an inbox, so the model loop never waits on Redis;
 - the model loop runs each plan's k steps (in order, one plan at a time). Between steps it looks at the inbox:
   when a plan with new prompts waits, the running plan ends at that step boundary (the scheduler takes the
   skipped steps back when it learns how many ran), so a prompt never waits for a plan of decode steps to end;
-- the publisher turns each step's tokens, as they reach the host, into one columnar StepTokens message per
-  detokenizer partition, so step n's tokens are on their way while step n+1 runs. After a plan's last step,
-  one StepEvent tells the scheduler what every sequence sampled, acknowledged together with the plan.
+- the publisher (services/publisher.py, a process of its own, fed through a pipe by a writer thread) turns each
+  step's tokens, as they reach the host, into one columnar StepTokens message per detokenizer partition, so step
+  n's tokens are on their way while step n+1 runs and the model loop spends no time on them. After a plan's last
+  step, one StepEvent tells the scheduler what every sequence sampled, acknowledged together with the plan.
 Sequences that end inside a plan (EOS, a stop token, max_tokens) are masked by the runner: their later tokens
 are neither computed nor published.
 """
@@ -16,11 +17,12 @@ from __future__ import annotations
 import argparse
 import logging
 import queue
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.model_files import resolve_model
@@ -29,36 +31,14 @@ from engine.plan import Plan, StepResult
 from engine.tokenizer import eos_token_ids, load_tokenizer
 from engine.warmup import warm_up
 from schemas.codec import SchemaError, decode, encode
-from schemas.messages import PlanMessage, StepEvent, StepTokens, TokenLogprobsWire, WorkerInfo
+from schemas.messages import PlanMessage, StepEvent, WorkerInfo
+from services.publisher import write_frame
 from services.runtime import Heartbeat, setup_logging, stop_event
 from services.transport import Transport, instance_id, partition_of
 
 log = logging.getLogger("pagestream.worker")
 
 GROUP = "worker"
-PUBLISH_BATCH = 64                 # steps and events sent in one round trip at most
-
-
-@dataclass
-class _Owner:
-    request_id: str
-    index: int
-    num_cached_tokens: int
-    partition: int                 # the detokenizer partition of its request (partition_of, once per sequence)
-
-
-@dataclass
-class _StepOut:
-    """One step's tokens, captured on the model loop, turned into messages on the publisher thread."""
-    step: int
-    seq_ids: list[int]
-    token_ids: list[int]
-    positions: list[int]
-    finishes: list
-    logprobs: list | None
-    on_host: float
-    owners: list["_Owner | None"]      # aligned with seq_ids, taken when the step reached the host
-    first_stamps: dict[int, list[float]] = field(default_factory=dict)   # seq id -> stamps, for first tokens
 
 
 class PlanInbox:
@@ -91,10 +71,11 @@ class WorkerService:
         self.config, self.worker, self.partitions = config, worker, partitions
         self.epoch = uuid.uuid4().hex
         self.consumer = instance_id("worker")
-        self.owners: dict[int, _Owner] = {}
+        # seq id -> [seq id, request id, completion index, prompt tokens from the cache, detokenizer partition]
+        self.owners: dict[int, list] = {}
         self.scheduler_epoch: str | None = None
         self.step = 0
-        # Steps the publisher may fall behind by before the model loop waits for it.
+        # Frames for the publisher; steps it may fall behind by before the model loop waits for it.
         self.outbox: queue.Queue = queue.Queue(maxsize=1024)
         self.inbox = PlanInbox()
         self.first_stamps: dict[int, list[float]] = {}     # seq id -> its request's stamps, until its first token
@@ -111,7 +92,9 @@ class WorkerService:
                           sorted(eos))
         self.transport.redis.set(self.names.worker_info(self.worker), encode(info))
         Heartbeat(self.transport, self.names.alive("worker", self.worker), self.epoch, stop).start()
-        threads = [threading.Thread(target=self._publish, name="publisher", daemon=True),
+        publisher = subprocess.Popen([sys.executable, "-m", "services.publisher", "--redis-url", self.transport.url,
+                                      "--prefix", self.names.prefix, "--worker", self.worker], stdin=subprocess.PIPE)
+        threads = [threading.Thread(target=self._feed, args=(publisher, stop), name="pipe writer", daemon=True),
                    threading.Thread(target=self._read_plans, args=(stop,), name="plan reader", daemon=True)]
         for thread in threads:
             thread.start()
@@ -126,6 +109,27 @@ class WorkerService:
             self._execute(*item)
         self.outbox.put(None)
         threads[0].join(timeout=10)
+        try:
+            publisher.wait(timeout=10)            # it ends once it has published what it was handed
+        except subprocess.TimeoutExpired:
+            publisher.kill()
+
+    def _feed(self, publisher: subprocess.Popen, stop) -> None:
+        """The pipe writer: frames from the outbox to the publisher process. If the publisher is gone, so is
+        every token from now on: the worker stops (and is restarted, with a new epoch, by whoever runs it)."""
+        while True:
+            frame = self.outbox.get()
+            try:
+                if frame is None:
+                    publisher.stdin.close()
+                    return
+                write_frame(publisher.stdin, frame)
+                if self.outbox.empty():
+                    publisher.stdin.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                log.error("the publisher process is gone (exit code %s): stopping", publisher.poll())
+                stop.set()
+                return
 
     def _read_plans(self, stop) -> None:
         plans = self.names.plan(self.worker)
@@ -151,17 +155,24 @@ class WorkerService:
         plan_started = time.time()
         if message.scheduler_epoch != self.scheduler_epoch:       # a new scheduler: nothing it knows of is held
             self.runner.seqs.clear()
+            if self.owners:
+                self.outbox.put(["owners", [], list(self.owners)])
             self.owners.clear()
             self.first_stamps.clear()
             self.scheduler_epoch = message.scheduler_epoch
+        added = []
         for new, rid, index in zip(message.new, message.new_request_ids, message.new_indexes):
-            self.owners[new.seq_id] = _Owner(rid, index, new.num_computed_tokens, partition_of(rid, self.partitions))
+            added.append([new.seq_id, rid, index, new.num_computed_tokens, partition_of(rid, self.partitions)])
+            self.owners[new.seq_id] = added[-1]
+        for fork, index in zip(message.forks, message.fork_indexes):    # a parent may be new in this plan
+            _, rid, _, cached, partition = self.owners[fork.parent_id]
+            added.append([fork.child_id, rid, index, cached, partition])
+            self.owners[fork.child_id] = added[-1]
+        if added:
+            self.outbox.put(["owners", added, []])        # before any of their tokens
         for new, stamps in zip(message.new, message.new_stamps):
             if stamps:
                 self.first_stamps[new.seq_id] = stamps + [plan_started]
-        for fork, index in zip(message.forks, message.fork_indexes):
-            parent = self.owners[fork.parent_id]
-            self.owners[fork.child_id] = _Owner(parent.request_id, index, parent.num_cached_tokens, parent.partition)
         plan = Plan(num_steps=message.num_steps, new=message.new, running=message.running,
                     num_scheduled_tokens=dict(zip(message.scheduled_seq_ids, message.scheduled_tokens)),
                     forks=message.forks, block_copies=message.block_copies, freed_seq_ids=message.freed_seq_ids)
@@ -172,13 +183,16 @@ class WorkerService:
             seqs = self.runner.seqs
             positions = [len(seqs[s].token_ids) - seqs[s].num_prompt_tokens - 1 for s in result.seq_ids]
             finishes = [seqs[s].finish for s in result.seq_ids]
-            out = _StepOut(self.step, result.seq_ids, result.token_ids, positions, finishes, result.logprobs,
-                           on_host, [self.owners.get(s) for s in result.seq_ids])
+            firsts = []
             if self.first_stamps:
                 for s, position in zip(result.seq_ids, positions):
                     if position == 0 and s in self.first_stamps:
-                        out.first_stamps[s] = self.first_stamps.pop(s)
-            self.outbox.put(out)
+                        firsts.append([s, self.first_stamps.pop(s)])
+            logprobs = None if result.logprobs is None else [
+                [lp.logprob, [t for t, _ in lp.top], [v for _, v in lp.top]] for lp in result.logprobs]
+            self.outbox.put(["step", self.step, on_host, result.seq_ids, result.token_ids, positions,
+                             [f[0].value if f else None for f in finishes], [f[1] if f else None for f in finishes],
+                             logprobs, firsts])
             self.step += 1
             for s, t in zip(result.seq_ids, result.token_ids):
                 sampled.setdefault(s, []).append(t)
@@ -190,71 +204,17 @@ class WorkerService:
             event = StepEvent(message.plan_id, seq_ids, [sampled[s] for s in seq_ids],
                               [f[0].value if f else None for f in finishes], [f[1] if f else None for f in finishes],
                               num_steps_run=steps_run)
-            self.outbox.put((event, entry_id))
+            self.outbox.put(["event", encode(event), entry_id])
 
         # A plan with new prompts waiting ends this one at the next step boundary.
         self.runner.execute(plan, on_step, on_done, should_stop=lambda: self.inbox.num_with_new_prompts > 0)
         # Only now are the freed sequences forgotten: execute() first hands over the tokens a preempted one
-        # still had in flight, and each step's tokens carry their owners to the publisher.
+        # still had in flight, and the publisher drops their owners after those.
+        dropped = [s for s in message.freed_seq_ids if self.owners.pop(s, None) is not None]
         for seq_id in message.freed_seq_ids:
-            self.owners.pop(seq_id, None)
             self.first_stamps.pop(seq_id, None)
-
-    # ---- the publisher thread ------------------------------------------------------------------------------
-    def _publish(self) -> None:
-        """Publish what the model loop hands over, in order, everything waiting in one round trip: when it
-        falls behind (a small model's steps come every few milliseconds) it sends more per trip rather than
-        falling further behind. A plan's event is acknowledged in the same transaction as the plan it answers."""
-        plans = self.names.plan(self.worker)
-        while True:
-            batch = [self.outbox.get()]
-            while batch[-1] is not None and len(batch) < PUBLISH_BATCH:
-                try:
-                    batch.append(self.outbox.get_nowait())
-                except queue.Empty:
-                    break
-            pipe = self.transport.pipeline()
-            try:
-                for item in batch:
-                    if isinstance(item, _StepOut):
-                        self._publish_tokens(item, pipe)
-                    elif item is not None:
-                        event, entry_id = item
-                        self.transport.publish(self.names.events(self.worker), encode(event), pipe)
-                        self.transport.ack(plans, GROUP, [entry_id], pipe)
-                pipe.execute()
-            except Exception:
-                log.exception("publishing failed")
-            if batch[-1] is None:
-                return
-
-    def _publish_tokens(self, out: _StepOut, pipe) -> None:
-        columns: dict[int, StepTokens] = {}
-        for i, (seq_id, owner) in enumerate(zip(out.seq_ids, out.owners)):
-            if owner is None:
-                continue
-            msg = columns.get(owner.partition)
-            if msg is None:
-                msg = columns[owner.partition] = StepTokens(
-                    step=out.step, request_ids=[], indexes=[], positions=[], token_ids=[], finish_reasons=[],
-                    stop_reasons=[], num_cached_tokens=[], logprobs=[] if out.logprobs is not None else None,
-                    on_host=out.on_host)
-            finish = out.finishes[i]
-            msg.request_ids.append(owner.request_id)
-            msg.indexes.append(owner.index)
-            msg.positions.append(out.positions[i])
-            msg.token_ids.append(out.token_ids[i])
-            msg.finish_reasons.append(finish[0].value if finish else None)
-            msg.stop_reasons.append(finish[1] if finish else None)
-            msg.num_cached_tokens.append(owner.num_cached_tokens)
-            msg.first_stamps.append(out.first_stamps.get(seq_id, []))
-            if out.logprobs is not None:
-                lp = out.logprobs[i]
-                msg.logprobs.append(TokenLogprobsWire(lp.logprob, [t for t, _ in lp.top], [v for _, v in lp.top]))
-        for p, msg in columns.items():
-            if not out.first_stamps:
-                msg.first_stamps = []
-            self.transport.publish(self.names.tokens(p), encode(msg), pipe)
+        if dropped:
+            self.outbox.put(["owners", [], dropped])
 
 
 def run(args: argparse.Namespace) -> int:

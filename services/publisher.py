@@ -1,0 +1,157 @@
+"""The worker's publisher: a process of its own that sends each step's tokens on to the detokenizers.
+
+The model loop must not spend its time (nor hold the GIL) building messages: at a small model's pace (a step every
+3 to 4 ms) a publisher thread beside it fell a second behind. So the worker only writes each step's columns, as one
+msgpack frame, to this process's stdin (services.worker's pipe writer), and this process does the rest: for each
+step, one columnar StepTokens message per detokenizer partition; for each plan, its StepEvent, acknowledged in
+the same transaction as the plan it answers. Whatever is waiting goes out in one round trip, so falling behind
+makes the trips bigger rather than the lag longer.
+
+Frames (msgpack arrays; a 4-byte little-endian length before each), in the order the model loop made them:
+    ["owners", [[seq_id, request_id, index, num_cached_tokens, partition], ...], [dropped seq_id, ...]]
+    ["step", step, on_host, seq_ids, token_ids, positions, finish_reasons, stop_reasons, logprobs, first_stamps]
+    ["event", encoded StepEvent, plan entry id]
+A sequence's owner is added before its first step and dropped after its last, so every token finds its request.
+The process ends at the end of its input (the worker stopped or died), after publishing what it holds.
+
+    python -m services.publisher --redis-url URL --prefix ps --worker w0     (the worker starts it)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import signal
+import struct
+import sys
+import threading
+from typing import BinaryIO, Iterator
+
+import msgpack
+
+from schemas.codec import encode
+from schemas.messages import StepTokens, TokenLogprobsWire
+from services.runtime import setup_logging
+from services.transport import Transport
+
+log = logging.getLogger("pagestream.publisher")
+
+GROUP = "worker"                   # the plan stream's consumer group (the worker's)
+BATCH = 64                         # frames sent in one round trip at most
+_LENGTH = struct.Struct("<I")
+
+
+def write_frame(stream: BinaryIO, frame: list) -> None:
+    data = msgpack.packb(frame, use_bin_type=True)
+    stream.write(_LENGTH.pack(len(data)) + data)
+
+
+def read_frames(stream: BinaryIO) -> Iterator[list]:
+    while True:
+        header = stream.read(_LENGTH.size)
+        if len(header) < _LENGTH.size:
+            return
+        data = stream.read(_LENGTH.unpack(header)[0])
+        yield msgpack.unpackb(data, raw=False)
+
+
+class Publisher:
+    def __init__(self, transport: Transport, worker: str):
+        self.transport, self.names = transport, transport.names
+        self.plans = self.names.plan(worker)
+        self.events = self.names.events(worker)
+        self.owners: dict[int, tuple[str, int, int, int]] = {}   # seq id -> (request id, index, cached, partition)
+
+    def run(self, frames: Iterator[list]) -> None:
+        waiting: queue.Queue = queue.Queue()
+
+        def read() -> None:                       # the pipe is read on a thread: frames keep coming meanwhile
+            for frame in frames:
+                waiting.put(frame)
+            waiting.put(None)
+
+        threading.Thread(target=read, name="frames", daemon=True).start()
+        while True:
+            batch = [waiting.get()]
+            while batch[-1] is not None and len(batch) < BATCH:
+                try:
+                    batch.append(waiting.get_nowait())
+                except queue.Empty:
+                    break
+            pipe = self.transport.pipeline()
+            try:
+                for frame in batch:
+                    if frame is not None:
+                        self._apply(frame, pipe)
+                pipe.execute()
+            except Exception:
+                log.exception("publishing failed")
+            if batch[-1] is None:
+                return
+
+    def _apply(self, frame: list, pipe) -> None:
+        kind = frame[0]
+        if kind == "owners":
+            _, added, dropped = frame
+            for seq_id, request_id, index, cached, partition in added:
+                self.owners[seq_id] = (request_id, index, cached, partition)
+            for seq_id in dropped:
+                self.owners.pop(seq_id, None)
+        elif kind == "step":
+            self._publish_tokens(*frame[1:], pipe)
+        elif kind == "event":
+            _, payload, entry_id = frame
+            self.transport.publish(self.events, payload, pipe)
+            self.transport.ack(self.plans, GROUP, [entry_id], pipe)
+        else:
+            raise ValueError(f"unknown frame {kind!r}")
+
+    def _publish_tokens(self, step: int, on_host: float, seq_ids: list[int], token_ids: list[int],
+                        positions: list[int], finish_reasons: list, stop_reasons: list, logprobs: list | None,
+                        first_stamps: list, pipe) -> None:
+        firsts = dict(first_stamps)
+        columns: dict[int, StepTokens] = {}
+        for i, seq_id in enumerate(seq_ids):
+            owner = self.owners.get(seq_id)
+            if owner is None:                     # aborted meanwhile: nobody waits for its tokens
+                continue
+            request_id, index, cached, partition = owner
+            msg = columns.get(partition)
+            if msg is None:
+                msg = columns[partition] = StepTokens(
+                    step=step, request_ids=[], indexes=[], positions=[], token_ids=[], finish_reasons=[],
+                    stop_reasons=[], num_cached_tokens=[], logprobs=[] if logprobs is not None else None,
+                    on_host=on_host)
+            msg.request_ids.append(request_id)
+            msg.indexes.append(index)
+            msg.positions.append(positions[i])
+            msg.token_ids.append(token_ids[i])
+            msg.finish_reasons.append(finish_reasons[i])
+            msg.stop_reasons.append(stop_reasons[i])
+            msg.num_cached_tokens.append(cached)
+            msg.first_stamps.append(firsts.get(seq_id, []))
+            if logprobs is not None:
+                msg.logprobs.append(TokenLogprobsWire(*logprobs[i]))
+        for partition, msg in columns.items():
+            if not firsts:
+                msg.first_stamps = []
+            self.transport.publish(self.names.tokens(partition), encode(msg), pipe)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.publisher", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--prefix", default="ps")
+    parser.add_argument("--worker", default="w0")
+    args = parser.parse_args(argv)
+    setup_logging("publisher")
+    # It ends with its input: Ctrl-C at a terminal (sent to the whole process group) must not cut off what the
+    # worker has handed over; the worker closing the pipe, or dying, ends it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Publisher(Transport(args.redis_url, args.prefix), args.worker).run(read_frames(sys.stdin.buffer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
