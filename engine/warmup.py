@@ -17,8 +17,8 @@ from dataclasses import replace
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.model_runner import ModelRunner
-from schemas.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from schemas.sampling_params import SamplingParams
 
 # The sampler's paths: greedy, filtered sampling, penalties, logprobs.
 _PARAMS = (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_p=0.9, top_k=40, min_p=0.05),
@@ -60,7 +60,7 @@ def _run(runner: ModelRunner, config: SchedulerConfig, max_model_len: int, eos_t
         scheduler.add_request(f"warmup-{i}", [rng.randrange(vocab) for _ in range(length)], params, seed=i)
     while scheduler.has_unfinished():
         plan = scheduler.schedule()
-        runner.execute(plan, lambda result: scheduler.update(result))
+        runner.execute(plan, scheduler.update)
         scheduler.cut(plan, runner.steps_run)
     runner.flush()
     runner.seqs.clear()

@@ -10,13 +10,14 @@ behind, all in one round trip (plus a SCAN for the token partitions every PARTIT
 """
 from __future__ import annotations
 
+import asyncio
 import bisect
 import logging
 import math
 import time
 from typing import Any, Callable, Iterable
 
-from schemas.codec import SchemaError, decode
+from schemas.codec import SchemaError, decode, encode
 from schemas.messages import (DELIVERY_HOPS, DELIVERY_STAMPS, FIRST_TOKEN_HOPS, FIRST_TOKEN_STAMPS, GatewayStats,
                               MetricSeries)
 from services.transport import Names
@@ -218,24 +219,28 @@ class GatewayMetrics:
         for stats in peers:
             for series in stats.series:
                 metric = by_name.get(series.name)
-                width = len(metric.bounds) + 2 if isinstance(metric, Histogram) else 1
-                if metric is not None and len(series.labels) == len(metric.labelnames) and len(series.values) == width:
+                if metric is None or len(series.labels) != len(metric.labelnames):
+                    continue
+                width = len(metric.bounds) + 2 if isinstance(metric, Histogram) else 1     # counts and sum
+                if len(series.values) == width:
                     metric.add_series(tuple(series.labels), series.values)
         return total.all()
 
     def observe_hops(self, stamps: list[float], to_client: bool) -> None:
-        """A token's stamps (schemas.messages: FIRST_TOKEN_STAMPS for a request's first token, else
-        DELIVERY_STAMPS, the gateway's two included) as hops. Without a client hop (a response sent whole), the
-        last stamp is left out. Clocks of different hosts may disagree a little: no hop is negative."""
-        if not to_client:
-            stamps = stamps[:-1]
-        if len(stamps) == len(FIRST_TOKEN_STAMPS) - (not to_client):
-            for hop, start, end in zip(FIRST_TOKEN_HOPS, stamps, stamps[1:]):
-                self.first_token_hops.observe(max(0.0, end - start), hop=hop)
-            stamps = stamps[-len(DELIVERY_STAMPS) + (not to_client):]
-        if len(stamps) == len(DELIVERY_STAMPS) - (not to_client):
-            for hop, start, end in zip(DELIVERY_HOPS, stamps, stamps[1:]):
-                self.token_hops.observe(max(0.0, end - start), hop=hop)
+        """A token's stamps, the gateway's two included (schemas.messages: FIRST_TOKEN_STAMPS for a request's
+        first token, else DELIVERY_STAMPS), as hops; a first token's delivery counts among every token's. A
+        response sent whole has no gateway_to_client hop. Clocks of different hosts may disagree a little: no
+        hop is negative."""
+        if len(stamps) == len(FIRST_TOKEN_STAMPS):
+            _observe(self.first_token_hops, FIRST_TOKEN_HOPS, stamps, to_client)
+        if len(stamps) in (len(FIRST_TOKEN_STAMPS), len(DELIVERY_STAMPS)):
+            _observe(self.token_hops, DELIVERY_HOPS, stamps[-len(DELIVERY_STAMPS):], to_client)
+
+
+def _observe(histogram: Histogram, hops: tuple[str, ...], stamps: list[float], to_client: bool) -> None:
+    for hop, start, end in zip(hops, stamps, stamps[1:]):
+        if to_client or hop != "gateway_to_client":
+            histogram.observe(max(0.0, end - start), hop=hop)
 
 
 # ---- the pipeline's, read from Redis at scrape time ------------------------------------------------------------
@@ -373,8 +378,6 @@ GATEWAY_STATS_TTL_S = 3600        # a gone gateway's counts stay in the sums for
 
 async def publish_gateway_stats(redis, names: Names, gateway: str, metrics: GatewayMetrics) -> None:
     """Every second, this gateway's metrics where its peers read them (runs until cancelled)."""
-    import asyncio
-    from schemas.codec import encode
     while True:
         try:
             await redis.set(names.gateway_stats(gateway), encode(metrics.snapshot(gateway)), ex=GATEWAY_STATS_TTL_S)
