@@ -18,7 +18,7 @@ import triton.language as tl
 BLOCK_B = 128           # rows per program: a decode batch is a few hundred rows, so one or a few programs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _advance_step_kernel(sampled_ptr, input_ids_ptr, positions_ptr, seq_lens_ptr, slot_ptr, block_tables_ptr,
                          steps_left_ptr, B, max_blocks, block_table_stride,
                          BLOCK_SIZE: tl.constexpr,        # KV block size, a power of two: // and % are shifts

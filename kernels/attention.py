@@ -100,7 +100,7 @@ def _split_tiles(seq_len, num_splits, BLOCK_N: tl.constexpr):
     return num_tiles, tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     out_ptr, part_o_ptr, part_lse_ptr,
@@ -185,7 +185,7 @@ def _paged_decode_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_combine_kernel(
     part_o_ptr, part_lse_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
     num_splits, num_heads, stride_ob, stride_oh,
@@ -328,7 +328,7 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
 # Prefill
 # =================================================================================================================
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
     scale_log2e, num_seqs,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n_rows, D, inv_D, eps,
                      HAS_RESIDUAL: tl.constexpr,
                      BLOCK_M: tl.constexpr,      # rows per program
