@@ -11,7 +11,10 @@ attention on the CPU, and to know which rows are still stepping) without ever re
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from engine.staging import pinned, to_device
 
 
 class DecodeBatch:
@@ -25,7 +28,6 @@ class DecodeBatch:
         self.block_tables = zeros(max_batch, max_blocks, dtype=torch.int32)
         self.steps_left = zeros(max_batch, dtype=torch.int32)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)   # one token a row
-        self._pin = device.type == "cuda"
         self.seq_ids: list[int] = []
         self.positions_host: list[int] = []
         self.steps_left_host: list[int] = []
@@ -42,19 +44,17 @@ class DecodeBatch:
         assert n <= self.max_batch and all(len(t) <= mb for t in tables)
         self.seq_ids, self.positions_host, self.steps_left_host = list(seq_ids), list(positions), list(steps_left)
         # One staging buffer on the host: [positions | seq_lens | slots | steps_left | block tables] as int64.
-        # A new one each time (torch's pinned-memory cache hands a block out again only once the copy that
-        # read it has run): the host runs ahead of the GPU, and a reused buffer could be overwritten before
+        # A new one each time: the host runs ahead of the GPU, and a reused buffer could be overwritten before
         # the asynchronous copy of the previous load has read it.
-        stage = torch.empty(n * (4 + mb), dtype=torch.int64, pin_memory=self._pin)
-        rows = stage[:4 * n].view(4, n)
-        rows[0] = torch.tensor(positions)
-        rows[1] = rows[0] + 1
-        rows[2] = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, positions)])
-        rows[3] = torch.tensor(steps_left)
-        flat = stage[4 * n:].view(n, mb)
-        flat.zero_()
+        stage, host = pinned((n * (4 + mb),), torch.int64, self.device)
+        rows, flat = host[:4 * n].reshape(4, n), host[4 * n:].reshape(n, mb)
+        flat.fill(0)
         for b, table in enumerate(tables):
-            flat[b, :len(table)] = torch.tensor(table)
+            flat[b, :len(table)] = table
+        rows[0] = positions
+        rows[1] = rows[0] + 1
+        rows[2] = flat[np.arange(n), rows[0] // bs] * bs + rows[0] % bs
+        rows[3] = steps_left
         device_stage = stage.to(self.device, non_blocking=True)
         d = device_stage[:4 * n].view(4, n)
         self.positions[:n] = d[0]
@@ -62,10 +62,8 @@ class DecodeBatch:
         self.slot_mapping[:n] = d[2]
         self.steps_left[:n] = d[3].to(torch.int32)
         self.block_tables[:n] = device_stage[4 * n:].view(n, mb).to(torch.int32)
-        if isinstance(input_ids, torch.Tensor):
-            self.input_ids[:n] = input_ids
-        else:
-            self.input_ids[:n] = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        self.input_ids[:n] = input_ids if isinstance(input_ids, torch.Tensor) else \
+            to_device(input_ids, torch.int64, self.device)
         # Padding rows: nothing to attend to, nothing to write.
         self.seq_lens[n:] = 0
         self.slot_mapping[n:] = -1

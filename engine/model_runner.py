@@ -14,10 +14,12 @@ kernel, so the host never waits for the GPU inside a plan. Sampled tokens reach 
 from __future__ import annotations
 
 import time
+from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from engine.async_output import StepOutputs
@@ -29,7 +31,8 @@ from engine.model_files import resolve_max_model_len
 from engine.model_loader import build_model, pick_device, pick_dtype
 from engine.ops import select_ops
 from engine.plan import Plan, StepResult, TokenLogprobs
-from engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
+from engine.sampler import Sampler, SamplingBatch, SamplingRow
+from engine.staging import to_device
 from engine.sequence import FinishReason, check_stop
 from kernels.advance_step import advance_step, advance_step_reference
 from kernels.attention import default_num_splits
@@ -140,7 +143,7 @@ class ModelRunner:
         chunks, first = [], 0
         for n in lengths:
             count = -(-n // self.block_size)
-            chunks.append((list(range(first, first + count)), [0] * n, 0, n))
+            chunks.append((list(range(first, first + count)), [0] * n, 0))
             first += count
         hidden = self._forward_prefill(chunks)
         rows = min(sc.max_num_seqs, hidden.shape[0])
@@ -194,18 +197,19 @@ class ModelRunner:
             self.steps_run = self._decode(rows, [live[s] - 1 for s in rows], *self._last_tokens(rows, inflight),
                                           on_step, should_stop)
         elif live:
-            self.flush()          # prompt chunks and forks are built on the host, from every token
-            live = {s: n for s, n in live.items() if not self.seqs[s].finished}
-            first = {s: min(n, len(self.seqs[s].token_ids) - self.seqs[s].num_computed_tokens)
-                     for s, n in live.items()}
-            seq_ids, out = self._eager_step(first, plan, on_step)
+            if plan.forks:        # a fork child copies every token of its parent: they must all be on the host
+                self.flush()
+                inflight = {}
+                live = {s: n for s, n in live.items() if not self.seqs[s].finished}
+            # Built on the host while the GPU still runs the last step: a decode row whose input token that
+            # step is sampling takes it from the device.
+            first = {s: min(n, known[s] - self.seqs[s].num_computed_tokens) for s, n in live.items()}
+            sampled = self._eager_step(first, inflight, plan, on_step)
             self.steps_run = 1
-            more = [(i, s) for i, s in enumerate(seq_ids) if s in live and live[s] - first[s] > 0]
-            if more and not (should_stop is not None and should_stop()):
-                index = torch.tensor([i for i, _ in more], device=self.device)
-                rows = [s for _, s in more]
-                self.steps_run += self._decode(rows, [live[s] - first[s] - 1 for s in rows], out.token_ids[index],
-                                               None, on_step, should_stop)
+            rows = [s for s in sampled if s in live and live[s] - first[s] > 0]
+            if rows and not (should_stop is not None and should_stop()):
+                self.steps_run += self._decode(rows, [live[s] - first[s] - 1 for s in rows],
+                                               *self._last_tokens(rows, self._inflight_rows()), on_step, should_stop)
         if on_done is not None:
             steps = self.steps_run
             self.outputs.push_done(lambda: on_done(steps))
@@ -234,10 +238,10 @@ class ModelRunner:
         host = [self.seqs[s].token_ids[-1] if s not in inflight else 0 for s in rows]
         if not any(s in inflight for s in rows):
             return host, None
-        where = _device_tensor([inflight.get(s, -1) for s in rows], torch.int64, self.device)
+        where = to_device([inflight.get(s, -1) for s in rows], torch.int64, self.device)
         on_device = where >= 0
         sampled = self._inflight[2][where.clamp(min=0)]
-        return torch.where(on_device, sampled, _device_tensor(host, torch.int64, self.device)), on_device
+        return torch.where(on_device, sampled, to_device(host, torch.int64, self.device)), on_device
 
     def _decode(self, rows: list[int], steps_left: list[int], input_ids, pending_mask, on_step, should_stop) -> int:
         """Decode steps for `rows` from the device batch: the first computes input_ids (host ids, or a device
@@ -285,19 +289,32 @@ class ModelRunner:
         finally:
             set_attention_metadata(None)
 
-    def _eager_step(self, counts: dict[int, int], plan: Plan, on_step) -> tuple[list[int], SamplerOutput]:
+    def _eager_step(self, counts: dict[int, int], inflight: dict[int, int], plan: Plan,
+                    on_step) -> list[int]:
         """One forward over counts[s] tokens of each sequence s (prompt chunks and decodes, built on the host),
-        then a token for each sequence that reached its last token, and for each fork child."""
+        then a token for each sequence that reached its last token, and for each fork child (returned: the
+        sequences that sampled). A sequence in `inflight` is a decode row whose input token the last launched
+        step is still sampling."""
         timer = self._start_timer()
         seqs = {s: self.seqs[s] for s in counts}
-        hidden = self._forward_prefill([(q.block_ids, q.token_ids, q.num_computed_tokens, counts[s])
-                                        for s, q in seqs.items()])
+        chunks, flat_rows, step_rows, row = [], [], [], 0
+        for seq_id, seq in seqs.items():
+            start, n = seq.num_computed_tokens, counts[seq_id]
+            if seq_id in inflight:
+                assert n == 1, "a sequence whose token is in flight computes that token next"
+                flat_rows.append(row)
+                step_rows.append(inflight[seq_id])
+                chunks.append((seq.block_ids, [0], start))
+            else:
+                chunks.append((seq.block_ids, seq.token_ids[start:start + n], start))
+            row += n
+        hidden = self._forward_prefill(chunks, (flat_rows, step_rows) if flat_rows else None)
         samplers, row = [], 0
         for seq_id, n in counts.items():
             seq = seqs[seq_id]
             seq.num_computed_tokens += n
             row += n
-            if seq.num_computed_tokens == len(seq.token_ids):   # reached its last token: it samples
+            if seq.num_computed_tokens == len(seq.token_ids) + (seq_id in inflight):   # reached its last token
                 samplers.append((seq_id, row - 1))
         # A fork child samples from its parent's last position, with its own seed.
         row_of = dict(samplers)
@@ -307,40 +324,50 @@ class ModelRunner:
         seq_ids = [s for s, _ in samplers]
         if not samplers:
             self._stop_timer(timer, eager=True)
-            return [], SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None, None, None)
-        logits = self.model.compute_logits(hidden[torch.tensor([r for _, r in samplers], device=self.device)])
+            return []
+        logits = self.model.compute_logits(hidden[to_device([r for _, r in samplers], torch.int64, self.device)])
         sampling = SamplingBatch.from_rows([_sampling_row(self.seqs[s]) for s in seq_ids], self.args.vocab_size,
                                            self.eos_token_ids, self.device)
+        last_tokens, on_device = self._last_tokens(seq_ids, inflight)
+        if on_device is not None:       # the sampler counts the in-flight tokens the host has not seen yet
+            sampling.advance(last_tokens, on_device)
         out = self.sampler(logits, sampling)
         self._stop_timer(timer, eager=True)
         self.outputs.push(seq_ids, None, out, on_step)
         self._inflight = (seq_ids, None, out.token_ids)
-        return seq_ids, out
+        return seq_ids
 
-    def _forward_prefill(self, chunks: list[tuple[list[int], list[int], int, int]]) -> torch.Tensor:
-        """Hidden states [T, D] of a flat batch of chunks (block table, token ids, first position, count)."""
-        input_ids, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
-        bs = self.block_size
-        for table, tokens, start, n in chunks:
-            end = start + n
-            input_ids += tokens[start:end]
-            positions += range(start, end)
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            query_lens.append(n)
-            seq_lens.append(end)
-            tables.append(table)
-        dev = self.device
-        max_blocks = max(map(len, tables))
+    def _forward_prefill(self, chunks: list[tuple[list[int], list[int], int]],
+                         from_device: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
+        """Hidden states [T, D] of a flat batch of chunks (block table, the chunk's token ids, its first
+        position). from_device: (flat rows, rows of the last launched step) whose input token is that step's
+        sampled one, still on the device (its place in the chunk's token ids is a placeholder)."""
+        n, bs, dev = len(chunks), self.block_size, self.device
+        query_lens = np.fromiter((len(tokens) for _, tokens, _ in chunks), np.int64, n)
+        starts = np.fromiter((start for _, _, start in chunks), np.int64, n)
+        seq_lens = starts + query_lens
+        tables = np.zeros((n, max(len(table) for table, _, _ in chunks)), np.int32)
+        for b, (table, _, _) in enumerate(chunks):
+            tables[b, :len(table)] = table
+        query_start_loc = np.zeros(n + 1, np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        row = np.repeat(np.arange(n), query_lens)                     # each token's chunk
+        positions = np.arange(query_start_loc[-1]) - query_start_loc[row] + starts[row]
+        slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
+        input_ids = to_device(list(chain.from_iterable(tokens for _, tokens, _ in chunks)), torch.int64, dev)
+        if from_device is not None:
+            flat_rows, step_rows = (to_device(x, torch.int64, dev) for x in from_device)
+            input_ids[flat_rows] = self._inflight[2][step_rows]
         md = AttentionMetadata(
-            slot_mapping=_device_tensor(slots, torch.int64, dev),
-            query_start_loc=_device_tensor([0] + _cumsum(query_lens), torch.int32, dev),
-            seq_lens=_device_tensor(seq_lens, torch.int32, dev),
-            block_tables=_device_tensor([t + [0] * (max_blocks - len(t)) for t in tables], torch.int32, dev),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+            slot_mapping=to_device(slots, torch.int64, dev),
+            query_start_loc=to_device(query_start_loc, torch.int32, dev),
+            seq_lens=to_device(seq_lens, torch.int32, dev),
+            block_tables=to_device(tables, torch.int32, dev),
+            max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
+            query_lens_cpu=query_lens.tolist(), seq_lens_cpu=seq_lens.tolist())
         set_attention_metadata(md)
         try:
-            return self.model(_device_tensor(input_ids, torch.int64, dev), _device_tensor(positions, torch.int64, dev))
+            return self.model(input_ids, to_device(positions, torch.int64, dev))
         finally:
             set_attention_metadata(None)
 
@@ -386,7 +413,7 @@ class ModelRunner:
             del table[run.block_offset:]
             table += run.new_block_ids
         if plan.block_copies:
-            src, dst = (torch.tensor(x, device=self.device) for x in zip(*plan.block_copies))
+            src, dst = (to_device(x, torch.int64, self.device) for x in zip(*plan.block_copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
 
@@ -397,15 +424,4 @@ def _sampling_row(seq: WorkerSequence) -> SamplingRow:
     return SamplingRow(seq.params, seq.seed, seq.token_ids[:seq.num_prompt_tokens], seq.token_ids[seq.num_prompt_tokens:])
 
 
-def _device_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list on the device without waiting for the GPU (pinned staging, asynchronous copy)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
-
-def _cumsum(values: list[int]) -> list[int]:
-    out, total = [], 0
-    for v in values:
-        total += v
-        out.append(total)
-    return out

@@ -13,6 +13,7 @@ from itertools import chain
 
 import torch
 
+from engine.staging import to_device
 from schemas.sampling_params import SamplingParams
 
 
@@ -163,7 +164,7 @@ class SamplingBatch:               # device tensors for a batch, built once per 
 
 
 def _tensor(values: list, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
+    return to_device(values, dtype, device)
 
 
 def _token_counts(token_lists: list[Sequence[int]], vocab_size: int, device: torch.device | str) -> torch.Tensor:

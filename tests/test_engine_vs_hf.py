@@ -175,3 +175,41 @@ def test_scheduler_one_plan_ahead_keeps_outputs_and_stops(llama_reference, steps
             want = want[:want.index(stop_token) + 1]
         assert out[f"r{i}"] == want
     assert engine.stats().kv.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_prompts_arriving_mid_decode_keep_seeded_penalized_samples(llama_reference, asynchronous):
+    """A mixed step (a new prompt beside running decodes) is built while the GPU still samples the decodes'
+    input tokens, which it then takes from the device. Seeded sampling with penalties depends on every token
+    and on the token count: a request's tokens are the same alone and with prompts arriving during its decode,
+    in multi-step plans, with asynchronous output on and off."""
+    path, prompts, _ = llama_reference
+    params = SamplingParams(temperature=1.0, seed=7, presence_penalty=0.8, repetition_penalty=1.3, max_tokens=24,
+                            ignore_eos=True)
+
+    def engine():
+        e = LLM(str(path), progress=False, num_scheduler_steps=4, async_output=asynchronous).engine
+        calls = []
+        forward = e.runner._forward_prefill
+        e.runner._forward_prefill = lambda chunks, from_device=None: (calls.append(from_device),
+                                                                      forward(chunks, from_device))[1]
+        return e, calls
+
+    alone, _ = engine()
+    alone.add_request("a", prompts[0], params)
+    while alone.has_unfinished_requests():
+        done = {o.request_id: o for o in alone.step(stream=False)}
+        expected = done["a"].outputs[0].token_ids if "a" in done else None
+
+    busy, calls = engine()
+    busy.add_request("a", prompts[0], params)
+    out, step = {}, 0
+    while busy.has_unfinished_requests():
+        if step in (2, 4, 7):                       # while "a" decodes
+            busy.add_request(f"late{step}", prompts[step % len(prompts)], greedy(6))
+        for o in busy.step(stream=False):
+            out[o.request_id] = o.outputs[0].token_ids
+        step += 1
+    assert out["a"] == expected and len(expected) == 24
+    took_from_device = [c for c in calls if c is not None]
+    assert bool(took_from_device) == asynchronous    # synchronous output has every token on the host already

@@ -1,0 +1,29 @@
+"""Host values on their way to the device, without making the host wait for the GPU.
+
+torch.tensor(values, device="cuda") copies from pageable memory, which CUDA does synchronously: the host waits
+until everything queued on the stream has run, and the GPU then idles while the host builds the rest of the step.
+Here values go through numpy (torch.tensor over a Python list is 5-9x slower) into pinned memory, and from there
+to the device asynchronously. torch's pinned-memory allocator hands a block out again only once the copy that read
+it has run, so the caller may go on building the next batch at once.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """values (a list or a numpy array) as a tensor of dtype on device."""
+    host = torch.from_numpy(np.asarray(values, dtype=_NUMPY[dtype]))
+    if torch.device(device).type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def pinned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, np.ndarray]:
+    """A new host staging tensor (pinned when the device is a GPU) and its numpy view, to fill in place and copy
+    with .to(device, non_blocking=True)."""
+    host = torch.empty(shape, dtype=dtype, pin_memory=torch.device(device).type == "cuda")
+    return host, host.numpy()
