@@ -7,8 +7,9 @@ Offline is the engine in-process (LLMEngine in a child process: no Redis, no HTT
 moment it is due and timed from when its tokens reach the host; served is `pagestream serve` started here with
 the same engine flags, loaded by `bench serve`'s client. Both get the fixed workload's requests (as text,
 through the model's tokenizer), at each rate of --rates (inf: all at once; the inf runs are repeated --runs
-times), with the same arrival times, after the same warm-up (engine/warmup.py). The offline child exits, giving
-its GPU memory back, before the server starts.
+times), with the same arrival times, after the same warm-up (engine/warmup.py). Every run is a cold one: its
+prompts start with the run's number, so none is found in the prefix cache a run before left. The offline child
+exits, giving its GPU memory back, before the server starts.
 
 The table: throughput, served / offline (the pipeline's cost is 1 minus it), TTFT, TPOT and ITL percentiles;
 then, per served run, where the time went, hop by hop (loadtest/hops.py).
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
@@ -54,6 +55,13 @@ def schedule(args: argparse.Namespace) -> list[float]:
     from loadtest.serve import parse_rates
     rates = parse_rates(args.rates)
     return [r for r in rates for _ in range(args.runs if math.isinf(r) else 1)]
+
+
+def for_run(requests: list, run: int) -> list:
+    """The requests of run `run` (1, 2, ...): each prompt starts with the run's number, so no run finds an
+    earlier run's prompts in the prefix cache and every run, offline or served, is a cold one, as a fresh
+    workload would be (prompt_len stays the dataset's: the tables count the tokens the engine reports)."""
+    return [replace(r, prompt=f"{run}: {r.prompt}") for r in requests]
 
 
 # ---- offline ----------------------------------------------------------------------------------------------------
@@ -130,9 +138,9 @@ def offline_child(spec_path: str, out_path: str) -> None:
     seconds = warm_up(engine.runner, engine.config.scheduler, engine.max_model_len, engine.scheduler.eos_token_ids)
     _log(f"offline: warmed up in {seconds:.1f} s")
     runs = []
-    for rate in spec["rates"]:
+    for run, rate in enumerate(spec["rates"], 1):
         rate = float(rate)
-        outputs, duration, busy = offline_load(engine, requests, rate)
+        outputs, duration, busy = offline_load(engine, for_run(requests, run), rate)
         runs.append({"mode": "offline", "rate": rate, "summary": summarize(outputs, duration, PERCENTILES),
                      "gpu": busy})
         _log(f"offline, rate {rate:g}: {runs[-1]['summary']['output_throughput']:.1f} output tok/s"
@@ -188,9 +196,9 @@ async def served_runs(base_url: str, requests, rates: list[float]) -> list[dict]
         if not warm[0].success:
             raise SystemExit(f"the served warm-up request failed: {warm[0].error}")
         runs = []
-        for rate in rates:
+        for run, rate in enumerate(rates, 1):
             before = await scrape_metrics(http)
-            outputs, duration, _ = await run_load(client, requests, rate)
+            outputs, duration, _ = await run_load(client, for_run(requests, run), rate)
             hops = breakdown(before, await scrape_metrics(http))
             for out in outputs:
                 out.output_tokens, out.tokens_from = out.usage_completion_tokens or 0, "usage"
