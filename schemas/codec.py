@@ -70,6 +70,8 @@ def decode(cls: type[T], data: bytes) -> T:
 
 # ---- to the wire ---------------------------------------------------------------------------------------------
 def _to_wire(value: Any) -> Any:
+    if type(value) in _WIRE_SCALARS:   # most fields: asked first, as every token's reply walks here
+        return value
     if dataclasses.is_dataclass(value):
         return {name: _to_wire(getattr(value, name)) for name in _field_names(type(value))}
     if type(value) is list and set(map(type, value)) <= _WIRE_SCALARS:

@@ -8,11 +8,11 @@ owner at a time, held by a lease (a Redis key with a TTL, renewed every second).
 fairly (ceil(P / live replicas) each); a new replica takes what is free, and a dead one's leases expire and are
 taken over, together with the entries it left pending.
 
-Exactly once: for every entry, the replies, the abort of a sequence that hit a stop string, a checkpoint of each
-completion's state (its tokens, how much text was released, the next reply seq) and the entry's acknowledgement go
-in one MULTI/EXEC, guarded by WATCH on the partition's lease. So an entry's effects happen entirely or not at
-all, a replica that lost its lease cannot write, and whoever takes over rebuilds each completion from its
-checkpoint by replaying its tokens: no text lost, none sent twice.
+Exactly once: for the entries of a partition that one read brings, the replies, the abort of a sequence that hit a
+stop string, a checkpoint of each completion's state (each token handled, with how much text was released then)
+and the entries' acknowledgement go in one MULTI/EXEC, guarded by WATCH on the partition's lease. So an entry's
+effects happen entirely or not at all, a replica that lost its lease cannot write, and whoever takes over rebuilds
+each completion from its checkpoint by replaying its tokens: no text lost, none sent twice.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from engine.tokenizer import load_tokenizer
 from schemas.codec import SchemaError, decode, encode
 from schemas.messages import Abort, Reply, ReplyItem, RequestMeta, StepTokens
 from services.runtime import Heartbeat, setup_logging, stop_event
-from services.transport import HEARTBEAT_TTL_MS, Transport, instance_id, partition_of
+from services.transport import HEARTBEAT_TTL_MS, Entry, Transport, instance_id, partition_of
 
 log = logging.getLogger("pagestream.detokenizer")
 
@@ -82,53 +82,77 @@ class DetokenizerService:
                 stop.wait(0.1)
                 continue
             streams = [self.names.tokens(p) for p in sorted(self.owned)]
+            batches: dict[int, list[Entry]] = {}
             for entry in self.transport.read(streams, GROUP, self.consumer, count=64, block_ms=50):
-                self._handle_safely(int(entry.stream.rsplit(":", 1)[1]), entry)
+                batches.setdefault(int(entry.stream.rsplit(":", 1)[1]), []).append(entry)
+            for partition, entries in batches.items():
+                self._handle_safely(partition, entries)
         for partition in list(self.owned):
             self._give_up(partition)
 
-    def _handle_safely(self, partition: int, entry) -> None:
+    def _handle_safely(self, partition: int, entries: list[Entry]) -> None:
         if partition not in self.owned:
-            return                                       # lost it meanwhile; the new owner handles the entry
+            return                                       # lost it meanwhile; the new owner handles the entries
         try:
-            self._handle(partition, entry)
+            self._handle(partition, entries)
         except LeaseLost:
             log.warning("lost the lease of partition %d", partition)
             self._forget(partition)
-        except SchemaError as e:
-            self.transport.dead_letter(entry.stream, GROUP, entry.id, entry.payload, str(e))
-        except Exception:
-            # Nothing of the entry was applied (the transaction did not run): hand the partition back so its
-            # pending entries are retried from the checkpoints (a poison entry ends in the dead-letter stream).
-            log.exception("handling %s %s failed", entry.stream, entry.id)
+        except redis.RedisError:
+            # Nothing was applied (the transaction did not run): hand the partition back; its pending entries
+            # are retried, from the checkpoints, by the next owner.
+            log.exception("handling %d entries of %s failed", len(entries), entries[0].stream)
             self._give_up(partition)
+        except Exception as e:
+            # Something in the entries themselves. Nothing was applied, but their completions advanced in
+            # memory: rebuild those from the checkpoints, then take the entries one at a time, so the bad one
+            # is dead-lettered and holds up none of the others.
+            self._forget_requests(partition)
+            if len(entries) > 1:
+                for entry in entries:
+                    self._handle_safely(partition, [entry])
+                return
+            log.exception("entry %s of %s failed", entries[0].id, entries[0].stream)
+            self.transport.dead_letter(entries[0].stream, GROUP, entries[0].id, entries[0].payload,
+                                       f"{type(e).__name__}: {e}")
 
-    # ---- one entry -----------------------------------------------------------------------------------------
-    def _handle(self, partition: int, entry) -> None:
+    # ---- a batch of entries --------------------------------------------------------------------------------
+    def _handle(self, partition: int, entries: list[Entry]) -> None:
+        """The entries one read brought from one partition, in one transaction: under load a read brings many,
+        and their round trips to Redis and replies to each gateway are shared."""
         stream = self.names.tokens(partition)
-        if entry.payload is None:                        # trimmed before anyone read it
-            self.transport.ack(stream, GROUP, [entry.id])
-            return
         took = time.time()
-        msg = decode(StepTokens, entry.payload)
+        messages, ids = [], []
+        for entry in entries:
+            if entry.payload is None:                    # trimmed before anyone read it: only acknowledged
+                ids.append(entry.id)
+                continue
+            try:
+                messages.append(decode(StepTokens, entry.payload))
+                ids.append(entry.id)
+            except SchemaError as e:
+                self.transport.dead_letter(stream, GROUP, entry.id, entry.payload, str(e))
         lease = self.names.partition_lease(partition)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.watch(lease)                            # any change of owner makes EXEC fail
             if pipe.get(lease) != self.consumer.encode():
                 raise LeaseLost()
-            completions = [self._completion(rid, index, pipe) for rid, index in zip(msg.request_ids, msg.indexes)]
+            completions = [[self._completion(rid, index, pipe) for rid, index in zip(msg.request_ids, msg.indexes)]
+                           for msg in messages]
             pipe.multi()
             replies: dict[str, list[ReplyItem]] = {}
-            for i, completion in enumerate(completions):
-                if completion is None or completion.finished or msg.positions[i] < completion.next_position:
-                    continue                             # unknown (expired), already ended, or a repeat
-                item = self._advance(completion, msg, i, pipe)
-                if msg.on_host:
-                    item.stamps = (msg.first_stamps[i] if msg.first_stamps else []) + [msg.on_host, took]
-                replies.setdefault(completion.meta.gateway, []).append(item)
+            for msg, step_completions in zip(messages, completions):
+                for i, completion in enumerate(step_completions):
+                    if completion is None or completion.finished or msg.positions[i] < completion.next_position:
+                        continue                         # unknown (expired), already ended, or a repeat
+                    item = self._advance(completion, msg, i, pipe)
+                    if msg.on_host:
+                        item.stamps = (msg.first_stamps[i] if msg.first_stamps else []) + [msg.on_host, took]
+                    replies.setdefault(completion.meta.gateway, []).append(item)
             for gateway, items in replies.items():
                 self.transport.publish(self.names.reply(gateway), encode(Reply(items)), pipe)
-            self.transport.ack(stream, GROUP, [entry.id], pipe)
+            if ids:
+                self.transport.ack(stream, GROUP, ids, pipe)
             try:
                 pipe.execute()
             except redis.WatchError:
@@ -146,21 +170,20 @@ class DetokenizerService:
                          prompt_tokens=c.meta.num_prompt_tokens, cached_tokens=msg.num_cached_tokens[i])
         c.next_seq += 1
         c.next_position = msg.positions[i] + 1
-        state = self.names.detok_state(rid, index)
         if out.finish_reason is None:
-            pipe.rpush(f"{state}:tokens", token)
-            pipe.hset(state, mapping={"next_seq": c.next_seq, "next_position": c.next_position,
-                                      "released": c.state.released})
+            # The checkpoint: one "token released" pair per token handled (one command, not one per field).
+            pipe.rpush(self._handled(rid, index), b"%d %d" % (token, c.state.released))
         else:
             self._finish(c, rid, index, pipe)
         return item
 
+    def _handled(self, rid: str, index: int) -> str:
+        return f"{self.names.detok_state(rid, index)}:tokens"
+
     def _finish(self, c: _Completion, rid: str, index: int, pipe) -> None:
         c.finished = True
-        state = self.names.detok_state(rid, index)
-        pipe.delete(f"{state}:tokens")
-        pipe.hset(state, mapping={"finished": 1, "next_seq": c.next_seq, "next_position": c.next_position})
-        pipe.expire(state, FINISHED_TTL_S)
+        pipe.delete(self._handled(rid, index))
+        pipe.set(self.names.detok_state(rid, index), 1, ex=FINISHED_TTL_S)     # late tokens are dropped
         request = self.requests[rid]
         request.done.add(index)
         if len(request.done) >= c.meta.params.n:         # the whole request is over: drop what it kept
@@ -182,13 +205,14 @@ class DetokenizerService:
         if request is None:
             request = self.requests[rid] = _Request(done={int(i) for i in pipe.smembers(self.names.detok_done(rid))})
         c = _Completion(meta, self.output_processor.new_completion(meta.prompt_tail, meta.params))
-        state = {k.decode(): int(v) for k, v in pipe.hgetall(self.names.detok_state(rid, index)).items()}
-        if state:                                        # another replica handled it before: resume
-            c.next_seq, c.next_position = state["next_seq"], state["next_position"]
-            c.finished = bool(state.get("finished"))
-            if not c.finished:
-                tokens = pipe.lrange(f"{self.names.detok_state(rid, index)}:tokens", 0, -1)
-                c.state.restore([int(t) for t in tokens], state["released"])
+        if pipe.exists(self.names.detok_state(rid, index)):
+            c.finished = True                            # another replica finished it
+        else:                                            # resume from what another replica handled, if any
+            handled = [tuple(map(int, pair.split())) for pair in pipe.lrange(self._handled(rid, index), 0, -1)]
+            if handled:
+                # Positions and reply seqs both count the completion's tokens from 0, one each.
+                c.next_seq = c.next_position = len(handled)
+                c.state.restore([token for token, _ in handled], handled[-1][1])
         request.completions[index] = c
         return c
 
@@ -225,8 +249,7 @@ class DetokenizerService:
             entries = self.transport.reclaim(stream, GROUP, self.consumer, min_idle_ms=0, count=256)
             if not entries:
                 break
-            for entry in entries:
-                self._handle_safely(partition, entry)
+            self._handle_safely(partition, entries)
         log.info("took partition %d", partition)
 
     def _give_up(self, partition: int) -> None:
@@ -237,6 +260,9 @@ class DetokenizerService:
     def _forget(self, partition: int) -> None:
         """Drop the partition and the in-memory state of its requests (the checkpoints stay for the next owner)."""
         self.owned.discard(partition)
+        self._forget_requests(partition)
+
+    def _forget_requests(self, partition: int) -> None:
         for rid in [r for r in self.requests if partition_of(r, self.partitions) == partition]:
             del self.requests[rid]
 
