@@ -6,6 +6,7 @@
 
     data = encode(msg)                  # msgpack map: {"t": type, "v": version, field: value, ...}
     msg = decode(PlanMessage, data)     # checks type, version, every field's type and size; else SchemaError
+    msg = decode(PlanMessage, data, limits)   # and its value ranges too (msg.validate, schemas/limits.py)
 
 Field types: bool, int, float, str, bytes, None, X | None, unions, list[X], tuple[X, ...], dict[K, V] and nested
 dataclasses. Sizes: strings, bytes, lists and maps are bounded (field(metadata={"max_len": n}) or the defaults),
@@ -49,7 +50,15 @@ def encode(msg: Any) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
 
 
-def decode(cls: type[T], data: bytes) -> T:
+def decode(cls: type[T], data: bytes, limits: Any = None) -> T:
+    """The message in data; with limits (schemas.limits.Limits), its values checked too (cls.validate)."""
+    msg = _decode(cls, data)
+    if limits is not None:
+        msg.validate(limits)
+    return msg
+
+
+def _decode(cls: type[T], data: bytes) -> T:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SchemaError(f"{cls.MESSAGE_TYPE}: expected bytes, got {type(data).__name__}")
     if len(data) > MAX_MESSAGE_BYTES:

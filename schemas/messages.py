@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from schemas.codec import message
+from schemas.limits import (FINISH_REASONS, MAX_COMPLETIONS, MAX_NUM_STEPS, MAX_SEQ_ID, Limits, check_aligned,
+                            check_finite, check_ids, check_params, check_range, fail)
 from schemas.plan import Fork, NewSequence, RunningSequence
 from schemas.sampling_params import SamplingParams
 
@@ -56,6 +58,12 @@ class GenerateRequest:
     priority: int = 0
     epoch: str = ""                # the scheduler epoch the gateway saw: a restarted scheduler drops older ones
 
+    def validate(self, limits: Limits) -> None:
+        # Prompt token ids are the client's to get right: the input processor refuses them with a message for
+        # the client. What is checked here is what no client of a well-behaved gateway can send.
+        check_params("generate.params", self.params, limits)
+        check_finite("generate", arrival=self.arrival)
+
 
 @message("schedule")
 @dataclass
@@ -69,6 +77,13 @@ class ScheduleRequest:
     priority: int = 0
     epoch: str = ""
     tokenizer_took: float = 0.0                               # when a tokenizer took the GenerateRequest
+
+    def validate(self, limits: Limits) -> None:
+        # The tokenizer checked all this against the model; the scheduler checks it again against its worker.
+        check_range("schedule.prompt_token_ids length", len(self.prompt_token_ids), 1, limits.max_model_len)
+        check_ids("schedule.prompt_token_ids", self.prompt_token_ids, limits.vocab_size)
+        check_params("schedule.params", self.params, limits)
+        check_finite("schedule", arrival=self.arrival, tokenizer_took=self.tokenizer_took)
 
 
 @message("request_meta")
@@ -91,6 +106,12 @@ class Abort:
     index: int | None = None
     reason: str = "abort"                                     # "abort" (client gone) or "stop" (stop string)
     stop_reason: str | None = None
+
+    def validate(self, limits: Limits | None = None) -> None:
+        if self.index is not None:
+            check_range("abort.index", self.index, 0, MAX_COMPLETIONS - 1)
+        if self.reason not in ("abort", "stop"):
+            fail("abort.reason", f"must be 'abort' or 'stop', got {self.reason!r}")
 
 
 @message("plan")
@@ -115,6 +136,37 @@ class PlanMessage:
     # the first token's journey; empty for a sequence sent again after preemption.
     new_stamps: list[list[float]] = field(default_factory=list)
 
+    def validate(self, limits: Limits) -> None:
+        """What can be checked without the worker's state; the worker checks the rest (which sequences it
+        holds, how far each has computed) before it runs the plan."""
+        check_range("plan.plan_id", self.plan_id, 0, MAX_SEQ_ID)
+        check_range("plan.num_steps", self.num_steps, 1, MAX_NUM_STEPS)
+        check_aligned("plan", new=self.new, new_request_ids=self.new_request_ids, new_indexes=self.new_indexes,
+                      **({"new_stamps": self.new_stamps} if self.new_stamps else {}))
+        check_aligned("plan", scheduled_seq_ids=self.scheduled_seq_ids, scheduled_tokens=self.scheduled_tokens)
+        check_aligned("plan", forks=self.forks, fork_indexes=self.fork_indexes)
+        for i, seq in enumerate(self.new):
+            seq.validate(f"plan.new[{i}]", limits)
+        for i, run in enumerate(self.running):
+            run.validate(f"plan.running[{i}]", limits)
+        for i, fork in enumerate(self.forks):
+            fork.validate(f"plan.forks[{i}]", limits)
+        check_ids("plan.new_indexes", self.new_indexes, MAX_COMPLETIONS)
+        check_ids("plan.fork_indexes", self.fork_indexes, MAX_COMPLETIONS)
+        check_ids("plan.scheduled_seq_ids", self.scheduled_seq_ids, MAX_SEQ_ID)
+        check_ids("plan.freed_seq_ids", self.freed_seq_ids, MAX_SEQ_ID)
+        if self.scheduled_tokens:
+            check_range("plan.scheduled_tokens", min(self.scheduled_tokens), 1, limits.max_model_len)
+            check_range("plan.scheduled_tokens", max(self.scheduled_tokens), 1, limits.max_model_len)
+        for name, ids in (("new", [n.seq_id for n in self.new]), ("scheduled_seq_ids", self.scheduled_seq_ids),
+                          ("running", [r.seq_id for r in self.running]), ("forks", [f.child_id for f in self.forks])):
+            if len(set(ids)) != len(ids):
+                fail(f"plan.{name}", "a sequence appears twice")
+        check_ids("plan.block_copies", [b for pair in self.block_copies for b in pair], limits.num_blocks)
+        for i, stamps in enumerate(self.new_stamps):
+            check_range(f"plan.new_stamps[{i}] length", len(stamps), 0, len(FIRST_TOKEN_STAMPS))
+            check_finite(f"plan.new_stamps[{i}]", **{str(k): v for k, v in enumerate(stamps)})
+
 
 @message("step_event")
 @dataclass
@@ -126,6 +178,20 @@ class StepEvent:
     finish_reasons: list[str | None]                          # "stop" / "length" where the worker ended it
     stop_reasons: list[int | None]                            # the stop token id, where one ended it
     num_steps_run: int = 0         # fewer than the plan's num_steps: cut at a step boundary (Scheduler.cut)
+
+    def validate(self, limits: Limits) -> None:
+        check_range("step_event.plan_id", self.plan_id, 0, MAX_SEQ_ID)
+        check_range("step_event.num_steps_run", self.num_steps_run, 0, MAX_NUM_STEPS)
+        check_aligned("step_event", seq_ids=self.seq_ids, token_ids=self.token_ids,
+                      finish_reasons=self.finish_reasons, stop_reasons=self.stop_reasons)
+        check_ids("step_event.seq_ids", self.seq_ids, MAX_SEQ_ID)
+        if len(set(self.seq_ids)) != len(self.seq_ids):
+            fail("step_event.seq_ids", "a sequence appears twice")
+        for i, tokens in enumerate(self.token_ids):
+            # One token per step, and a sequence computes at most max_model_len tokens in one plan.
+            check_range(f"step_event.token_ids[{i}] length", len(tokens), 0, limits.max_model_len)
+            check_ids(f"step_event.token_ids[{i}]", tokens, limits.vocab_size)
+        check_finish("step_event", self.finish_reasons, self.stop_reasons, limits)
 
 
 @message("worker_info")
@@ -139,6 +205,14 @@ class WorkerInfo:
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]
+
+    def validate(self, limits: Limits | None = None) -> None:
+        """Its own consistency: every other message is checked against these numbers."""
+        check_range("worker_info.num_blocks", self.num_blocks, 1, 1 << 40)
+        check_range("worker_info.block_size", self.block_size, 1, 1 << 20)
+        check_range("worker_info.max_model_len", self.max_model_len, 1, 1 << 40)
+        check_range("worker_info.vocab_size", self.vocab_size, 1, 1 << 40)
+        check_ids("worker_info.eos_token_ids", self.eos_token_ids, self.vocab_size)
 
 
 @dataclass
@@ -165,6 +239,23 @@ class StepTokens:
     # Aligned (or empty: none of the step's tokens is a first): a request's first token carries its stamps
     # from arrival to plan_started.
     first_stamps: list[list[float]] = field(default_factory=list)
+
+    def validate(self, limits: Limits) -> None:
+        columns = dict(request_ids=self.request_ids, indexes=self.indexes, positions=self.positions,
+                       token_ids=self.token_ids, finish_reasons=self.finish_reasons, stop_reasons=self.stop_reasons)
+        for name in ("logprobs", "num_cached_tokens", "first_stamps"):
+            if getattr(self, name):
+                columns[name] = getattr(self, name)
+        check_aligned("step_tokens", **columns)
+        check_range("step_tokens.step", self.step, 0, MAX_SEQ_ID)
+        check_ids("step_tokens.indexes", self.indexes, MAX_COMPLETIONS)
+        check_ids("step_tokens.positions", self.positions, limits.max_model_len)
+        check_ids("step_tokens.num_cached_tokens", self.num_cached_tokens, limits.max_model_len + 1)
+        check_ids("step_tokens.token_ids", self.token_ids, limits.vocab_size)
+        check_finish("step_tokens", self.finish_reasons, self.stop_reasons, limits)
+        for i, lp in enumerate(self.logprobs or []):
+            check_aligned(f"step_tokens.logprobs[{i}]", top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+            check_ids(f"step_tokens.logprobs[{i}].top_token_ids", lp.top_token_ids, limits.vocab_size)
 
 
 @dataclass
@@ -212,3 +303,9 @@ class GatewayStats:
     answers for all of them (several gateway processes share one port)."""
     gateway: str = field(metadata={"max_len": 256})
     series: list[MetricSeries] = field(metadata={"max_len": 1024})
+
+
+def check_finish(path: str, finish_reasons: list[str | None], stop_reasons: list[int | None], limits: Limits) -> None:
+    for reason in set(finish_reasons) - set(FINISH_REASONS):
+        fail(f"{path}.finish_reasons", f"unknown finish reason {reason!r}")
+    check_ids(f"{path}.stop_reasons", [s for s in stop_reasons if s is not None], limits.vocab_size)
