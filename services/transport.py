@@ -4,7 +4,10 @@ One stream per hop, one consumer group per service type. A consumer acknowledges
 MULTI/EXEC transaction that writes its effect downstream, so an entry is either fully handled or not at all; a
 consumer that dies leaves its entries pending, and a live one of the same group reclaims them (XAUTOCLAIM) after
 they sat idle for a while. An entry delivered more than MAX_DELIVERIES times (a poison message) goes to the
-dead-letter stream instead of being retried forever. Every XADD trims its stream (MAXLEN ~).
+dead-letter stream instead of being retried forever. Every XADD trims its stream (MAXLEN ~), and each consuming
+service trims what its group has acknowledged (Trimmer), so a stream holds only what is still to be handled.
+The dead-letter stream keeps a message's first bytes and its length, not the message: Redis's memory stays
+bounded whatever is sent.
 
 All names live under a prefix, so several deployments (or tests) can share one Redis.
 """
@@ -28,6 +31,9 @@ log = logging.getLogger("pagestream.transport")
 MAX_DELIVERIES = 5
 STREAM_MAXLEN = 100_000          # entries kept per stream (approximately); consumers are never that far behind
 FIELD = b"m"                     # each entry holds one msgpack message under this field
+DEAD_LETTER_MAXLEN = 1000        # dead letters kept (approximately): enough to inspect, bounded under a flood
+DEAD_LETTER_BYTES = 4096         # of a dead-lettered payload, only its first bytes are kept (and its length)
+TRIM_EVERY_S = 1.0
 HEARTBEAT_SECONDS = 1.0
 HEARTBEAT_TTL_MS = 3000          # a service is gone once its heartbeat is this old
 
@@ -155,13 +161,38 @@ class Transport:
         return entries
 
     def dead_letter(self, stream: str, group: str, entry_id: bytes, payload: bytes | None, reason: str) -> None:
-        log.warning("dead-lettering %s %s from %s: %s", stream, entry_id, group, reason)
+        """Acknowledge the entry and keep a record of it: where it came from, why, and its first bytes (a
+        stream of whole 50 MB messages would be a way to fill Redis's memory)."""
+        log.warning("dead-lettering %s %s from %s: %s", stream, entry_id, group, reason[:500])
+        payload = payload or b""
         pipe = self.pipeline()
         pipe.xadd(self.names.dead_letter, {b"stream": stream, b"group": group, b"id": entry_id,
-                                           b"reason": reason, FIELD: payload or b""},
-                  maxlen=self.maxlen, approximate=True)
+                                           b"reason": reason[:DEAD_LETTER_BYTES], b"length": len(payload),
+                                           FIELD: payload[:DEAD_LETTER_BYTES]},
+                  maxlen=min(self.maxlen, DEAD_LETTER_MAXLEN), approximate=True)
         pipe.xack(stream, group, entry_id)
         pipe.execute()
+
+    def trim_acknowledged(self, stream: str) -> int:
+        """Drop the entries every group of the stream has acknowledged (all of them before the oldest one still
+        pending or not yet delivered). Returns how many went. A stream without groups is left to MAXLEN."""
+        try:
+            groups = self.redis.xinfo_groups(stream)
+        except redis.ResponseError:                        # no such stream yet
+            return 0
+        if not groups:
+            return 0
+        keep_from = None
+        for group in groups:
+            # The first entry the group may still need: its oldest pending one, else any after the last delivered.
+            pending = self.redis.xpending(stream, group["name"])["min"] if group["pending"] else None
+            if pending:
+                first = _stream_id(pending)
+            else:
+                ms, seq = _stream_id(group["last-delivered-id"])
+                first = (ms, seq + 1)
+            keep_from = first if keep_from is None else min(keep_from, first)
+        return self.redis.xtrim(stream, minid=f"{keep_from[0]}-{keep_from[1]}", approximate=False)
 
     def heartbeat(self, key: str, value: str | bytes = b"1", pipe=None) -> None:
         (pipe or self.redis).set(key, value, px=HEARTBEAT_TTL_MS)
@@ -182,6 +213,30 @@ class Reclaimer:
             return []
         self._next = now + self.every_s
         return self.transport.reclaim(self.stream, self.group, self.consumer, self.min_idle_ms)
+
+
+class Trimmer:
+    """Paces trim_acknowledged: a consumer trims its streams every `every_s`, not on every acknowledgement."""
+
+    def __init__(self, transport: Transport, streams: list[str], every_s: float = TRIM_EVERY_S):
+        self.transport, self.streams, self.every_s = transport, list(streams), every_s
+        self._next = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.every_s
+        for stream in self.streams:
+            try:
+                self.transport.trim_acknowledged(stream)
+            except redis.RedisError:                       # trimming can wait for the next round
+                log.exception("trimming %s failed", stream)
+
+
+def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def redis_server_binary() -> str:
