@@ -32,7 +32,7 @@ import msgpack
 from schemas.codec import encode
 from schemas.messages import StepTokens, TokenLogprobsWire
 from services.runtime import setup_logging
-from services.transport import Transport
+from services.transport import Transport, Trimmer
 
 log = logging.getLogger("pagestream.publisher")
 
@@ -61,6 +61,9 @@ class Publisher:
         self.plans = self.names.plan(worker)
         self.events = self.names.events(worker)
         self.owners: dict[int, tuple[str, int, int, int]] = {}   # seq id -> (request id, index, cached, partition)
+        # The streams this process writes: what their readers have acknowledged is trimmed (MAXLEN alone would
+        # keep up to its count of entries, whatever their size).
+        self.trim = Trimmer(transport, [self.events])
 
     def run(self, frames: Iterator[list]) -> None:
         waiting: queue.Queue = queue.Queue()
@@ -86,6 +89,7 @@ class Publisher:
                 pipe.execute()
             except Exception:
                 log.exception("publishing failed")
+            self.trim()
             if batch[-1] is None:
                 return
 
@@ -118,6 +122,8 @@ class Publisher:
             request_id, index, cached, partition = owner
             msg = columns.get(partition)
             if msg is None:
+                if self.names.tokens(partition) not in self.trim.streams:
+                    self.trim.streams.append(self.names.tokens(partition))
                 msg = columns[partition] = StepTokens(
                     step=step, request_ids=[], indexes=[], positions=[], token_ids=[], finish_reasons=[],
                     stop_reasons=[], num_cached_tokens=[], logprobs=[] if logprobs is not None else None,

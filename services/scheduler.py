@@ -9,6 +9,10 @@ of it at their next step boundary (each event says how many steps ran; Scheduler
 
 If the worker dies or restarts (its heartbeat's epoch changes), every request it held is lost: the gateways
 fail them (they watch the same heartbeats) and this service starts over with the new worker's KV pool.
+
+What it reads is trusted no further than its schema and value ranges, against the worker's limits (WorkerInfo):
+a request, abort or event that fails is dead-lettered (a request's gateway gets an error reply too), and the
+requests in flight go on as if it never came.
 """
 from __future__ import annotations
 
@@ -25,10 +29,11 @@ from engine.plan import Plan, StepResult
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason
 from schemas.codec import SchemaError, decode, encode
+from schemas.limits import Limits
 from schemas.messages import (Abort, ErrorInfo, PlanMessage, Reply, ReplyItem, ScheduleRequest, StepEvent,
                               WorkerInfo)
 from services.runtime import Heartbeat, setup_logging, stop_event
-from services.transport import Entry, Transport, instance_id
+from services.transport import Entry, Transport, Trimmer, instance_id
 
 log = logging.getLogger("pagestream.scheduler")
 
@@ -63,6 +68,7 @@ class SchedulerService:
         self.seed = seed
         self.scheduler: Scheduler | None = None
         self.input_processor: InputProcessor | None = None     # the worker's limits; chooses unseeded requests' seeds
+        self.limits: Limits | None = None                      # the worker's vocabulary, KV pool, max_model_len
         self.worker_epoch: str | None = None
         self.outstanding: OrderedDict[int, Plan] = OrderedDict()     # plan id -> plan, in order
         self.next_plan_id = 0
@@ -78,8 +84,10 @@ class SchedulerService:
         Heartbeat(self.transport, self.names.alive("scheduler"), self.epoch, stop).start()
         streams = [self.names.events(self.worker), self.names.abort, self.names.schedule]
         log.info("scheduler %s (epoch %s) for worker %s", self.consumer, self.epoch[:8], self.worker)
+        trim = Trimmer(self.transport, streams)
         idle = True
         while not stop.is_set():
+            trim()
             if not self._worker_is_current():
                 self._wait_for_worker(stop)
                 continue
@@ -98,12 +106,12 @@ class SchedulerService:
         for entry in entries:
             try:
                 if entry.stream == self.names.events(self.worker):
-                    self._on_event(decode(StepEvent, entry.payload))
+                    self._on_event(decode(StepEvent, entry.payload, self.limits))
                 elif entry.stream == self.names.abort:
-                    self._on_abort(decode(Abort, entry.payload))
+                    self._on_abort(decode(Abort, entry.payload, self.limits))
                 else:
                     self._on_request(decode(ScheduleRequest, entry.payload), took, pipe)
-            except SchemaError as e:
+            except SchemaError as e:                           # nothing of it was applied
                 self.transport.dead_letter(entry.stream, GROUP, entry.id, entry.payload, str(e))
                 continue
             self.transport.ack(entry.stream, GROUP, [entry.id], pipe)
@@ -112,6 +120,12 @@ class SchedulerService:
     # ---- inputs --------------------------------------------------------------------------------------------
     def _on_request(self, request: ScheduleRequest, took: float, pipe) -> None:
         rid = request.request_id
+        try:
+            request.validate(self.limits)
+        except SchemaError as e:                               # dead-lettered; its client hears why
+            reply = Reply([ReplyItem(request_id=rid, error=ErrorInfo(str(e)))])
+            self.transport.publish(self.names.reply(request.gateway), encode(reply), pipe)
+            raise
         if rid in self.seen or rid in self.aborted or (request.epoch and request.epoch != self.epoch):
             return                 # a repeat, aborted before it got here, or sent before this scheduler started
         self.seen.add(rid)
@@ -140,9 +154,14 @@ class SchedulerService:
         self._forget_finished()
 
     def _on_event(self, event: StepEvent) -> None:
-        plan = self.outstanding.pop(event.plan_id, None)
+        plan = self.outstanding.get(event.plan_id)
         if plan is None:
             return                                             # a plan of a worker that is gone
+        # Checked before anything is applied: a stray event must not end (or grow) another plan's sequences.
+        stray = set(event.seq_ids) - set(plan.num_scheduled_tokens) - {f.child_id for f in plan.forks}
+        if stray:
+            raise SchemaError(f"step_event: sequences {sorted(stray)[:5]} are not in plan {event.plan_id}")
+        del self.outstanding[event.plan_id]
         self.scheduler.cut(plan, event.num_steps_run)
         steps = max(map(len, event.token_ids), default=0)
         for step in range(steps):
@@ -228,7 +247,13 @@ class SchedulerService:
         while not stop.is_set():
             alive = self.transport.redis.get(self.names.alive("worker", self.worker))
             raw = self.transport.redis.get(self.names.worker_info(self.worker))
-            info = decode(WorkerInfo, raw) if raw else None
+            try:
+                info = decode(WorkerInfo, raw) if raw else None
+                if info is not None:
+                    info.validate()                            # every other message is checked against it
+            except SchemaError as e:
+                log.error("worker %s registered an invalid WorkerInfo: %s", self.worker, e)
+                info = None
             if alive is not None and info is not None and info.epoch == alive.decode():
                 break
             stop.wait(0.2)
@@ -238,6 +263,7 @@ class SchedulerService:
         blocks = BlockManager(info.num_blocks, info.block_size, self.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, blocks, info.max_model_len, frozenset(info.eos_token_ids))
         self.input_processor = InputProcessor(None, info.max_model_len, info.vocab_size, self.seed)
+        self.limits = Limits.of(info)
         log.info("worker %s (epoch %s): %d KV blocks of %d, max_model_len %d", self.worker, info.epoch[:8],
                  info.num_blocks, info.block_size, info.max_model_len)
 

@@ -4,7 +4,9 @@ Each request goes through the engine's InputProcessor (chat template, tokenizati
 vocabulary and max_model_len), as LLMEngine.add_request's do. An invalid request is answered with an error
 straight to its gateway and never reaches the scheduler. A valid one is forwarded to the scheduler, and what the
 detokenizers will need (the gateway, the prompt's tail, the stop strings) is stored under the request's key, all
-in one transaction with the acknowledgement.
+in one transaction with the acknowledgement. A request outside the value ranges no well-behaved gateway sends
+(GenerateRequest.validate, against the model's vocabulary and max_model_len) is dead-lettered, and its gateway
+answered with the reason.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ from engine.input_processor import InputProcessor
 from engine.model_files import resolve_max_model_len, resolve_model
 from engine.tokenizer import load_tokenizer
 from schemas.codec import SchemaError, decode, encode
+from schemas.limits import Limits
 from schemas.messages import ErrorInfo, GenerateRequest, Reply, ReplyItem, RequestMeta, ScheduleRequest
 from services.runtime import setup_logging, stop_event
-from services.transport import Reclaimer, Transport, instance_id
+from services.transport import Reclaimer, Transport, Trimmer, instance_id
 
 log = logging.getLogger("pagestream.tokenizer")
 
@@ -32,11 +35,14 @@ class TokenizerService:
         self.transport, self.input_processor = transport, input_processor
         self.names = transport.names
         self.consumer = instance_id("tokenizer")
+        self.limits = Limits(input_processor.vocab_size, input_processor.max_model_len)
 
     def run(self, stop) -> None:
         reclaim = Reclaimer(self.transport, self.names.tokenize, GROUP, self.consumer)
+        trim = Trimmer(self.transport, [self.names.tokenize])
         log.info("tokenizer %s ready", self.consumer)
         while not stop.is_set():
+            trim()
             for entry in reclaim() + self.transport.read([self.names.tokenize], GROUP, self.consumer, 32, 200):
                 self.handle(entry)
 
@@ -45,6 +51,13 @@ class TokenizerService:
         try:
             request = decode(GenerateRequest, entry.payload)
         except SchemaError as e:                   # nobody to answer: keep it for inspection
+            self.transport.dead_letter(self.names.tokenize, GROUP, entry.id, entry.payload, str(e))
+            return
+        try:
+            request.validate(self.limits)
+        except SchemaError as e:                   # kept for inspection; the client hears why
+            reply = Reply([ReplyItem(request_id=request.request_id, error=ErrorInfo(str(e)))])
+            self.transport.publish(self.names.reply(request.gateway), encode(reply))
             self.transport.dead_letter(self.names.tokenize, GROUP, entry.id, entry.payload, str(e))
             return
         pipe = self.transport.pipeline()

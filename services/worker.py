@@ -11,6 +11,10 @@ It registers its KV pool (WorkerInfo) and beats a heartbeat whose value is its e
   step, one StepEvent tells the scheduler what every sequence sampled, acknowledged together with the plan.
 Sequences that end inside a plan (EOS, a stop token, max_tokens) are masked by the runner: their later tokens
 are neither computed nor published.
+
+A plan is trusted no further than its schema and its value ranges (PlanMessage.validate, against this worker's
+vocabulary and KV pool) and what the worker holds (plan_problem: the sequences it runs exist, the blocks they
+write are theirs): one that fails is dead-lettered, and the sequences in flight go on as if it never came.
 """
 from __future__ import annotations
 
@@ -31,10 +35,11 @@ from engine.plan import Plan, StepResult
 from engine.tokenizer import eos_token_ids, load_tokenizer
 from engine.warmup import warm_up
 from schemas.codec import SchemaError, decode, encode
+from schemas.limits import Limits
 from schemas.messages import PlanMessage, StepEvent, WorkerInfo
 from services.publisher import write_frame
 from services.runtime import Heartbeat, setup_logging, stop_event
-from services.transport import Transport, instance_id, partition_of
+from services.transport import Transport, Trimmer, instance_id, partition_of
 
 log = logging.getLogger("pagestream.worker")
 
@@ -79,6 +84,8 @@ class WorkerService:
         self.outbox: queue.Queue = queue.Queue(maxsize=1024)
         self.inbox = PlanInbox()
         self.first_stamps: dict[int, list[float]] = {}     # seq id -> its request's stamps, until its first token
+        self.limits: Limits | None = None                  # this worker's vocabulary and KV pool, once loaded
+        self.live_scheduler_epoch: str | None = None       # the epoch of the scheduler whose plans are taken
 
     def run(self, stop) -> None:
         mc = self.config.model
@@ -90,6 +97,7 @@ class WorkerService:
         log.info("warmed up in %.1f s", warm_up(r, self.config.scheduler, r.max_model_len, eos))
         info = WorkerInfo(self.worker, self.epoch, r.num_blocks, r.block_size, r.max_model_len, r.args.vocab_size,
                           sorted(eos))
+        self.limits = Limits.of(info)
         self.transport.redis.set(self.names.worker_info(self.worker), encode(info))
         Heartbeat(self.transport, self.names.alive("worker", self.worker), self.epoch, stop).start()
         publisher = subprocess.Popen([sys.executable, "-m", "services.publisher", "--redis-url", self.transport.url,
@@ -133,26 +141,83 @@ class WorkerService:
 
     def _read_plans(self, stop) -> None:
         plans = self.names.plan(self.worker)
+        trim = Trimmer(self.transport, [plans])
         while not stop.is_set():
             try:
                 entries = self.transport.read([plans], GROUP, self.consumer, count=16, block_ms=100)
+                trim()
             except Exception:
                 log.exception("reading plans failed; retrying")
                 stop.wait(0.5)
                 continue
             for entry in entries:
                 try:
-                    message = decode(PlanMessage, entry.payload)
+                    message = decode(PlanMessage, entry.payload, self.limits)
                 except SchemaError as e:
                     self.transport.dead_letter(plans, GROUP, entry.id, entry.payload, str(e))
                     continue
-                if message.worker_epoch != self.epoch:            # made for a worker before this one
+                # Made for a worker before this one, or by a scheduler that is not the live one (a new
+                # scheduler epoch drops every sequence held: only the live scheduler may ask that).
+                if message.worker_epoch != self.epoch or not self._from_live_scheduler(message):
                     self.transport.ack(plans, GROUP, [entry.id])
                     continue
                 self.inbox.put(message, entry.id)
 
+    def _from_live_scheduler(self, message: PlanMessage) -> bool:
+        if message.scheduler_epoch != self.live_scheduler_epoch:          # asked once per scheduler epoch
+            alive = self.transport.redis.get(self.names.alive("scheduler"))
+            if alive is None or alive.decode() != message.scheduler_epoch:
+                return False
+            self.live_scheduler_epoch = message.scheduler_epoch
+        return True
+
+    def plan_problem(self, message: PlanMessage) -> str | None:
+        """Why the plan cannot run on what this worker holds, or None: new sequences must be new, the others
+        held; each scheduled sequence's tokens must fit its block table and max_model_len; a fork's parent must
+        sample in this plan's first step. (The runner trusts all this: a plan that broke it would crash it, or
+        write another sequence's KV blocks.) Run by the model loop, as the state it checks is the loop's."""
+        held = self.runner.seqs if message.scheduler_epoch == self.scheduler_epoch else {}
+        if message.forks and held:
+            self.runner.flush()          # as the runner does before forking: every parent token is on the host
+        freed = set(message.freed_seq_ids)
+        # seq id -> [computed tokens, blocks in its table, tokens, finished], as they will be when the plan runs
+        state = {s: [q.num_computed_tokens, len(q.block_ids), len(q.token_ids), q.finished]
+                 for s, q in held.items() if s not in freed}
+        for new in message.new:
+            if new.seq_id in state:
+                return f"new sequence {new.seq_id} is already held"
+            state[new.seq_id] = [new.num_computed_tokens, len(new.block_ids), len(new.token_ids), False]
+        for run in message.running:
+            if run.seq_id not in state:
+                return f"running sequence {run.seq_id} is not held"
+            if run.block_offset > state[run.seq_id][1]:
+                return f"running sequence {run.seq_id}: block offset {run.block_offset} beyond its block table"
+            state[run.seq_id][1] = run.block_offset + len(run.new_block_ids)
+        scheduled = dict(zip(message.scheduled_seq_ids, message.scheduled_tokens))
+        block_size, max_len = self.limits.block_size, self.limits.max_model_len
+        for seq_id, n in scheduled.items():
+            if seq_id not in state:
+                return f"scheduled sequence {seq_id} is not held"
+            computed, blocks, _, finished = state[seq_id]
+            if not finished and computed + n > min(blocks * block_size, max_len):
+                return (f"sequence {seq_id}: {computed + n} tokens exceed its {blocks} blocks of {block_size} "
+                        f"or max_model_len {max_len}")
+        for fork in message.forks:
+            if fork.child_id in state:
+                return f"fork child {fork.child_id} is already held"
+            parent = state.get(fork.parent_id)
+            if parent is None or parent[3] or fork.parent_id not in scheduled or \
+                    parent[0] + scheduled[fork.parent_id] < parent[2]:
+                return f"fork parent {fork.parent_id} does not sample in this plan"
+            state[fork.child_id] = list(parent)
+        return None
+
     def _execute(self, message: PlanMessage, entry_id: bytes) -> None:
         plan_started = time.time()
+        problem = self.plan_problem(message)
+        if problem is not None:
+            self.transport.dead_letter(self.names.plan(self.worker), GROUP, entry_id, encode(message), problem)
+            return
         if message.scheduler_epoch != self.scheduler_epoch:       # a new scheduler: nothing it knows of is held
             self.runner.seqs.clear()
             if self.owners:
