@@ -97,6 +97,11 @@ class RequestMeta:
     prompt_tail: list[int]                                    # the last prompt tokens: decoding context
     params: SamplingParams
 
+    def validate(self, limits: Limits) -> None:
+        check_range("request_meta.num_prompt_tokens", self.num_prompt_tokens, 1, limits.max_model_len)
+        check_ids("request_meta.prompt_tail", self.prompt_tail, limits.vocab_size)
+        check_params("request_meta.params", self.params, limits)
+
 
 @message("abort")
 @dataclass
