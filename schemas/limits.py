@@ -72,16 +72,19 @@ def check_finite(path: str, **values: float) -> None:
             fail(f"{path}.{name}", f"must be finite, got {value!r}")
 
 
-def check_params(path: str, params, limits: Limits) -> None:
+def check_params(path: str, params, limits: Limits, lengths: bool = True) -> None:
     """SamplingParams' own checks ran when it was decoded; these are the ones that need the model's limits, and
-    the bounds that keep the sampler's arithmetic finite (a temperature of inf makes NaN probabilities)."""
+    the bounds that keep the sampler's arithmetic finite (a temperature of inf makes NaN probabilities).
+    lengths=False leaves max_tokens and min_tokens to the input processor, which answers a client that asked
+    for too many with the message clients know (the tokenizer); past it, they are bounded."""
     check_finite(path, temperature=params.temperature, top_p=params.top_p, min_p=params.min_p,
                  presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                  repetition_penalty=params.repetition_penalty)
     check_range(f"{path}.n", params.n, 1, MAX_COMPLETIONS)
     check_ids(f"{path}.stop_token_ids", params.stop_token_ids, limits.vocab_size)
-    if params.max_tokens is not None:
-        check_range(f"{path}.max_tokens", params.max_tokens, 1, limits.max_model_len)
-    check_range(f"{path}.min_tokens", params.min_tokens, 0, limits.max_model_len)
+    if lengths:
+        if params.max_tokens is not None:
+            check_range(f"{path}.max_tokens", params.max_tokens, 1, limits.max_model_len)
+        check_range(f"{path}.min_tokens", params.min_tokens, 0, limits.max_model_len)
     if params.seed is not None:
         check_range(f"{path}.seed", params.seed, -(1 << 63), (1 << 64) - 1)

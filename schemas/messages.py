@@ -61,7 +61,7 @@ class GenerateRequest:
     def validate(self, limits: Limits) -> None:
         # Prompt token ids are the client's to get right: the input processor refuses them with a message for
         # the client. What is checked here is what no client of a well-behaved gateway can send.
-        check_params("generate.params", self.params, limits)
+        check_params("generate.params", self.params, limits, lengths=False)
         check_finite("generate", arrival=self.arrival)
 
 

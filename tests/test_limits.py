@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
-from schemas.messages import Abort, PlanMessage, ScheduleRequest, StepEvent, StepTokens, WorkerInfo
+from schemas.messages import Abort, GenerateRequest, PlanMessage, ScheduleRequest, StepEvent, StepTokens, WorkerInfo
 from schemas.plan import NewSequence, RunningSequence
 from schemas.sampling_params import SamplingParams
 from test_schemas import MESSAGES, PARAMS
@@ -73,6 +73,8 @@ OUT_OF_RANGE = [
      encode(ScheduleRequest("r", "gw", [1], SamplingParams(stop_token_ids=[600]), 1.0)), "stop_token_ids"),
     ("request huge n", ScheduleRequest, encode(ScheduleRequest("r", "gw", [1], SamplingParams(n=10**7), 1.0)),
      "params.n"),
+    ("generate stop token beyond vocab", GenerateRequest,
+     encode(GenerateRequest("r", "gw", SamplingParams(stop_token_ids=[512]), 1.0, prompt="hi")), "stop_token_ids"),
     ("abort negative index", Abort, encode(Abort("r", index=-1)), "abort.index"),
     ("abort unknown reason", Abort, encode(Abort("r", reason="because")), "abort.reason"),
     ("event unequal columns", StepEvent, encode(StepEvent(1, [0, 1], [[5]], [None], [None])), "unequal"),
@@ -90,6 +92,12 @@ def test_out_of_range_values_fail_clearly(name, cls, data, fragment):
     with pytest.raises(SchemaError) as failure:
         decode(cls, data, LIMITS)
     assert fragment in str(failure.value)
+
+
+def test_a_client_asking_too_many_tokens_is_left_to_the_input_processor():
+    """Its message (the model's maximum context length) is the one OpenAI clients know."""
+    request = GenerateRequest("r", "gw", SamplingParams(max_tokens=10**6), 1.0, prompt="hi")
+    assert decode(GenerateRequest, encode(request), LIMITS) == request
 
 
 def test_validate_checks_objects_built_in_process_too():
