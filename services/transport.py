@@ -173,26 +173,35 @@ class Transport:
         pipe.xack(stream, group, entry_id)
         pipe.execute()
 
-    def trim_acknowledged(self, stream: str) -> int:
-        """Drop the entries every group of the stream has acknowledged (all of them before the oldest one still
-        pending or not yet delivered). Returns how many went. A stream without groups is left to MAXLEN."""
-        try:
-            groups = self.redis.xinfo_groups(stream)
-        except redis.ResponseError:                        # no such stream yet
-            return 0
-        if not groups:
-            return 0
-        keep_from = None
-        for group in groups:
-            # The first entry the group may still need: its oldest pending one, else any after the last delivered.
-            pending = self.redis.xpending(stream, group["name"])["min"] if group["pending"] else None
-            if pending:
-                first = _stream_id(pending)
-            else:
-                ms, seq = _stream_id(group["last-delivered-id"])
-                first = (ms, seq + 1)
-            keep_from = first if keep_from is None else min(keep_from, first)
-        return self.redis.xtrim(stream, minid=f"{keep_from[0]}-{keep_from[1]}", approximate=False)
+    def trim_acknowledged(self, *streams: str) -> int:
+        """Drop the entries every group of each stream has acknowledged (all of them before the oldest one still
+        pending or not yet delivered). Returns how many went. A stream without groups is left to MAXLEN. Three
+        round trips for any number of streams: the publisher trims its partitions between two steps."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+        infos = pipe.execute(raise_on_error=False)             # an error: no such stream yet
+        groups = {s: g for s, g in zip(streams, infos) if isinstance(g, list) and g}
+        pipe = self.redis.pipeline(transaction=False)
+        waiting = [(s, g["name"]) for s, gs in groups.items() for g in gs if g["pending"]]
+        for stream, name in waiting:
+            pipe.xpending(stream, name)
+        oldest_pending = dict(zip(waiting, (p["min"] for p in pipe.execute()))) if waiting else {}
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, gs in groups.items():
+            keep_from = None
+            for group in gs:
+                # The first entry the group may still need: its oldest pending one, else any after the last
+                # delivered.
+                pending = oldest_pending.get((stream, group["name"]))
+                if pending:
+                    first = _stream_id(pending)
+                else:
+                    ms, seq = _stream_id(group["last-delivered-id"])
+                    first = (ms, seq + 1)
+                keep_from = first if keep_from is None else min(keep_from, first)
+            pipe.xtrim(stream, minid=f"{keep_from[0]}-{keep_from[1]}", approximate=False)
+        return sum(pipe.execute()) if groups else 0
 
     def heartbeat(self, key: str, value: str | bytes = b"1", pipe=None) -> None:
         (pipe or self.redis).set(key, value, px=HEARTBEAT_TTL_MS)
@@ -227,11 +236,10 @@ class Trimmer:
         if now < self._next:
             return
         self._next = now + self.every_s
-        for stream in self.streams:
-            try:
-                self.transport.trim_acknowledged(stream)
-            except redis.RedisError:                       # trimming can wait for the next round
-                log.exception("trimming %s failed", stream)
+        try:
+            self.transport.trim_acknowledged(*self.streams)
+        except redis.RedisError:                           # trimming can wait for the next round
+            log.exception("trimming %s failed", self.streams)
 
 
 def _stream_id(entry_id: bytes | str) -> tuple[int, int]:

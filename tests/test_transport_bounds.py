@@ -84,3 +84,15 @@ def test_the_trimmer_paces_itself(transport):
     transport.ack(stream, "g", [entry.id])
     trim()                                                            # too soon: nothing
     assert transport.redis.xlen(stream) == 1
+
+
+def test_many_streams_are_trimmed_at_once(transport):
+    streams = [transport.names.tokens(p) for p in range(4)]
+    for stream in streams:
+        for i in range(3):
+            transport.publish(stream, str(i).encode())
+    entries = transport.read(streams, "g", "c", block_ms=None)
+    for stream in streams[:2]:                                        # two are handled, two still pending
+        transport.ack(stream, "g", [e.id for e in entries if e.stream == stream])
+    assert transport.trim_acknowledged(*streams, transport.names.tokens(99)) == 6
+    assert [transport.redis.xlen(s) for s in streams] == [0, 0, 3, 3]
