@@ -28,7 +28,8 @@ from engine.model_files import resolve_model
 from engine.output_processor import CompletionState, OutputProcessor
 from engine.tokenizer import load_tokenizer
 from schemas.codec import SchemaError, decode, encode
-from schemas.messages import Abort, Reply, ReplyItem, RequestMeta, StepTokens
+from schemas.limits import Limits
+from schemas.messages import Abort, Reply, ReplyItem, RequestMeta, StepTokens, WorkerInfo
 from services.runtime import Heartbeat, setup_logging, stop_event
 from services.transport import HEARTBEAT_TTL_MS, Entry, Transport, instance_id, partition_of
 
@@ -62,9 +63,10 @@ class LeaseLost(Exception):
 
 
 class DetokenizerService:
-    def __init__(self, transport: Transport, output_processor: OutputProcessor, partitions: int):
+    def __init__(self, transport: Transport, output_processor: OutputProcessor, partitions: int, worker: str = "w0"):
         self.transport, self.names, self.redis = transport, transport.names, transport.redis
-        self.output_processor, self.partitions = output_processor, partitions
+        self.output_processor, self.partitions, self.worker = output_processor, partitions, worker
+        self.limits: Limits | None = None                # the worker's, its tokens are checked against (once known)
         self.consumer = instance_id("detokenizer")
         self.owned: set[int] = set()
         self.requests: dict[str, _Request] = {}          # requests of owned partitions that have state here
@@ -128,7 +130,7 @@ class DetokenizerService:
                 ids.append(entry.id)
                 continue
             try:
-                messages.append(decode(StepTokens, entry.payload))
+                messages.append(decode(StepTokens, entry.payload, self.limits))
                 ids.append(entry.id)
             except SchemaError as e:
                 self.transport.dead_letter(stream, GROUP, entry.id, entry.payload, str(e))
@@ -222,6 +224,7 @@ class DetokenizerService:
         if now < self._rebalance_at:
             return
         self._rebalance_at = now + REBALANCE_EVERY_S
+        self.limits = self._worker_limits()
         for partition in list(self.owned):
             if not self._renew(keys=[self.names.partition_lease(partition)], args=[self.consumer, HEARTBEAT_TTL_MS]):
                 log.warning("lease of partition %d expired", partition)
@@ -239,6 +242,19 @@ class DetokenizerService:
             if partition not in self.owned and self.redis.set(self.names.partition_lease(partition), self.consumer,
                                                               nx=True, px=HEARTBEAT_TTL_MS):
                 self._take_over(partition)
+
+    def _worker_limits(self) -> Limits | None:
+        """The vocabulary and context length of the worker as it registered (read again every rebalance: a
+        restarted worker registers anew), or None before it has."""
+        raw = self.redis.get(self.names.worker_info(self.worker))
+        try:
+            info = decode(WorkerInfo, raw) if raw else None
+            if info is not None:
+                info.validate()
+        except SchemaError as e:
+            log.error("worker %s registered an invalid WorkerInfo: %s", self.worker, e)
+            return None
+        return Limits.of(info) if info is not None else None
 
     def _take_over(self, partition: int) -> None:
         """Own the partition: first handle what its previous owner left pending, in order."""
@@ -273,5 +289,5 @@ def run(args: argparse.Namespace) -> int:
     files = resolve_model(args.model, args.load_format, progress=False)
     transport = Transport(args.redis_url, args.prefix)
     processor = OutputProcessor(load_tokenizer(files, args.tokenizer))
-    DetokenizerService(transport, processor, args.partitions).run(stop_event())
+    DetokenizerService(transport, processor, args.partitions, args.worker_name).run(stop_event())
     return 0

@@ -12,7 +12,7 @@ from engine.model_files import resolve_model
 from engine.output_processor import OutputProcessor
 from engine.tokenizer import load_tokenizer
 from schemas.codec import decode, encode
-from schemas.messages import Reply, RequestMeta, StepTokens
+from schemas.messages import Reply, RequestMeta, StepTokens, WorkerInfo
 from schemas.sampling_params import SamplingParams
 from services.detokenizer import GROUP, DetokenizerService
 from services.transport import FIELD, Transport
@@ -88,11 +88,13 @@ def test_batches_are_one_transaction_and_a_takeover_resumes_from_the_checkpoints
     assert not second.requests                             # every request ended: nothing kept
 
 
-@pytest.mark.parametrize("bad", ["not msgpack", "corrupt request", "columns of different lengths"])
+@pytest.mark.parametrize("bad", ["not msgpack", "corrupt request", "columns of different lengths",
+                                 "token beyond the vocabulary"])
 def test_a_bad_entry_is_dead_lettered_and_holds_up_no_other(redis_url, tokenizer, bad):
     """Read in one batch with good entries: an entry that is not a StepTokens, one whose request's metadata is
     corrupt, one whose columns do not line up (it fails after the entries before it advanced their
-    completions in memory, which must be rebuilt from the checkpoints)."""
+    completions in memory, which must be rebuilt from the checkpoints), one with a token id the worker's
+    vocabulary does not have (checked against the worker's registration)."""
     transport = Transport(redis_url, prefix=f"detok-{uuid.uuid4().hex[:6]}")
     transport.ensure_group(transport.names.tokens(0), GROUP)
     tokens = tokenizer.encode(TEXT)
@@ -105,6 +107,11 @@ def test_a_bad_entry_is_dead_lettered_and_holds_up_no_other(redis_url, tokenizer
     elif bad == "corrupt request":
         transport.redis.set(transport.names.request_meta("x"), b"\x93garbage")
         publish_steps(transport, {"x": [5, 6]}, 0, 1)
+    elif bad == "token beyond the vocabulary":
+        info = WorkerInfo("w0", "e", 64, 16, 2048, tokenizer.vocab_size, [2])
+        transport.redis.set(transport.names.worker_info("w0"), encode(info))
+        service.limits = service._worker_limits()
+        publish_steps(transport, {"r": tokens[:3] + [10**9]}, 3, 4)    # r's position 3; the good one follows
     else:
         meta = RequestMeta("x", "g0", 5, [1], SamplingParams())
         transport.redis.set(transport.names.request_meta("x"), encode(meta))
