@@ -34,8 +34,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from schemas.messages import ErrorInfo, ReplyItem
-from services.metrics import (CONTENT_TYPE, Gauge, GatewayMetrics, PipelineScraper, exposition, peer_gateway_stats,
-                              publish_gateway_stats)
+from services.metrics import (CONTENT_TYPE, Counter, Gauge, GatewayMetrics, PipelineScraper, exposition,
+                              peer_gateway_stats, publish_gateway_stats)
 from services.openai_protocol import (ERROR_TYPES, MODEL_NOT_FOUND, SSE_DONE, Limits, ProtocolError, ResponseBuilder,
                                       TokenText, decode_json_body, error_body, model_card, models_list, parse_chat,
                                       parse_completion, pipeline_error_body, sse)
@@ -347,12 +347,15 @@ class Api:
     async def metrics_text(self, request: Request) -> Response:
         pending = Gauge("pagestream_gateway_pending_requests", "Pipeline requests this gateway has in flight.")
         pending.set(self.client.num_pending)
+        checks = Counter("pagestream_gateway_readiness_checks_total", "Readiness probes this gateway sent through "
+                         "the pipeline; every /health/ready caller within a second shares one.")
+        checks.inc(self.client.readiness_checks)
         try:
             peers = await peer_gateway_stats(self.client.redis, self.client.names, self.client.gateway_id)
         except Exception as e:                       # Redis down: this gateway's own figures still answer
             log.warning("could not read the other gateways' metrics: %s", e)
             peers = []
-        metrics = self.metrics.merged(peers) + [pending] + await self.scraper.collect()
+        metrics = self.metrics.merged(peers) + [pending, checks] + await self.scraper.collect()
         return Response(exposition(metrics), media_type=CONTENT_TYPE)
 
     async def index(self, request: Request) -> Response:

@@ -101,6 +101,7 @@ class FakeClient:
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
         self.num_pending = 0
+        self.readiness_checks = 0
         self._ids = 0
 
     def new_request_id(self, kind="cmpl"):
