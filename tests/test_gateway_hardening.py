@@ -3,8 +3,11 @@ model), over real HTTP and raw sockets. Readiness probes are shared by every cal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import socket
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -15,16 +18,18 @@ from services.pipeline_client import READY_TTL_S
 
 API_KEY = "test-key"
 METRICS_KEY = "scrape-key"
+HEADER_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = start_stack(tmp_path_factory.mktemp("hardened"), api_key=API_KEY)
+    s = start_stack(tmp_path_factory.mktemp("hardened"), "--metrics-key", METRICS_KEY, "--timeout-header",
+                    str(HEADER_TIMEOUT_S), api_key=API_KEY)
     yield s
     stop_stack(s)
 
 
-def metric(stack, name: str, key: str = API_KEY) -> float:
+def metric(stack, name: str, key: str = METRICS_KEY) -> float:
     """One unlabelled sample of /metrics, as Prometheus would parse it."""
     r = httpx.get(f"{stack.base_url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     r.raise_for_status()
@@ -51,3 +56,114 @@ def test_200_concurrent_readiness_calls_share_one_probe(stack):
     probes = metric(stack, "pagestream_gateway_readiness_checks_total") - before
     # at least one probe (the cache had expired), and then at most one more per second the calls took
     assert 1 <= probes <= 1 + math.ceil(took / READY_TTL_S), (probes, took)
+
+
+# ---- /metrics takes a key ------------------------------------------------------------------------------------
+def test_metrics_need_their_key(stack):
+    url = f"{stack.base_url}/metrics"
+    assert httpx.get(url, timeout=30).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    # with a metrics key of its own, the API key does not open /metrics, nor the metrics key the API
+    assert httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).status_code == 401
+    assert httpx.get(f"{stack.base_url}/v1/models", headers={"Authorization": f"Bearer {METRICS_KEY}"},
+                     timeout=30).status_code == 401
+    ok = httpx.get(url, headers={"Authorization": f"Bearer {METRICS_KEY}"}, timeout=30)
+    assert ok.status_code == 200 and "pagestream_requests_total" in ok.text
+
+
+def test_metrics_are_open_where_no_key_is_set(redis_url):
+    """The gateway alone (no pipeline behind it: /metrics needs only Redis), under its own uvicorn server."""
+    import uvicorn
+
+    from conftest import _free_port
+    from services.gateway import GatewaySettings, _Server, build_app
+    from services.pipeline_client import PipelineClient
+
+    async def scrape() -> int:
+        client = PipelineClient(redis_url, prefix="open-metrics")
+        await client.start()
+        port = _free_port()
+        config = uvicorn.Config(build_app(client, GatewaySettings("m", "m")), host="127.0.0.1", port=port,
+                                log_config=None, lifespan="off")
+        server = _Server(config)
+        serving = asyncio.create_task(server.serve())
+        try:
+            while not server.started:
+                await asyncio.sleep(0.01)
+            async with httpx.AsyncClient(timeout=30) as http:
+                return (await http.get(f"http://127.0.0.1:{port}/metrics")).status_code
+        finally:
+            server.should_exit = True
+            await serving
+            await client.close()
+
+    assert asyncio.run(scrape()) == 200
+
+
+# ---- slow clients and large heads ----------------------------------------------------------------------------
+def connect(stack) -> socket.socket:
+    url = urlsplit(stack.base_url)
+    return socket.create_connection((url.hostname, url.port), timeout=30)
+
+
+def seconds_until_closed(sock: socket.socket, trickle: bytes = b"") -> float:
+    """Sends trickle a byte every 0.2 s (then nothing) until the server closes the connection."""
+    start = time.monotonic()
+    sock.settimeout(0.2)
+    pending = list(trickle)
+    while True:
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - start
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            return time.monotonic() - start
+        assert time.monotonic() - start < 30, "the server never closed the connection"
+        if pending:
+            try:
+                sock.sendall(bytes([pending.pop(0)]))
+            except (BrokenPipeError, ConnectionResetError):
+                return time.monotonic() - start
+
+
+def test_slow_request_heads_are_cut_off_and_the_server_still_serves(stack):
+    half_a_request_line = b"GET /health HT"
+    with connect(stack) as slowloris:
+        slowloris.sendall(half_a_request_line[:5])
+        took = seconds_until_closed(slowloris, trickle=half_a_request_line[5:] + b"TP/1.1\r\nX-Slow: " + b"a" * 100)
+    assert HEADER_TIMEOUT_S * 0.9 <= took < HEADER_TIMEOUT_S + 2, took
+    with connect(stack) as silent:                                  # connects and never sends a byte
+        assert seconds_until_closed(silent) < HEADER_TIMEOUT_S + 2
+    with connect(stack) as kept_alive:                              # after one response, the next head is due too
+        kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept_alive.recv(4096).startswith(b"HTTP/1.1 200")
+        kept_alive.sendall(b"GET /hea")
+        assert seconds_until_closed(kept_alive, trickle=b"lth HTTP/1.1\r\n" * 4) < HEADER_TIMEOUT_S + 2
+    assert httpx.get(f"{stack.base_url}/health", timeout=30).status_code == 200
+
+
+def test_a_slow_but_whole_request_is_served(stack):
+    """A head that arrives within the deadline, and a response that takes longer than it, are not cut."""
+    with connect(stack) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        time.sleep(HEADER_TIMEOUT_S / 2)
+        sock.sendall(b"Host: x\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": "smollm2-135m-instruct", "prompt": "Count to one hundred:", "max_tokens": 64,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{stack.base_url}/v1/completions", json=body, headers=headers, timeout=120) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) > 10
+
+
+def test_a_request_head_over_the_limit_gets_400(stack):
+    """h11 measures a head while it is incomplete: one that grows past the limit before its end is refused."""
+    with connect(stack) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (32 << 10))
+        time.sleep(0.5)
+        with contextlib.suppress(OSError):              # the server may have closed already
+            sock.sendall(b"\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 400")
+    assert httpx.get(f"{stack.base_url}/health", timeout=30).status_code == 200

@@ -319,8 +319,24 @@ async def test_api_keys():
     assert_openai_error(await call(client, "GET", "/v1/models", keyed, headers={"Authorization": "k1"}), 401)
     assert (await call(client, "POST", "/v1/completions", keyed, json=body,
                        headers={"Authorization": "Bearer k2"})).status_code == 200
-    for open_path in ("/health", "/", "/metrics", "/static/chat.js"):
+    for open_path in ("/health", "/", "/static/chat.js"):
         assert (await call(client, "GET", open_path, keyed)).status_code == 200, open_path
+
+
+@pytest.mark.anyio
+async def test_metrics_take_the_api_key_or_their_own():
+    client, bearer = FakeClient(), lambda key: {"Authorization": f"Bearer {key}"}
+    assert (await call(client, "GET", "/metrics")).status_code == 200                       # no keys: open
+    keyed = settings(api_keys=["k1"])
+    assert_openai_error(await call(client, "GET", "/metrics", keyed), 401)
+    assert (await call(client, "GET", "/metrics", keyed, headers=bearer("k1"))).status_code == 200
+    scraped = settings(api_keys=["k1"], metrics_keys=["m1"])          # the scraper's key opens only /metrics
+    assert_openai_error(await call(client, "GET", "/metrics", scraped, headers=bearer("k1")), 401)
+    assert (await call(client, "GET", "/metrics", scraped, headers=bearer("m1"))).status_code == 200
+    assert_openai_error(await call(client, "GET", "/v1/models", scraped, headers=bearer("m1")), 401)
+    only_metrics = settings(metrics_keys=["m1"])                       # the API open, /metrics not
+    assert (await call(client, "GET", "/v1/models", only_metrics)).status_code == 200
+    assert_openai_error(await call(client, "GET", "/metrics", only_metrics), 401)
 
 
 @pytest.mark.anyio
