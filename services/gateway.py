@@ -413,6 +413,35 @@ class ApiKeyAuth:
         await self.app(scope, receive, send)
 
 
+class EchoRequestId:
+    """A client's X-Request-Id comes back as a response header, to trace a request through the client's own logs.
+    It is never an id of ours: requests are keyed by the ids the gateway makes (PipelineClient.new_request_id),
+    and the responses' ids are those, so clients sending the same X-Request-Id, by chance or on purpose, cannot
+    reach each other's requests. Only a short run of visible ASCII is echoed."""
+    MAX_BYTES = 128
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    @classmethod
+    def traceable(cls, value: bytes) -> bool:
+        return 0 < len(value) <= cls.MAX_BYTES and all(0x21 <= b <= 0x7E for b in value)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None) \
+            if scope["type"] == "http" else None
+        if given is None or not self.traceable(given):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_echoing(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", given)]}
+            await send(message)
+
+        await self.app(scope, receive, send_echoing)
+
+
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     """Unknown paths (404) and methods (405), in OpenAI's error shape too."""
     return _error_response(exc.status_code, error_body(exc.detail, exc.status_code), exc.headers)
@@ -436,8 +465,9 @@ def build_app(client: PipelineClient, settings: GatewaySettings) -> Starlette:
         Route("/", api.index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    middleware = [Middleware(ApiKeyAuth, api_keys=settings.api_keys, metrics_keys=settings.metrics_keys)
-                  ] if settings.api_keys or settings.metrics_keys else []
+    middleware = [Middleware(EchoRequestId)]                  # outermost: a 401 carries the id too
+    if settings.api_keys or settings.metrics_keys:
+        middleware.append(Middleware(ApiKeyAuth, api_keys=settings.api_keys, metrics_keys=settings.metrics_keys))
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     app.state.settings = settings

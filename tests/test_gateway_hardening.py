@@ -167,3 +167,27 @@ def test_a_request_head_over_the_limit_gets_400(stack):
             sock.sendall(b"\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 400")
     assert httpx.get(f"{stack.base_url}/health", timeout=30).status_code == 200
+
+
+# ---- X-Request-Id: echoed, never ours ------------------------------------------------------------------------
+def test_x_request_id_is_echoed_and_two_clients_sharing_one_get_their_own_answers(stack):
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+    async def ask(prompt: str):
+        return await client.completions.with_raw_response.create(
+            model="smollm2-135m-instruct", prompt=prompt, max_tokens=8, temperature=0,
+            extra_headers={"X-Request-Id": "same-for-both"})
+
+    async def both():
+        try:
+            return await asyncio.gather(ask("The capital of France is"), ask("def add(a, b):"))
+        finally:
+            await client.close()
+
+    raw = asyncio.run(both())
+    assert [r.headers["x-request-id"] for r in raw] == ["same-for-both"] * 2
+    first, second = (r.parse() for r in raw)
+    assert first.id != second.id and first.id.startswith("cmpl-") and "same-for-both" not in first.id + second.id
+    assert first.choices[0].text and second.choices[0].text and first.choices[0].text != second.choices[0].text

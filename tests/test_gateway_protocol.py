@@ -340,6 +340,23 @@ async def test_metrics_take_the_api_key_or_their_own():
 
 
 @pytest.mark.anyio
+async def test_x_request_id_is_echoed_and_never_used_as_an_id():
+    client, traced = FakeClient(), {"X-Request-Id": "trace-42"}
+    for stream in (False, True):
+        r = await call(client, "POST", "/v1/completions", json={"prompt": "x", "stream": stream}, headers=traced)
+        assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
+        ids = {e["id"] for e in sse_events(r.text)[:-1]} if stream else {r.json()["id"]}
+        assert ids == {client.requests[-1].request_id} and "trace-42" not in ids.pop()    # the gateway's own
+    assert [r.request_id for r in client.requests] == ["cmpl-gw-1", "cmpl-gw-2"]
+    refused = await call(client, "GET", "/v1/models", settings(api_keys=["k"]), headers=traced)
+    assert refused.status_code == 401 and refused.headers["x-request-id"] == "trace-42"
+    for untraceable in ("a" * 129, "has space", "caf\u00e9"):
+        r = await call(client, "GET", "/health", headers={"X-Request-Id": untraceable.encode("utf-8")})
+        assert r.status_code == 200 and "x-request-id" not in r.headers
+    assert "x-request-id" not in (await call(client, "GET", "/health")).headers
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("raises, status", [(Overloaded("full"), 429), (Unavailable("scheduler down"), 503)])
 async def test_admission_errors(raises, status):
     for stream in (False, True):
