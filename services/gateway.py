@@ -341,16 +341,22 @@ class Api:
         self.metrics.prompt_tokens.inc(sum(builder.prompt_tokens))
 
     # -- everything else --
+    async def _max_model_len(self) -> int | None:
+        """The context length the engine serves: the worker's, as it registered it (from --max-model-len or the
+        model's config), else --max-model-len as given here (None: no worker registered, and no flag)."""
+        info = await self.client.worker_info()
+        return info.max_model_len if info is not None else self.settings.max_model_len
+
     async def models(self, request: Request) -> Response:
         s = self.settings
-        return JSONResponse(models_list(s.served_model_name, s.model, s.created, s.max_model_len))
+        return JSONResponse(models_list(s.served_model_name, s.model, s.created, await self._max_model_len()))
 
     async def model(self, request: Request) -> Response:
         s, name = self.settings, request.path_params["model"]
         if name != s.served_model_name:
             return _error_response(404, error_body(f"The model `{name}` does not exist.", 404, MODEL_NOT_FOUND,
                                                    "model"))
-        return JSONResponse(model_card(s.served_model_name, s.model, s.created, s.max_model_len))
+        return JSONResponse(model_card(s.served_model_name, s.model, s.created, await self._max_model_len()))
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

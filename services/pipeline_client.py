@@ -20,7 +20,7 @@ import redis
 import redis.asyncio as aioredis
 
 from schemas.codec import SchemaError, decode, encode
-from schemas.messages import Abort, ErrorInfo, GenerateRequest, Reply, ReplyItem
+from schemas.messages import Abort, ErrorInfo, GenerateRequest, Reply, ReplyItem, WorkerInfo
 from services.transport import FIELD, HEARTBEAT_SECONDS, STREAM_MAXLEN, Names
 
 log = logging.getLogger("pagestream.pipeline_client")
@@ -139,6 +139,16 @@ class PipelineClient:
                                   approximate=True)
         except Exception:                                   # best effort: the pipeline may be gone
             log.exception("could not send abort for %s", request_id)
+
+    async def worker_info(self) -> WorkerInfo | None:
+        """What the worker registered at its start (its max_model_len, KV blocks, ...); None: not yet, or Redis
+        cannot say."""
+        try:
+            raw = await self.redis.get(self.names.worker_info(self.worker))
+            return decode(WorkerInfo, raw) if raw else None
+        except (redis.RedisError, OSError, SchemaError) as e:
+            log.warning("could not read the worker's registration: %s", e)
+            return None
 
     # ---- readiness: a real round trip ----------------------------------------------------------------------
     async def ready(self, timeout_s: float = 10.0) -> bool:

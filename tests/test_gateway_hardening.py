@@ -71,31 +71,40 @@ def test_metrics_need_their_key(stack):
     assert ok.status_code == 200 and "pagestream_requests_total" in ok.text
 
 
-def test_metrics_are_open_where_no_key_is_set(redis_url):
-    """The gateway alone (no pipeline behind it: /metrics needs only Redis), under its own uvicorn server."""
+@contextlib.asynccontextmanager
+async def gateway_alone(redis_url: str, settings):
+    """The gateway by itself, with no pipeline behind it (/metrics and /v1/models need only Redis): the real
+    PipelineClient on a real redis-server, under the gateway's own uvicorn server. Yields (base URL, client)."""
     import uvicorn
 
     from conftest import _free_port
-    from services.gateway import GatewaySettings, _Server, build_app
+    from services.gateway import _Server, build_app
     from services.pipeline_client import PipelineClient
 
+    client = PipelineClient(redis_url, prefix=f"alone{_free_port()}")
+    await client.start()
+    port = _free_port()
+    server = _Server(uvicorn.Config(build_app(client, settings), host="127.0.0.1", port=port, log_config=None,
+                                    lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not serving.done(), "the server did not start"
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}", client
+    finally:
+        server.should_exit = True
+        await serving
+        await client.close()
+
+
+def test_metrics_are_open_where_no_key_is_set(redis_url):
+    from services.gateway import GatewaySettings
+
     async def scrape() -> int:
-        client = PipelineClient(redis_url, prefix="open-metrics")
-        await client.start()
-        port = _free_port()
-        config = uvicorn.Config(build_app(client, GatewaySettings("m", "m")), host="127.0.0.1", port=port,
-                                log_config=None, lifespan="off")
-        server = _Server(config)
-        serving = asyncio.create_task(server.serve())
-        try:
-            while not server.started:
-                await asyncio.sleep(0.01)
-            async with httpx.AsyncClient(timeout=30) as http:
-                return (await http.get(f"http://127.0.0.1:{port}/metrics")).status_code
-        finally:
-            server.should_exit = True
-            await serving
-            await client.close()
+        async with gateway_alone(redis_url, GatewaySettings("m", "m")) as (url, _):
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                return (await http.get("/metrics")).status_code
 
     assert asyncio.run(scrape()) == 200
 
@@ -191,3 +200,36 @@ def test_x_request_id_is_echoed_and_two_clients_sharing_one_get_their_own_answer
     first, second = (r.parse() for r in raw)
     assert first.id != second.id and first.id.startswith("cmpl-") and "same-for-both" not in first.id + second.id
     assert first.choices[0].text and second.choices[0].text and first.choices[0].text != second.choices[0].text
+
+
+# ---- /v1/models: the context length the engine serves --------------------------------------------------------
+def test_models_report_the_max_model_len_the_worker_registered(redis_url):
+    from schemas.codec import encode
+    from schemas.messages import WorkerInfo
+    from services.gateway import GatewaySettings
+
+    async def lengths() -> list:
+        async with gateway_alone(redis_url, GatewaySettings("m", "m", max_model_len=None)) as (url, client):
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                unknown = (await http.get("/v1/models")).json()["data"][0]["max_model_len"]
+                info = WorkerInfo(client.worker, "epoch", 100, 16, 777, 512, [2])      # as a worker registers
+                await client.redis.set(client.names.worker_info(client.worker), encode(info))
+                listed = (await http.get("/v1/models")).json()["data"][0]["max_model_len"]
+                card = (await http.get("/v1/models/m")).json()["max_model_len"]
+                return [unknown, listed, card]
+
+    assert asyncio.run(lengths()) == [None, 777, 777]
+
+
+def test_models_report_the_served_max_model_len(stack):
+    import openai
+    import redis
+
+    from schemas.codec import decode
+    from schemas.messages import WorkerInfo
+
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=API_KEY, max_retries=0)
+    listed = client.models.list().data[0].model_extra["max_model_len"]
+    with redis.Redis.from_url(stack.redis_url) as r:
+        registered = decode(WorkerInfo, r.get(f"{stack.prefix}:worker:w0")).max_model_len
+    assert listed == registered == 2048                              # start_stack serves --max-model-len 2048

@@ -127,6 +127,9 @@ class FakeClient:
     async def ready(self):
         return self.is_ready
 
+    async def worker_info(self):
+        return None                      # no worker registered: the gateway's --max-model-len is reported
+
 
 def settings(**overrides) -> GatewaySettings:
     return GatewaySettings(**{"served_model_name": MODEL, "model": "/models/test", "max_n": 4,
