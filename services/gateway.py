@@ -40,8 +40,8 @@ from schemas.messages import ErrorInfo, ReplyItem
 from services.metrics import (CONTENT_TYPE, Counter, Gauge, GatewayMetrics, PipelineScraper, exposition,
                               peer_gateway_stats, publish_gateway_stats)
 from services.openai_protocol import (ERROR_TYPES, MODEL_NOT_FOUND, SSE_DONE, Limits, ProtocolError, ResponseBuilder,
-                                      TokenText, decode_json_body, error_body, model_card, models_list, parse_chat,
-                                      parse_completion, pipeline_error_body, sse)
+                                      TokenText, decode_json_body, error_body, model_card, models_list,
+                                      openapi_schema, parse_chat, parse_completion, pipeline_error_body, sse)
 from services.pipeline_client import Overloaded, PipelineClient, Unavailable
 
 log = logging.getLogger("pagestream.gateway")
@@ -380,14 +380,20 @@ class Api:
         metrics = self.metrics.merged(peers) + [pending, checks] + await self.scraper.collect()
         return Response(exposition(metrics), media_type=CONTENT_TYPE)
 
+    async def openapi(self, request: Request) -> Response:
+        s = self.settings
+        limits = Limits(s.served_model_name, s.max_n, await self._max_model_len())
+        return JSONResponse(openapi_schema(limits, bool(s.api_keys), bool(s.metrics_keys or s.api_keys)))
+
     async def index(self, request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html")
 
 
 class ApiKeyAuth:
-    """Authorization: Bearer <key>, checked before the body is read. The API (/v1/...) takes an API key. /metrics
-    takes a metrics key where there are any (a scraper's own, which opens nothing else), else an API key: it
-    tells load, models and queue lengths to whoever reads it. The page and health stay open."""
+    """Authorization: Bearer <key>, checked before the body is read. The API (/v1/..., and its schema,
+    /openapi.json) takes an API key. /metrics takes a metrics key where there are any (a scraper's own, which
+    opens nothing else), else an API key: it tells load, models and queue lengths to whoever reads it. The page
+    and health stay open."""
 
     def __init__(self, app: ASGIApp, api_keys: list[str], metrics_keys: list[str]):
         self.app = app
@@ -396,7 +402,7 @@ class ApiKeyAuth:
 
     def _keys(self, path: str) -> list[bytes]:
         """The keys that open path; none: it is open."""
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/") or path == "/openapi.json":
             return self.api_keys
         if path == "/metrics":
             return self.metrics_keys
@@ -468,6 +474,7 @@ def build_app(client: PipelineClient, settings: GatewaySettings) -> Starlette:
         Route("/health", api.health, methods=["GET"]),
         Route("/health/ready", api.ready, methods=["GET"]),
         Route("/metrics", api.metrics_text, methods=["GET"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
         Route("/", api.index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]

@@ -233,3 +233,78 @@ def test_models_report_the_served_max_model_len(stack):
     with redis.Redis.from_url(stack.redis_url) as r:
         registered = decode(WorkerInfo, r.get(f"{stack.prefix}:worker:w0")).max_model_len
     assert listed == registered == 2048                              # start_stack serves --max-model-len 2048
+
+
+# ---- the OpenAPI schema, and fuzzing the API against it ------------------------------------------------------
+FUZZ_MAX_TOKENS = 1
+FUZZ_EXAMPLES = 30                     # per mode: about 60 s on a loaded 2-core CPU
+FUZZ_MAX_SEQUENCES = 2                # prompts (each a pipeline request), messages, completions per prompt
+
+
+def bound(body) -> None:
+    """Keeps a generated request cheap on a shared CPU, whatever else it holds: one token (chat without
+    max_tokens would run to the context length, completions to 16), a couple of prompts and completions."""
+    if not isinstance(body, dict):
+        return
+    for name in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body.get(name), int) and not isinstance(body[name], bool) and body[name] > FUZZ_MAX_TOKENS:
+            body[name] = FUZZ_MAX_TOKENS
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = FUZZ_MAX_TOKENS
+    if isinstance(body.get("n"), int) and not isinstance(body["n"], bool) and body["n"] > FUZZ_MAX_SEQUENCES:
+        body["n"] = FUZZ_MAX_SEQUENCES
+    for name in ("prompt", "messages"):
+        if isinstance(body.get(name), list):
+            body[name] = body[name][:FUZZ_MAX_SEQUENCES]
+
+
+def test_openapi_schema_matches_the_routes(stack):
+    assert httpx.get(f"{stack.base_url}/openapi.json", timeout=30).status_code == 401     # it names the model
+    doc = httpx.get(f"{stack.base_url}/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"},
+                    timeout=30).json()
+    assert doc["openapi"].startswith("3.") and set(doc["paths"]) == {
+        "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model}", "/health", "/health/ready",
+        "/metrics"}
+    completion = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert completion["properties"]["model"]["enum"] == ["smollm2-135m-instruct"]
+    assert completion["properties"]["max_tokens"]["maximum"] == 2048                  # the served context length
+
+
+def test_fuzzing_the_api_from_its_schema_finds_no_server_error(stack):
+    """schemathesis generates requests from /openapi.json, valid ones and invalid ones, for every operation
+    (bounded: FUZZ_EXAMPLES of each kind, one token each): none may get a 5xx, and the server serves afterwards."""
+    import collections
+
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.generation import GenerationMode
+
+    keys = {"/metrics": METRICS_KEY}
+    doc = httpx.get(f"{stack.base_url}/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"},
+                    timeout=30).json()
+    schema = schemathesis.openapi.from_dict(doc)
+    statuses: collections.Counter = collections.Counter()
+    session = requests.Session()
+    start = time.monotonic()
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=schema.as_strategy(mode))
+        def fuzz(case) -> None:
+            bound(case.body)
+            key = keys.get(case.operation.path, API_KEY)
+            response = case.call(base_url=stack.base_url, session=session,
+                                 headers={"Authorization": f"Bearer {key}"}, timeout=120)
+            statuses[mode.value, case.operation.label, response.status_code] += 1
+            assert response.status_code < 500, (case.as_curl_command(), response.status_code, response.text)
+
+        fuzz()
+    took = time.monotonic() - start
+    print(f"fuzzed in {took:.1f} s:", dict(sorted(statuses.items())))
+    generated = {(mode, label) for mode, label, status in statuses if status == 200}
+    assert ("positive", "POST /v1/completions") in generated and ("positive", "POST /v1/chat/completions") in generated
+    assert httpx.get(f"{stack.base_url}/health/ready", timeout=30).status_code == 200
+    after = httpx.post(f"{stack.base_url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"prompt": "Hello", "max_tokens": 2}, timeout=60)
+    assert after.status_code == 200 and after.json()["choices"][0]["finish_reason"] == "length"
