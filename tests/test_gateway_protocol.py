@@ -554,6 +554,18 @@ async def test_models_health_and_page():
     assert "/static/chat.js" in page.text
 
 
+@pytest.mark.anyio
+async def test_openapi_document_covers_every_api_route():
+    app_paths = {route.path.replace(":path}", "}") for route in build_app(FakeClient(), settings()).routes}
+    doc = (await call(FakeClient(), "GET", "/openapi.json")).json()
+    assert set(doc["paths"]) == app_paths - {"/", "/static", "/openapi.json"}         # the page, and itself
+    assert doc["paths"]["/v1/completions"]["post"]["security"] == []                    # no keys: open
+    keyed = (await call(FakeClient(), "GET", "/openapi.json", settings(api_keys=["k"]),
+                        headers={"Authorization": "Bearer k"})).json()
+    assert keyed["paths"]["/v1/completions"]["post"]["security"] == [{"bearer": []}]
+    assert keyed["paths"]["/health"]["get"].get("security") is None
+
+
 # ---- metrics -------------------------------------------------------------------------------------------------
 def parse_metrics(text: str) -> dict[tuple, float]:
     """(sample name, sorted labels) -> value, through prometheus_client's own parser."""
