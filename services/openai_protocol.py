@@ -522,7 +522,6 @@ def model_card(name: str, root: str, created: int, max_model_len: int | None) ->
             "parent": None, "max_model_len": max_model_len}
 
 
-
 # ---- the OpenAPI document (GET /openapi.json) ------------------------------------------------------------------
 def _one_of(*schemas: dict) -> dict:
     return {"oneOf": list(schemas)}
