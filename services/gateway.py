@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import signal
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, TypeVar
 
+import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,13 +34,14 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from schemas.messages import ErrorInfo, ReplyItem
-from services.metrics import (CONTENT_TYPE, Gauge, GatewayMetrics, PipelineScraper, exposition, peer_gateway_stats,
-                              publish_gateway_stats)
+from services.metrics import (CONTENT_TYPE, Counter, Gauge, GatewayMetrics, PipelineScraper, exposition,
+                              peer_gateway_stats, publish_gateway_stats)
 from services.openai_protocol import (ERROR_TYPES, MODEL_NOT_FOUND, SSE_DONE, Limits, ProtocolError, ResponseBuilder,
-                                      TokenText, decode_json_body, error_body, model_card, models_list, parse_chat,
-                                      parse_completion, pipeline_error_body, sse)
+                                      TokenText, decode_json_body, error_body, model_card, models_list,
+                                      openapi_schema, parse_chat, parse_completion, pipeline_error_body, sse)
 from services.pipeline_client import Overloaded, PipelineClient, Unavailable
 
 log = logging.getLogger("pagestream.gateway")
@@ -49,8 +52,19 @@ CLIENT_GONE = 499                    # nginx's status for a client that closed t
 ADMISSION_STATUS = {Overloaded: 429, Unavailable: 503}
 GRACEFUL_SHUTDOWN_S = 10.0
 
+KIB = 1 << 10
 T = TypeVar("T")
 Stream = AsyncGenerator[tuple[int, ReplyItem], None]       # (prompt index, item) of one API request
+
+
+@dataclass
+class HttpLimits:
+    """What one client may hold of the HTTP server."""
+    header_timeout_s: float = 10.0        # from a connection's start, or its last response, to a whole request head
+    keep_alive_s: float = 5.0             # idle between requests, then the connection is closed
+    max_concurrency: int | None = 2048    # connections or requests in progress beyond which requests get 503
+    max_header_bytes: int = 16 * KIB      # a request head still incomplete past this size gets 400 (h11 measures
+                                          # only heads not yet whole: one read, up to 256 KiB, may bring more)
 
 
 @dataclass
@@ -59,11 +73,13 @@ class GatewaySettings:
     served_model_name: str
     model: str                                                  # --model: the served model's root
     api_keys: list[str] = field(default_factory=list)           # empty: no authentication
+    metrics_keys: list[str] = field(default_factory=list)       # /metrics' own keys; empty: the API keys
     max_n: int = 16
     max_body_bytes: int = 4 * MIB
     max_model_len: int | None = None
     token_text: TokenText = field(default_factory=TokenText)    # token strings for logprobs
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    http: HttpLimits = field(default_factory=HttpLimits)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -325,16 +341,22 @@ class Api:
         self.metrics.prompt_tokens.inc(sum(builder.prompt_tokens))
 
     # -- everything else --
+    async def _max_model_len(self) -> int | None:
+        """The context length the engine serves: the worker's, as it registered it (from --max-model-len or the
+        model's config), else --max-model-len as given here (None: no worker registered, and no flag)."""
+        info = await self.client.worker_info()
+        return info.max_model_len if info is not None else self.settings.max_model_len
+
     async def models(self, request: Request) -> Response:
         s = self.settings
-        return JSONResponse(models_list(s.served_model_name, s.model, s.created, s.max_model_len))
+        return JSONResponse(models_list(s.served_model_name, s.model, s.created, await self._max_model_len()))
 
     async def model(self, request: Request) -> Response:
         s, name = self.settings, request.path_params["model"]
         if name != s.served_model_name:
             return _error_response(404, error_body(f"The model `{name}` does not exist.", 404, MODEL_NOT_FOUND,
                                                    "model"))
-        return JSONResponse(model_card(s.served_model_name, s.model, s.created, s.max_model_len))
+        return JSONResponse(model_card(s.served_model_name, s.model, s.created, await self._max_model_len()))
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -347,39 +369,89 @@ class Api:
     async def metrics_text(self, request: Request) -> Response:
         pending = Gauge("pagestream_gateway_pending_requests", "Pipeline requests this gateway has in flight.")
         pending.set(self.client.num_pending)
+        checks = Counter("pagestream_gateway_readiness_checks_total", "Readiness probes this gateway sent through "
+                         "the pipeline; every /health/ready caller within a second shares one.")
+        checks.inc(self.client.readiness_checks)
         try:
             peers = await peer_gateway_stats(self.client.redis, self.client.names, self.client.gateway_id)
         except Exception as e:                       # Redis down: this gateway's own figures still answer
             log.warning("could not read the other gateways' metrics: %s", e)
             peers = []
-        metrics = self.metrics.merged(peers) + [pending] + await self.scraper.collect()
+        metrics = self.metrics.merged(peers) + [pending, checks] + await self.scraper.collect()
         return Response(exposition(metrics), media_type=CONTENT_TYPE)
+
+    async def openapi(self, request: Request) -> Response:
+        s = self.settings
+        limits = Limits(s.served_model_name, s.max_n, await self._max_model_len())
+        return JSONResponse(openapi_schema(limits, bool(s.api_keys), bool(s.metrics_keys or s.api_keys)))
 
     async def index(self, request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html")
 
 
 class ApiKeyAuth:
-    """Authorization: Bearer <key> on the API (/v1/...); the page, health and metrics stay open. Checked before
-    the body is read."""
+    """Authorization: Bearer <key>, checked before the body is read. The API (/v1/..., and its schema,
+    /openapi.json) takes an API key. /metrics takes a metrics key where there are any (a scraper's own, which
+    opens nothing else), else an API key: it tells load, models and queue lengths to whoever reads it. The page
+    and health stay open."""
 
-    def __init__(self, app: ASGIApp, keys: list[str]):
+    def __init__(self, app: ASGIApp, api_keys: list[str], metrics_keys: list[str]):
         self.app = app
-        self.keys = [k.encode() for k in keys]
+        self.api_keys = [k.encode() for k in api_keys]
+        self.metrics_keys = [k.encode() for k in metrics_keys] or self.api_keys
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _keys(self, path: str) -> list[bytes]:
+        """The keys that open path; none: it is open."""
+        if path.startswith("/v1/") or path == "/openapi.json":
+            return self.api_keys
+        if path == "/metrics":
+            return self.metrics_keys
+        return []
+
+    @staticmethod
+    def _authorized(scope: Scope, keys: list[bytes]) -> bool:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         scheme, _, token = header.partition(b" ")
         # compare_digest against every key: the time taken says nothing about which key nearly matched
-        return scheme.lower() == b"bearer" and any([hmac.compare_digest(token.strip(), k) for k in self.keys])
+        return scheme.lower() == b"bearer" and any([hmac.compare_digest(token.strip(), k) for k in keys])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and not self._authorized(scope):
+        keys = self._keys(scope["path"]) if scope["type"] == "http" else []
+        if keys and not self._authorized(scope, keys):
             response = _error_response(401, error_body("invalid or missing API key (Authorization: Bearer <key>)",
                                                        401), {"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class EchoRequestId:
+    """A client's X-Request-Id comes back as a response header, to trace a request through the client's own logs.
+    It is never an id of ours: requests are keyed by the ids the gateway makes (PipelineClient.new_request_id),
+    and the responses' ids are those, so clients sending the same X-Request-Id, by chance or on purpose, cannot
+    reach each other's requests. Only a short run of visible ASCII is echoed."""
+    MAX_BYTES = 128
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    @classmethod
+    def traceable(cls, value: bytes) -> bool:
+        return 0 < len(value) <= cls.MAX_BYTES and all(0x21 <= b <= 0x7E for b in value)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None) \
+            if scope["type"] == "http" else None
+        if given is None or not self.traceable(given):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_echoing(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", given)]}
+            await send(message)
+
+        await self.app(scope, receive, send_echoing)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -402,12 +474,72 @@ def build_app(client: PipelineClient, settings: GatewaySettings) -> Starlette:
         Route("/health", api.health, methods=["GET"]),
         Route("/health/ready", api.ready, methods=["GET"]),
         Route("/metrics", api.metrics_text, methods=["GET"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
         Route("/", api.index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    middleware = [Middleware(ApiKeyAuth, keys=settings.api_keys)] if settings.api_keys else []
-    return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    middleware = [Middleware(EchoRequestId)]                  # outermost: a 401 carries the id too
+    if settings.api_keys or settings.metrics_keys:
+        middleware.append(Middleware(ApiKeyAuth, api_keys=settings.api_keys, metrics_keys=settings.metrics_keys))
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    app.state.settings = settings
+    return app
+
+
+# ---- HTTP connections ------------------------------------------------------------------------------------------
+class H11WithHeaderTimeout(H11Protocol):
+    """uvicorn's h11 protocol, with a deadline for each request head. uvicorn 0.54 has none: its keep-alive timer
+    is armed only after a response, and any byte that arrives cancels it, so a client that opens connections and
+    sends a header line now and then (slowloris) would hold each of them, and a slot under max_concurrency, for
+    ever. The deadline runs from the connection's start, and from each response's end, until a whole request
+    head has arrived; past it the connection is closed."""
+
+    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+        self.head_deadline: asyncio.TimerHandle | None = None
+
+    def _await_head(self) -> None:
+        """Arms the deadline if no request head is being read or served; disarms it once one has arrived."""
+        waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+        if waiting and self.head_deadline is None:
+            self.head_deadline = self.loop.call_later(self.header_timeout_s, self._head_too_slow)
+        elif not waiting and self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self.head_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:   # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._await_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()            # may already start on a pipelined request
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+        super().connection_lost(exc)
+
+
+def apply_http_limits(config: uvicorn.Config, limits: HttpLimits) -> None:
+    """limits on a uvicorn Config not yet loaded. The protocol is h11 (uvicorn's default without httptools),
+    with the header deadline added."""
+    config.http = functools.partial(H11WithHeaderTimeout, header_timeout_s=limits.header_timeout_s)
+    config.timeout_keep_alive = limits.keep_alive_s
+    config.limit_concurrency = limits.max_concurrency
+    config.h11_max_incomplete_event_size = limits.max_header_bytes
 
 
 # ---- the service -----------------------------------------------------------------------------------------------
@@ -424,6 +556,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-body-bytes", type=int, default=4 * MIB, help="larger request bodies get 413")
     group.add_argument("--max-n", type=int, default=16, help="the largest n (completions per prompt) accepted")
     group.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)   # a listening socket from serve
+    group.add_argument("--metrics-key", action="append", default=[], dest="metrics_key",
+                       help="a key Prometheus sends as 'Authorization: Bearer <key>' to read /metrics (repeatable); "
+                            "none: /metrics takes the --api-key keys, and is open where there are none")
+    limits = HttpLimits()
+    group.add_argument("--timeout-header", type=float, default=limits.header_timeout_s,
+                       help="seconds a client has, from connecting or from its last response, to send a whole "
+                            "request head before the connection is closed (against slow-header clients)")
+    group.add_argument("--timeout-keep-alive", type=float, default=limits.keep_alive_s,
+                       help="seconds an idle kept-alive connection stays open")
+    group.add_argument("--limit-concurrency", type=int, default=limits.max_concurrency,
+                       help="connections or requests in progress (per gateway process) beyond which new requests "
+                            "get 503")
+    group.add_argument("--max-header-bytes", type=int, default=limits.max_header_bytes,
+                       help="a request head (request line and headers) still incomplete past this size gets 400")
 
 
 def _token_text(model: str, load_format: str, tokenizer: str | None) -> TokenText:
@@ -442,15 +588,22 @@ def _token_text(model: str, load_format: str, tokenizer: str | None) -> TokenTex
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     return GatewaySettings(served_model_name=args.served_model_name or args.model, model=args.model,
-                           api_keys=list(args.api_key), max_n=args.max_n, max_body_bytes=args.max_body_bytes,
-                           max_model_len=args.max_model_len,
+                           api_keys=list(args.api_key), metrics_keys=list(args.metrics_key), max_n=args.max_n,
+                           max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len,
+                           http=HttpLimits(args.timeout_header, args.timeout_keep_alive, args.limit_concurrency,
+                                           args.max_header_bytes),
                            token_text=_token_text(args.model, args.load_format, args.tokenizer))
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's Server, except that SIGINT/SIGTERM only make it stop. uvicorn re-raises the signal once serving
-    ends, which under Python's default SIGTERM handler kills the process before the gRPC server and the pipeline
-    client are closed."""
+    """uvicorn's Server, except that the app's HttpLimits apply (they come with the app built by build_app, from
+    its GatewaySettings), and SIGINT/SIGTERM only make it stop. uvicorn re-raises the signal once serving ends,
+    which under Python's default SIGTERM handler kills the process before the gRPC server and the pipeline client
+    are closed."""
+
+    def __init__(self, config: uvicorn.Config):
+        apply_http_limits(config, config.app.state.settings.http)
+        super().__init__(config)
 
     @contextlib.contextmanager
     def capture_signals(self):

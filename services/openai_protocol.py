@@ -521,3 +521,119 @@ def model_card(name: str, root: str, created: int, max_model_len: int | None) ->
     return {"id": name, "object": "model", "created": created, "owned_by": "pagestream", "root": root,
             "parent": None, "max_model_len": max_model_len}
 
+
+# ---- the OpenAPI document (GET /openapi.json) ------------------------------------------------------------------
+def _one_of(*schemas: dict) -> dict:
+    return {"oneOf": list(schemas)}
+
+
+_STRING_OR_STRINGS = _one_of({"type": "string"}, {"type": "array", "items": {"type": "string"}})
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+
+
+def _sampling_fields(limits: Limits) -> dict:
+    """The request fields completions and chat share, with the ranges _common and SamplingParams accept."""
+    max_tokens = {"type": "integer", "minimum": 1, "nullable": True}
+    if limits.max_model_len is not None:
+        max_tokens["maximum"] = limits.max_model_len
+    return {
+        "model": {"type": "string", "enum": [limits.served_model_name], "description": "the served model"},
+        "max_tokens": max_tokens,
+        "n": {"type": "integer", "minimum": 1, "maximum": limits.max_n},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
+                           "description": "only with stream: true"},
+        "temperature": {"type": "number", "minimum": 0},
+        "top_p": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": -1, "description": "-1 or 0: no top-k"},
+        "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "seed": {"type": "integer", "minimum": -INT64, "maximum": INT64 - 1},
+        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "repetition_penalty": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+        "min_tokens": {"type": "integer", "minimum": 0, "description": "at most max_tokens"},
+        "stop": _STRING_OR_STRINGS,
+        "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "ignore_eos": {"type": "boolean"},
+        "include_stop_str_in_output": {"type": "boolean"},
+        "skip_special_tokens": {"type": "boolean"},
+        "priority": {"type": "integer", "description": "lower is served first"},
+        "user": {"type": "string"},
+    }
+
+
+def _json_body(schema: dict) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _json_response(description: str, schema: dict | None = None) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema or {"type": "object"}}}}
+
+
+_ERRORS = {str(status): _json_response(ERROR_TYPES[status], {"$ref": "#/components/schemas/Error"})
+           for status in (400, 401, 404, 413, 429, 503)}
+
+
+def openapi_schema(limits: Limits, api_keys: bool, metrics_keys: bool) -> dict:
+    """The OpenAPI 3.0 document of the HTTP API this server answers (services/gateway.py's routes); api_keys,
+    metrics_keys: whether the API, /metrics take a bearer key. The request schemas say what parse_completion and
+    parse_chat accept; a request they allow may still be refused for what a schema cannot say (a prompt longer
+    than the context, min_tokens over max_tokens): 400, never a 5xx."""
+    bearer = [{"bearer": []}] if api_keys else []
+    sampling = _sampling_fields(limits)
+    text_part = {"type": "object", "required": ["type", "text"],
+                 "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
+    message = {"type": "object", "required": ["role"], "properties": {
+        "role": {"type": "string", "enum": sorted(CHAT_ROLES)},
+        "content": {"nullable": True, **_one_of({"type": "string"}, {"type": "array", "items": text_part})}}}
+    completion = {"type": "object", "required": ["prompt"], "properties": {
+        **sampling,
+        "prompt": _one_of({"type": "string", "minLength": 1},
+                          {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                          _TOKEN_IDS, {"type": "array", "items": _TOKEN_IDS, "minItems": 1}),
+        "echo": {"type": "boolean", "description": "not with logprobs"},
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "nullable": True},
+    }}
+    chat = {"type": "object", "required": ["messages"], "properties": {
+        **sampling,
+        "messages": {"type": "array", "items": message, "minItems": 1},
+        "max_completion_tokens": sampling["max_tokens"],
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "nullable": True,
+                         "description": "only with logprobs: true"},
+        "add_generation_prompt": {"type": "boolean"},
+    }}
+    generation = {"200": _json_response("the completion; with stream: true, server-sent events (text/event-stream) "
+                                        "of chunks ending with data: [DONE]"), **_ERRORS}
+    plain = {"200": {"description": "ok", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "pagestream", "version": "1", "description": "OpenAI-compatible API (with vLLM's "
+                 "sampling extensions), health and metrics."},
+        "paths": {
+            "/v1/completions": {"post": {"operationId": "createCompletion", "security": bearer,
+                                         "requestBody": _json_body(completion), "responses": generation}},
+            "/v1/chat/completions": {"post": {"operationId": "createChatCompletion", "security": bearer,
+                                              "requestBody": _json_body(chat), "responses": generation}},
+            "/v1/models": {"get": {"operationId": "listModels", "security": bearer,
+                                   "responses": {"200": _json_response("the served model"), "401": _ERRORS["401"]}}},
+            "/v1/models/{model}": {"get": {
+                "operationId": "retrieveModel", "security": bearer,
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": _json_response("the model"), "401": _ERRORS["401"], "404": _ERRORS["404"]}}},
+            "/health": {"get": {"operationId": "health", "responses": {"200": _json_response("serving")}}},
+            "/health/ready": {"get": {"operationId": "ready", "responses": {
+                "200": _json_response("a request made it through the pipeline (checked at most once a second)"),
+                "503": _json_response("the pipeline cannot serve")}}},
+            "/metrics": {"get": {"operationId": "metrics", "security": [{"bearer": []}] if metrics_keys else [],
+                                 "responses": {**plain, "401": _ERRORS["401"]},
+                                 "description": "Prometheus text format; the metrics key, or else the API key"}},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                                                 "param": {"type": "string", "nullable": True},
+                                                 "code": {"type": "integer"}}}}}},
+        },
+    }

@@ -20,12 +20,13 @@ import redis
 import redis.asyncio as aioredis
 
 from schemas.codec import SchemaError, decode, encode
-from schemas.messages import Abort, ErrorInfo, GenerateRequest, Reply, ReplyItem
+from schemas.messages import Abort, ErrorInfo, GenerateRequest, Reply, ReplyItem, WorkerInfo
 from services.transport import FIELD, HEARTBEAT_SECONDS, STREAM_MAXLEN, Names
 
 log = logging.getLogger("pagestream.pipeline_client")
 
 REDIS_CONNECTIONS = 64
+READY_TTL_S = 1.0               # a readiness answer is reused this long: one probe a second, however many ask
 
 
 class Overloaded(Exception):
@@ -61,7 +62,9 @@ class PipelineClient:
         self._epochs: tuple = (None, None)           # (scheduler epoch, worker epoch) as last seen
         self._tasks: list[asyncio.Task] = []
         self._ids = itertools.count()
-        self._ready_cache: tuple[float, bool] = (0.0, False)
+        self._ready_cache: tuple[float, bool] = (-READY_TTL_S, False)     # (when checked, the answer)
+        self._ready_check: asyncio.Task | None = None     # the probe in flight, which every caller awaits
+        self.readiness_checks = 0                         # probes sent (in /metrics: that callers share them)
         self.last_reply_id: bytes | None = None          # how far the reply stream was read (its lag, in /metrics)
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -71,9 +74,10 @@ class PipelineClient:
                        asyncio.create_task(self._watch(), name="liveness")]
 
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in self._tasks + ([self._ready_check] if self._ready_check else []):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *([self._ready_check] if self._ready_check else []),
+                             return_exceptions=True)
         await self.redis.delete(self.reply_stream)
         await self.redis.aclose()
         await self._reader.aclose()
@@ -136,25 +140,47 @@ class PipelineClient:
         except Exception:                                   # best effort: the pipeline may be gone
             log.exception("could not send abort for %s", request_id)
 
+    async def worker_info(self) -> WorkerInfo | None:
+        """What the worker registered at its start (its max_model_len, KV blocks, ...); None: not yet, or Redis
+        cannot say."""
+        try:
+            raw = await self.redis.get(self.names.worker_info(self.worker))
+            return decode(WorkerInfo, raw) if raw else None
+        except (redis.RedisError, OSError, SchemaError) as e:
+            log.warning("could not read the worker's registration: %s", e)
+            return None
+
     # ---- readiness: a real round trip ----------------------------------------------------------------------
     async def ready(self, timeout_s: float = 10.0) -> bool:
-        """True if a one-token request makes it through every service in time (cached for a second)."""
+        """True if a one-token request made it through every service in time. Health checks can come from many
+        load balancers at once, and each probe is a generation: so the answer is reused for READY_TTL_S, and
+        while a probe runs every caller awaits that one (shielded: a caller that gives up does not cancel it
+        for the others)."""
         checked_at, ok = self._ready_cache
-        if time.monotonic() - checked_at < 1.0:
+        if time.monotonic() - checked_at < READY_TTL_S:
             return ok
+        if self._ready_check is None:
+            self._ready_check = asyncio.create_task(self._probe(timeout_s), name="readiness")
+        return await asyncio.shield(self._ready_check)
+
+    async def _probe(self, timeout_s: float) -> bool:
+        self.readiness_checks += 1
         ok = False
-        if self.pipeline_alive:
-            from schemas.sampling_params import SamplingParams
-            probe = GenerateRequest(request_id=self.new_request_id("ready"), gateway=self.gateway_id,
-                                    params=SamplingParams(max_tokens=1, temperature=0.0), arrival=time.time(),
-                                    prompt="ping")
-            try:
+        try:
+            if self.pipeline_alive:
+                from schemas.sampling_params import SamplingParams
+                probe = GenerateRequest(request_id=self.new_request_id("ready"), gateway=self.gateway_id,
+                                        params=SamplingParams(max_tokens=1, temperature=0.0), arrival=time.time(),
+                                        prompt="ping")
                 async with asyncio.timeout(timeout_s):
                     async for item in self.generate(probe):
                         ok = item.error is None
-            except (TimeoutError, Overloaded, Unavailable):
-                ok = False
-        self._ready_cache = (time.monotonic(), ok)
+        except (TimeoutError, Overloaded, Unavailable, redis.RedisError, OSError) as e:
+            log.warning("readiness probe failed: %s", e)
+            ok = False
+        finally:
+            self._ready_cache = (time.monotonic(), ok)
+            self._ready_check = None
         return ok
 
     # ---- background tasks ----------------------------------------------------------------------------------

@@ -101,6 +101,7 @@ class FakeClient:
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
         self.num_pending = 0
+        self.readiness_checks = 0
         self._ids = 0
 
     def new_request_id(self, kind="cmpl"):
@@ -125,6 +126,9 @@ class FakeClient:
 
     async def ready(self):
         return self.is_ready
+
+    async def worker_info(self):
+        return None                      # no worker registered: the gateway's --max-model-len is reported
 
 
 def settings(**overrides) -> GatewaySettings:
@@ -318,8 +322,41 @@ async def test_api_keys():
     assert_openai_error(await call(client, "GET", "/v1/models", keyed, headers={"Authorization": "k1"}), 401)
     assert (await call(client, "POST", "/v1/completions", keyed, json=body,
                        headers={"Authorization": "Bearer k2"})).status_code == 200
-    for open_path in ("/health", "/", "/metrics", "/static/chat.js"):
+    for open_path in ("/health", "/", "/static/chat.js"):
         assert (await call(client, "GET", open_path, keyed)).status_code == 200, open_path
+
+
+@pytest.mark.anyio
+async def test_metrics_take_the_api_key_or_their_own():
+    client, bearer = FakeClient(), lambda key: {"Authorization": f"Bearer {key}"}
+    assert (await call(client, "GET", "/metrics")).status_code == 200                       # no keys: open
+    keyed = settings(api_keys=["k1"])
+    assert_openai_error(await call(client, "GET", "/metrics", keyed), 401)
+    assert (await call(client, "GET", "/metrics", keyed, headers=bearer("k1"))).status_code == 200
+    scraped = settings(api_keys=["k1"], metrics_keys=["m1"])          # the scraper's key opens only /metrics
+    assert_openai_error(await call(client, "GET", "/metrics", scraped, headers=bearer("k1")), 401)
+    assert (await call(client, "GET", "/metrics", scraped, headers=bearer("m1"))).status_code == 200
+    assert_openai_error(await call(client, "GET", "/v1/models", scraped, headers=bearer("m1")), 401)
+    only_metrics = settings(metrics_keys=["m1"])                       # the API open, /metrics not
+    assert (await call(client, "GET", "/v1/models", only_metrics)).status_code == 200
+    assert_openai_error(await call(client, "GET", "/metrics", only_metrics), 401)
+
+
+@pytest.mark.anyio
+async def test_x_request_id_is_echoed_and_never_used_as_an_id():
+    client, traced = FakeClient(), {"X-Request-Id": "trace-42"}
+    for stream in (False, True):
+        r = await call(client, "POST", "/v1/completions", json={"prompt": "x", "stream": stream}, headers=traced)
+        assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
+        ids = {e["id"] for e in sse_events(r.text)[:-1]} if stream else {r.json()["id"]}
+        assert ids == {client.requests[-1].request_id} and "trace-42" not in ids.pop()    # the gateway's own
+    assert [r.request_id for r in client.requests] == ["cmpl-gw-1", "cmpl-gw-2"]
+    refused = await call(client, "GET", "/v1/models", settings(api_keys=["k"]), headers=traced)
+    assert refused.status_code == 401 and refused.headers["x-request-id"] == "trace-42"
+    for untraceable in ("a" * 129, "has space", "caf\u00e9"):
+        r = await call(client, "GET", "/health", headers={"X-Request-Id": untraceable.encode("utf-8")})
+        assert r.status_code == 200 and "x-request-id" not in r.headers
+    assert "x-request-id" not in (await call(client, "GET", "/health")).headers
 
 
 @pytest.mark.anyio
@@ -515,6 +552,18 @@ async def test_models_health_and_page():
     page = await call(client, "GET", "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "/static/chat.js" in page.text
+
+
+@pytest.mark.anyio
+async def test_openapi_document_covers_every_api_route():
+    app_paths = {route.path.replace(":path}", "}") for route in build_app(FakeClient(), settings()).routes}
+    doc = (await call(FakeClient(), "GET", "/openapi.json")).json()
+    assert set(doc["paths"]) == app_paths - {"/", "/static", "/openapi.json"}         # the page, and itself
+    assert doc["paths"]["/v1/completions"]["post"]["security"] == []                    # no keys: open
+    keyed = (await call(FakeClient(), "GET", "/openapi.json", settings(api_keys=["k"]),
+                        headers={"Authorization": "Bearer k"})).json()
+    assert keyed["paths"]["/v1/completions"]["post"]["security"] == [{"bearer": []}]
+    assert keyed["paths"]["/health"]["get"].get("security") is None
 
 
 # ---- metrics -------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ TIMERS = ("time_to_first_token_seconds_sum", "time_to_first_token_seconds_count"
 
 
 def counter(stack, name: str) -> float:
-    with urllib.request.urlopen(f"{stack.base_url}/metrics") as r:
+    request = urllib.request.Request(f"{stack.base_url}/metrics", headers={"Authorization": f"Bearer {stack.api_key}"})
+    with urllib.request.urlopen(request) as r:
         text = r.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.split("{")[0].split(" ")[0] == name)

@@ -153,7 +153,8 @@ def tight(request, tmp_path_factory):
 
 
 def scrape(stack) -> str:
-    with urllib.request.urlopen(f"{stack.base_url}/metrics", timeout=10) as r:
+    request = urllib.request.Request(f"{stack.base_url}/metrics", headers={"Authorization": f"Bearer {stack.api_key}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
         return r.read().decode()
 
 

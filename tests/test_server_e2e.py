@@ -115,7 +115,8 @@ def test_200_concurrent_streams_survive_killed_tokenizer_and_detokenizer(serve_s
 
 def metrics(stack) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
-    with urllib.request.urlopen(f"{stack.base_url}/metrics", timeout=10) as r:
+    request = urllib.request.Request(f"{stack.base_url}/metrics", headers={"Authorization": f"Bearer {stack.api_key}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
         text = r.read().decode()
     return {s.name + json.dumps(s.labels, sort_keys=True) if s.labels else s.name: s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
