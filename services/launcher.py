@@ -256,6 +256,8 @@ def serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             stack.services.append(Service("gateway", command + ["gateway", *common, "--fd", str(listener.fileno())],
                                           (listener.fileno(),)))
         for service in stack.services:
+            if stop.is_set():                   # Ctrl-C while Redis started: start nothing more
+                break
             service.start()
         # Probe through loopback when bound to every interface; the banner names what was bound.
         probe_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
