@@ -121,9 +121,12 @@ def test_startup_restarts_the_dead_and_stops_on_sigint(tmp_path):
         _, alive = psutil.wait_procs(children, timeout=1)
         assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:                   # a failed test: leave no process of this serve behind
+            left = descendants(proc.pid)
             proc.kill()
             proc.wait()
+            for child in left:
+                child.kill()
 
 
 # ---- a second serve beside the first ---------------------------------------------------------------------------
