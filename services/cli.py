@@ -3,7 +3,8 @@
     pagestream generate [--model M] "prompt" ...   answer prompts (through the chat template if the model has one)
     pagestream generate --raw "text"               complete the text as is
     pagestream generate --chat                     an interactive chat in the terminal
-    pagestream serve [--model M] [--port 8000] [--tokenizers N] [--detokenizers M]   the whole pipeline
+    pagestream serve [--model M] [--host 127.0.0.1] [--port 8000] [--grpc-port P] [--tokenizers N] ...
+                                                   the whole pipeline (gRPC only with --grpc-port)
     pagestream service NAME [...]                  one service: gateway, tokenizer, scheduler, worker, detokenizer
     pagestream bench throughput [--workload w256] ...         offline throughput (see loadtest/throughput.py)
     pagestream bench serve --base-url URL [--request-rate R] ...   load a running server (see loadtest/serve.py)

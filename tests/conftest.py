@@ -107,7 +107,7 @@ class ServeStack:
     """A running `pagestream serve`: its own redis-server and every service as a process."""
     proc: _subprocess.Popen
     base_url: str
-    grpc_port: int
+    grpc_port: int | None                           # None: no gRPC (serve's default)
     redis_url: str
     prefix: str
     api_key: str | None
@@ -137,12 +137,15 @@ class ServeStack:
         return self.log_path.read_text(errors="replace")
 
 
-def start_stack(tmp_dir: _Path, *extra: str, api_key: str | None = "test-key", timeout_s: float = 300) -> ServeStack:
+def start_stack(tmp_dir: _Path, *extra: str, api_key: str | None = "test-key", timeout_s: float = 300,
+                grpc: bool = True) -> ServeStack:
     from services.launcher import wait_ready
-    port, grpc_port, redis_port = _free_port(), _free_port(), _free_port()
+    port, grpc_port, redis_port = _free_port(), _free_port() if grpc else None, _free_port()
     prefix = f"t{_os.getpid()}"
-    argv = [_sys.executable, "-m", "services.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port),
-            "--redis-port", str(redis_port), "--prefix", prefix, "--max-model-len", "2048", *extra]
+    argv = [_sys.executable, "-m", "services.cli", "serve", "--port", str(port), "--redis-port", str(redis_port),
+            "--prefix", prefix, "--max-model-len", "2048", *extra]
+    if grpc:
+        argv += ["--grpc-port", str(grpc_port)]
     if api_key:
         argv += ["--api-key", api_key]
     log_path = tmp_dir / "serve.log"

@@ -88,7 +88,7 @@ def test_requests_convert_for_each_input():
     assert by_prompt.gateway == "" and by_prompt.arrival > 0 and by_prompt.params == SamplingParams()
 
     by_ids = request_from_proto(pb.GenerateRequest(request_id="mine", prompt_token_ids=pb.TokenIds(ids=[5, 6])), "x")
-    assert (by_ids.request_id, by_ids.prompt_token_ids) == ("mine", [5, 6])
+    assert (by_ids.request_id, by_ids.prompt_token_ids) == ("x", [5, 6])      # the server's id, never the client's
 
     chat = pb.Chat(messages=[pb.Message(role="system", content="Be brief."), pb.Message(role="user", content="Hi")])
     by_chat = request_from_proto(pb.GenerateRequest(chat=chat, sampling_params=pb.SamplingParams(max_tokens=8)), "x")
@@ -98,7 +98,7 @@ def test_requests_convert_for_each_input():
 
 @pytest.mark.parametrize("msg", [
     pb.GenerateRequest(),                                                             # no input
-    pb.GenerateRequest(request_id="r" * 257, prompt="Hi"),                            # the pipeline's limit
+    pb.GenerateRequest(request_id="r" * 257, prompt="Hi"),                            # the proto's limit
     pb.GenerateRequest(chat=pb.Chat(messages=[pb.Message(role="x" * 65, content="Hi")])),
 ])
 def test_malformed_requests_raise(msg):
