@@ -48,12 +48,27 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = _option(256, "sequences running at once")
-    max_num_batched_tokens: int = _option(8192, "token budget of one step, shared by prompt chunks and decodes")
+    max_num_batched_tokens: int | None = _option(None, "token budget of one step, shared by prompt chunks and "
+                                                       "decodes (default: 8192 on a GPU; 512 on the CPU, where "
+                                                       "8192 prompt tokens take a minute)")
+    long_prefill_token_threshold: int | None = _option(None, "the most prompt tokens one sequence computes in a "
+                                                             "step, so that requests arriving during a long "
+                                                             "prefill share its steps (default: the whole budget "
+                                                             "on a GPU, half of it on the CPU)")
     enable_chunked_prefill: bool = _option(True, "split long prompts over steps (off: a prompt is prefilled in "
                                                  "one step or waits)")
     policy: str = _option("fcfs", "fcfs, or priority (lower value first, then arrival)")
     num_scheduler_steps: int = _option(8, "decode steps per plan: the worker runs them with no host sync "
                                           "between")
+
+    def for_device(self, device: str) -> "SchedulerConfig":
+        """A copy with the defaults that depend on the device ("cuda" or "cpu") filled in. On the CPU a step of
+        the default model computes ~100 prompt tokens a second: a small budget, shared, keeps a short request's
+        first token within seconds of its arrival while a long prompt prefills."""
+        on_gpu = device != "cpu"
+        budget = self.max_num_batched_tokens or (8192 if on_gpu else 512)
+        threshold = self.long_prefill_token_threshold or (budget if on_gpu else budget // 2)
+        return dataclasses.replace(self, max_num_batched_tokens=budget, long_prefill_token_threshold=threshold)
 
 
 @dataclass
@@ -80,8 +95,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a positive power of two, got {c.block_size}")
         if not 0.0 < c.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
-        if s.max_num_seqs <= 0 or s.max_num_batched_tokens <= 0:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if s.max_num_seqs <= 0 or (s.max_num_batched_tokens or 1) <= 0 or (s.long_prefill_token_threshold or 1) <= 0:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and long_prefill_token_threshold must be positive")
         if s.num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps must be >= 1, got {s.num_scheduler_steps}")
         if s.policy not in ("fcfs", "priority"):

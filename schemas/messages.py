@@ -139,6 +139,7 @@ class WorkerInfo:
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]
+    device: str = "cpu"                       # "cuda" or "cpu": the scheduler's step budget defaults by it
 
 
 @dataclass
