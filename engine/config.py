@@ -12,37 +12,63 @@ from dataclasses import dataclass, field
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+def _option(default, help: str):
+    """A config field that is also a command-line flag: its help text lives beside it (and `--help` shows it)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    model: str = DEFAULT_MODEL            # alias, local Hugging Face directory, .gguf file, or a dummy shape name
-    load_format: str = "auto"             # "auto" (real weights) or "dummy" (random weights of the real shape)
-    dtype: str = "auto"                   # auto: bf16 on GPU (fp16 if the checkpoint says so), fp32 on CPU
-    device: str = "auto"                  # auto: cuda when available, else cpu
-    max_model_len: int | None = None      # default: the model's max_position_embeddings
-    seed: int = 0                         # seeds dummy weights and the draws of unseeded requests
-    tokenizer: str | None = None          # a directory or model alias (default: the model directory's; dummy
-                                          # weights take its vocabulary); "none" runs on token ids only
-    kernel_backend: str = "auto"          # auto: Triton kernels on GPU, PyTorch references on CPU
-    cuda_graphs: bool = True              # decode steps replay CUDA graphs (GPU); off: eager, like vLLM's enforce_eager
-    async_output: bool = True             # step n's tokens are handled while step n+1 runs (across plans too)
+    model: str = _option(DEFAULT_MODEL, "a model alias, a local Hugging Face directory, a .gguf file, or (with "
+                                        "--load-format dummy) a known shape such as llama-3-8b")
+    load_format: str = _option("auto", "auto: the model's weights; dummy: random weights of the model's shape")
+    dtype: str = _option("auto", "auto: bf16 on a GPU (fp16 if the checkpoint says so), fp32 on the CPU")
+    device: str = _option("auto", "auto: cuda when available, else cpu")
+    max_model_len: int | None = _option(None, "longest sequence, prompt and output (default: the model's "
+                                              "max_position_embeddings)")
+    seed: int = _option(0, "seeds dummy weights and the draws of requests that bring no seed")
+    tokenizer: str | None = _option(None, "a tokenizer directory or model alias (default: the model's; dummy "
+                                          "weights take its vocabulary size); none: token ids only")
+    kernel_backend: str = _option("auto", "auto: Triton kernels on a GPU, the PyTorch references on the CPU")
+    cuda_graphs: bool = _option(True, "decode steps replay CUDA graphs (off: eager, like vLLM's enforce_eager)")
+    async_output: bool = _option(True, "step n's tokens are handled on the host while step n+1 runs")
 
 
 @dataclass
 class CacheConfig:
-    block_size: int = 16                  # tokens per KV block
-    num_blocks: int | None = None         # set directly, or derived from the memory budget below
-    kv_cache_memory_gb: float | None = None       # CPU: KV pool size (default 2 GiB, capped by max_num_seqs x max_model_len)
-    gpu_memory_utilization: float = 0.9   # GPU: fraction of device memory for weights, activations and KV
-    enable_prefix_caching: bool = True
+    block_size: int = _option(16, "tokens per KV cache block (a power of two)")
+    num_blocks: int | None = _option(None, "KV blocks in the pool (default: from the memory budget)")
+    kv_cache_memory_gb: float | None = _option(None, "CPU: the KV pool's size in GiB (default 2, capped by "
+                                                     "max_num_seqs x max_model_len)")
+    gpu_memory_utilization: float = _option(0.9, "GPU: the fraction of device memory for weights, activations "
+                                                 "and the KV pool")
+    enable_prefix_caching: bool = _option(True, "reuse the KV blocks of prompt prefixes seen before")
 
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 256               # running sequences at once
-    max_num_batched_tokens: int = 8192    # token budget of one step, shared by prefill chunks and decodes
-    enable_chunked_prefill: bool = True   # off: a prompt is prefilled in one step or waits
-    policy: str = "fcfs"                  # "fcfs" or "priority" (lower value first, then arrival)
-    num_scheduler_steps: int = 8          # decode steps per plan: the worker runs them with no CPU sync between
+    max_num_seqs: int = _option(256, "sequences running at once")
+    max_num_batched_tokens: int | None = _option(None, "token budget of one step, shared by prompt chunks and "
+                                                       "decodes (default: 8192 on a GPU; 512 on the CPU, where "
+                                                       "8192 prompt tokens take a minute)")
+    long_prefill_token_threshold: int | None = _option(None, "the most prompt tokens one sequence computes in a "
+                                                             "step, so that requests arriving during a long "
+                                                             "prefill share its steps (default: the whole budget "
+                                                             "on a GPU, half of it on the CPU)")
+    enable_chunked_prefill: bool = _option(True, "split long prompts over steps (off: a prompt is prefilled in "
+                                                 "one step or waits)")
+    policy: str = _option("fcfs", "fcfs, or priority (lower value first, then arrival)")
+    num_scheduler_steps: int = _option(8, "decode steps per plan: the worker runs them with no host sync "
+                                          "between")
+
+    def for_device(self, device: str) -> "SchedulerConfig":
+        """A copy with the defaults that depend on the device ("cuda" or "cpu") filled in. On the CPU a step of
+        the default model computes ~100 prompt tokens a second: a small budget, shared, keeps a short request's
+        first token within seconds of its arrival while a long prompt prefills."""
+        on_gpu = device != "cpu"
+        budget = self.max_num_batched_tokens or (8192 if on_gpu else 512)
+        threshold = self.long_prefill_token_threshold or (budget if on_gpu else budget // 2)
+        return dataclasses.replace(self, max_num_batched_tokens=budget, long_prefill_token_threshold=threshold)
 
 
 @dataclass
@@ -69,8 +95,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a positive power of two, got {c.block_size}")
         if not 0.0 < c.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
-        if s.max_num_seqs <= 0 or s.max_num_batched_tokens <= 0:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if s.max_num_seqs <= 0 or (s.max_num_batched_tokens or 1) <= 0 or (s.long_prefill_token_threshold or 1) <= 0:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and long_prefill_token_threshold must be positive")
         if s.num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps must be >= 1, got {s.num_scheduler_steps}")
         if s.policy not in ("fcfs", "priority"):
@@ -91,10 +117,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(part):
             flag = "--" + f.name.replace("_", "-")
             kind = str(f.type).split(" | ")[0]
+            help = f.metadata["help"]         # says what None means, where a field defaults to None
+            help = help if "default" in help else f"{help} (default: %(default)s)"
             if kind == "bool":
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
             else:
-                group.add_argument(flag, type=_TYPES[kind], default=f.default, metavar=kind.upper())
+                group.add_argument(flag, type=_TYPES[kind], default=f.default, metavar=kind.upper(), help=help)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

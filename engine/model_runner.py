@@ -68,6 +68,9 @@ class ModelRunner:
         mc, sc = config.model, config.scheduler
         self.config = config
         self.device = pick_device(mc.device)
+        # The step budget's defaults depend on the device, which is decided here: the engine's scheduler and
+        # warm-up read them from the same config.
+        config.scheduler = sc = sc.for_device(self.device.type)
         self.dtype = pick_dtype(mc.dtype, hf_config, self.device)
         self.max_model_len = resolve_max_model_len(hf_config, mc.max_model_len)
         self.block_size = config.cache.block_size

@@ -36,7 +36,13 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
                  eos_token_ids: set[int] | frozenset[int] = frozenset()):
+        if config.max_num_batched_tokens is None:
+            raise ValueError("the scheduler needs a step budget: SchedulerConfig.for_device fills in the defaults")
         self.config = config
+        # The most prompt tokens one sequence computes in a step (only prompts are chunked: unchunked, a prompt
+        # takes the budget or waits).
+        self.prompt_chunk = (config.long_prefill_token_threshold or config.max_num_batched_tokens) \
+            if config.enable_chunked_prefill else config.max_num_batched_tokens
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -138,7 +144,7 @@ class Scheduler:
                 i += 1
                 continue
             uncomputed = seq.num_tokens + seq.num_inflight - seq.num_computed_tokens
-            num_new = min(uncomputed, budget)
+            num_new = min(uncomputed, budget, self.prompt_chunk)
             extra = min(steps - 1, left - 1) if num_new == uncomputed else 0
             changed = self.block_manager.allocate(seq, num_new + extra)
             while changed is None:
@@ -168,7 +174,7 @@ class Scheduler:
             uncomputed = seq.num_tokens - len(cached) * self.block_manager.block_size
             if uncomputed > budget and not self.config.enable_chunked_prefill:
                 break
-            num_new = min(uncomputed, budget)
+            num_new = min(uncomputed, budget, self.prompt_chunk)
             extra = min(steps - 1, self._tokens_left(seq) - 1) if num_new == uncomputed else 0
             if not self.block_manager.admit(seq, cached, num_new + extra):
                 break

@@ -210,6 +210,7 @@ class WorkerInfo:
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]
+    device: str = "cpu"                       # "cuda" or "cpu": the scheduler's step budget defaults by it
 
     def validate(self, limits: Limits | None = None) -> None:
         """Its own consistency: every other message is checked against these numbers."""
@@ -218,6 +219,8 @@ class WorkerInfo:
         check_range("worker_info.max_model_len", self.max_model_len, 1, 1 << 40)
         check_range("worker_info.vocab_size", self.vocab_size, 1, 1 << 40)
         check_ids("worker_info.eos_token_ids", self.eos_token_ids, self.vocab_size)
+        if self.device not in ("cpu", "cuda"):
+            fail("worker_info.device", f"must be cpu or cuda, got {self.device!r}")
 
 
 @dataclass

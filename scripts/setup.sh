@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine: .venv with pagestream and the default model, converted once into the cache.
 #   scripts/setup.sh          what serving needs
-#   scripts/setup.sh --test   plus the test tools (and, as root, the Debian packages the tests drive:
-#                             chromium + chromium-driver for the chat page, docker-compose to check compose.yaml)
+#   scripts/setup.sh --test   plus the test tools (and, as root, the Debian packages the tests drive, without
+#                             recommends: chromium + chromium-driver for the chat page, docker-compose v1 to check
+#                             compose.yaml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +14,8 @@ if [ "${1:-}" = "--test" ]; then
     command -v docker-compose >/dev/null || missing="$missing docker-compose"
     if [ -n "$missing" ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing
+            # Without recommends: docker-compose would bring the Docker engine, which the tests do not need.
+            apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
         else
             echo "the tests need these Debian packages:$missing (install them, then run this again)" >&2
             exit 1

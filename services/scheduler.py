@@ -261,7 +261,8 @@ class SchedulerService:
             return
         self.worker_epoch = info.epoch
         blocks = BlockManager(info.num_blocks, info.block_size, self.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config, blocks, info.max_model_len, frozenset(info.eos_token_ids))
+        self.scheduler = Scheduler(self.config.for_device(info.device), blocks, info.max_model_len,
+                                   frozenset(info.eos_token_ids))
         self.input_processor = InputProcessor(None, info.max_model_len, info.vocab_size, self.seed)
         self.limits = Limits.of(info)
         log.info("worker %s (epoch %s): %d KV blocks of %d, max_model_len %d", self.worker, info.epoch[:8],

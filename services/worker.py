@@ -96,7 +96,7 @@ class WorkerService:
         # Compile and cache every kernel variant a real load meets before saying we are here.
         log.info("warmed up in %.1f s", warm_up(r, self.config.scheduler, r.max_model_len, eos))
         info = WorkerInfo(self.worker, self.epoch, r.num_blocks, r.block_size, r.max_model_len, r.args.vocab_size,
-                          sorted(eos))
+                          sorted(eos), r.device.type)
         self.limits = Limits.of(info)
         self.transport.redis.set(self.names.worker_info(self.worker), encode(info))
         Heartbeat(self.transport, self.names.alive("worker", self.worker), self.epoch, stop).start()

@@ -188,3 +188,15 @@ def test_command_line(cache, first_resolution):
     out = subprocess.run([sys.executable, "-m", "engine.model_files", ALIAS], cwd=root, env=env,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(first_resolution[0].path)
+
+
+def test_sampling_defaults_come_from_generation_config_else_the_alias(tmp_path):
+    from engine.model_files import ModelFiles, sampling_defaults
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}))
+    assert sampling_defaults(ModelFiles(tmp_path, {}, "m")) == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1}))
+    assert sampling_defaults(ModelFiles(tmp_path, {}, "m")) == {}
+    # The default model's generation_config.json has no sampling in it: the model card's advice applies.
+    default = resolve_model("smollm2-135m-instruct", progress=False)
+    assert sampling_defaults(default) == {"temperature": 0.2, "top_p": 0.9}

@@ -107,10 +107,11 @@ class FakeWorker:
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64,
-                   chunked=True, policy="fcfs", prefix_caching=True, steps=1) -> Scheduler:
+                   chunked=True, policy="fcfs", prefix_caching=True, steps=1, prompt_chunk=None) -> Scheduler:
     # One step a plan unless a test asks for more: the fake worker below runs single steps.
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             enable_chunked_prefill=chunked, policy=policy, num_scheduler_steps=steps)
+                             enable_chunked_prefill=chunked, policy=policy, num_scheduler_steps=steps,
+                             long_prefill_token_threshold=prompt_chunk)
     return Scheduler(config, BlockManager(num_blocks, block_size, prefix_caching), max_model_len,
                      eos_token_ids={EOS})
 
@@ -185,6 +186,22 @@ def test_chunked_prefill_shares_the_budget_with_decodes():
     plan = d.step()
     assert plan.num_scheduled_tokens == {a.seq_id: 1, b.seq_id: 2}
     assert b.is_finished and b.output_token_ids == [7]
+
+
+def test_a_long_prefill_shares_its_steps_with_a_prompt_that_arrives():
+    """With long_prefill_token_threshold, a prompt computes at most that many tokens a step: a short request that
+    arrives while a long prompt prefills is admitted at the next step, and gets its first token long before the
+    long prompt is done (the CPU's default: half the budget)."""
+    s = make_scheduler(max_num_batched_tokens=16, prompt_chunk=8)
+    d = Driver(s)
+    long = add(s, "long", range(100, 180), max_tokens=2)        # 80 tokens: 10 steps of 8
+    assert d.step().num_scheduled_tokens == {long.seq_id: 8}     # alone, still at most 8 a step
+    short = add(s, "short", range(5), max_tokens=3)
+    plan = d.step()
+    assert plan.num_scheduled_tokens == {long.seq_id: 8, short.seq_id: 5}
+    assert short.output_token_ids == [7] and long.num_output_tokens == 0
+    assert SchedulerConfig().for_device("cpu").long_prefill_token_threshold == 256
+    assert SchedulerConfig().for_device("cuda").long_prefill_token_threshold == 8192
 
 
 def test_without_chunked_prefill_prompt_waits_for_a_step_with_room():
