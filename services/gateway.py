@@ -1,6 +1,6 @@
 """The HTTP gateway: the OpenAI API (with vLLM's extensions) over the pipeline, plus health, metrics and a chat page.
 
-    pagestream service gateway --redis-url redis://... [--port 8000] [--api-key KEY] [--grpc-port 50051]
+    pagestream service gateway --redis-url redis://... [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--grpc-port P]
 
 An API request becomes one pipeline request per prompt (PipelineClient.generate); their ReplyItems become the
 response (openai_protocol.ResponseBuilder), as server-sent events or whole. The first item is awaited before the
@@ -20,7 +20,7 @@ import logging
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, TypeVar
 
@@ -77,6 +77,7 @@ class GatewaySettings:
     max_n: int = 16
     max_body_bytes: int = 4 * MIB
     max_model_len: int | None = None
+    sampling_defaults: dict[str, float] = field(default_factory=dict)   # for the fields a request leaves out
     token_text: TokenText = field(default_factory=TokenText)    # token strings for logprobs
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     http: HttpLimits = field(default_factory=HttpLimits)
@@ -84,7 +85,7 @@ class GatewaySettings:
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.served_model_name, self.max_n, self.max_model_len)
+        return Limits(self.served_model_name, self.max_n, self.max_model_len, self.sampling_defaults)
 
 
 # ---- the client going away -------------------------------------------------------------------------------------
@@ -382,7 +383,7 @@ class Api:
 
     async def openapi(self, request: Request) -> Response:
         s = self.settings
-        limits = Limits(s.served_model_name, s.max_n, await self._max_model_len())
+        limits = replace(s.limits, max_model_len=await self._max_model_len())
         return JSONResponse(openapi_schema(limits, bool(s.api_keys), bool(s.metrics_keys or s.api_keys)))
 
     async def index(self, request: Request) -> Response:
@@ -574,27 +575,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a request head (request line and headers) still incomplete past this size gets 400")
 
 
-def _token_text(model: str, load_format: str, tokenizer: str | None) -> TokenText:
+def _model_files(model: str, load_format: str):
+    """The served model's files (engine.model_files), or None where this process cannot resolve them."""
+    from engine.model_files import resolve_model
+    try:
+        return resolve_model(model, load_format, progress=False)
+    except (ValueError, OSError) as e:
+        log.warning("cannot resolve %s here (%s): logprobs show token ids, sampling takes OpenAI's defaults",
+                    model, e)
+        return None
+
+
+def _token_text(files, tokenizer: str | None) -> TokenText:
     """The model's tokenizer, for the token strings of logprobs (and echo of token prompts); without one,
     tokens show as token_id:<id>."""
-    from engine.model_files import resolve_model
     from engine.tokenizer import load_tokenizer
     try:
-        loaded = load_tokenizer(resolve_model(model, load_format, progress=False), tokenizer)
+        loaded = load_tokenizer(files, tokenizer) if files is not None else None
         if loaded is not None:
             return TokenText(loaded)
     except (ValueError, OSError) as e:
-        log.warning("no tokenizer for %s (%s): logprobs show token ids", model, e)
+        log.warning("no tokenizer for %s (%s): logprobs show token ids", files.name, e)
     return TokenText()
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
+    from engine.model_files import sampling_defaults
+    files = _model_files(args.model, args.load_format)
     return GatewaySettings(served_model_name=args.served_model_name or args.model, model=args.model,
                            api_keys=list(args.api_key), metrics_keys=list(args.metrics_key), max_n=args.max_n,
                            max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len,
                            http=HttpLimits(args.timeout_header, args.timeout_keep_alive, args.limit_concurrency,
                                            args.max_header_bytes),
-                           token_text=_token_text(args.model, args.load_format, args.tokenizer))
+                           sampling_defaults=sampling_defaults(files) if files is not None else {},
+                           token_text=_token_text(files, args.tokenizer))
 
 
 class _Server(uvicorn.Server):

@@ -55,13 +55,17 @@ class Settings(Protocol):
     api_keys: list[str]
     max_n: int
     served_model_name: str
+    sampling_defaults: dict[str, float]
 
 
 # ---- conversion ------------------------------------------------------------------------------------------------
-def params_from_proto(p: pb.SamplingParams) -> SamplingParams:
-    """Unset fields take SamplingParams' defaults. Raises ValueError for an out-of-range value."""
+def params_from_proto(p: pb.SamplingParams, defaults: dict[str, float] | None = None) -> SamplingParams:
+    """Unset optional fields take the model's sampling defaults (the HTTP API's, engine.model_files), else
+    SamplingParams' own. Raises ValueError for an out-of-range value."""
     def optional(name: str):
-        return getattr(p, name) if p.HasField(name) else getattr(_DEFAULTS, name)
+        if p.HasField(name):
+            return getattr(p, name)
+        return (defaults or {}).get(name, getattr(_DEFAULTS, name))
 
     return SamplingParams(
         n=p.n or _DEFAULTS.n, temperature=optional("temperature"), top_p=optional("top_p"), top_k=p.top_k,
@@ -72,13 +76,14 @@ def params_from_proto(p: pb.SamplingParams) -> SamplingParams:
         include_stop_str_in_output=p.include_stop_str_in_output, skip_special_tokens=optional("skip_special_tokens"))
 
 
-def request_from_proto(msg: pb.GenerateRequest, request_id: str) -> GenerateRequest:
+def request_from_proto(msg: pb.GenerateRequest, request_id: str,
+                       sampling_defaults: dict[str, float] | None = None) -> GenerateRequest:
     """The pipeline's request for a proto one, named request_id (the server's id; msg.request_id, the client's,
     is not used here). Raises ValueError for anything the pipeline would reject as malformed."""
     if len(msg.request_id) > MAX_CLIENT_REQUEST_ID:         # never in the pipeline, but echoed in every response
         raise ValueError(f"request_id is longer than {MAX_CLIENT_REQUEST_ID} characters")
     request = GenerateRequest(request_id=request_id, gateway="",
-                              params=params_from_proto(msg.sampling_params), arrival=time.time())
+                              params=params_from_proto(msg.sampling_params, sampling_defaults), arrival=time.time())
     match msg.WhichOneof("input"):
         case "prompt":
             request.prompt = msg.prompt
@@ -149,7 +154,7 @@ class _Generation(pb_grpc.GenerationServicer):
                                 f"model {msg.model!r} is not served here (this server serves "
                                 f"{settings.served_model_name!r})")
         try:
-            request = request_from_proto(msg, self._client.new_request_id("grpc"))
+            request = request_from_proto(msg, self._client.new_request_id("grpc"), settings.sampling_defaults)
             echoed_id = msg.request_id or request.request_id        # the client's id, or ours when it sent none
             if request.params.n > settings.max_n:
                 raise ValueError(f"n must be at most {settings.max_n}, got {request.params.n}")
@@ -219,10 +224,10 @@ class GrpcServer:
 
 async def start(client: PipelineClient, settings: Settings, port: int, host: str = "127.0.0.1",
                 shared: bool = False) -> GrpcServer:
-    """Serve on host:port (port 0: one the OS picks); raises RuntimeError when it cannot be bound. shared: bind with SO_REUSEPORT, beside
-    the other gateways of one `pagestream serve` (which holds the port for them: launcher.reserve_grpc_port).
-    Otherwise not: grpc sets SO_REUSEPORT by default, and a second server on a taken port would start and share
-    it silently."""
+    """Serve on host:port (port 0: one the OS picks); raises RuntimeError when it cannot be bound. shared: bind
+    with SO_REUSEPORT, beside the other gateways of one `pagestream serve` (which holds the port for them:
+    launcher.reserve_grpc_port). Otherwise not: grpc sets SO_REUSEPORT by default, and a second server on a
+    taken port would start and share it silently."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(shared))])
     pb_grpc.add_GenerationServicer_to_server(_Generation(client, settings), server)
     health_servicer = health.aio.HealthServicer()

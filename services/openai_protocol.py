@@ -159,6 +159,9 @@ class Limits:
     served_model_name: str
     max_n: int = 16
     max_model_len: int | None = None
+    # What a request gets for the sampling fields it leaves out (engine.model_files.sampling_defaults: the
+    # model's generation_config.json or its card's advice), before OpenAI's own defaults.
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -211,13 +214,17 @@ def _common(body: dict, limits: Limits, *, max_tokens: int | None, logprobs: int
         raise ProtocolError(f"max_tokens ({max_tokens}) exceeds the model's context length "
                             f"({limits.max_model_len})", param="max_tokens")
     stop_token_ids = _token_ids(body.get("stop_token_ids") or [], "stop_token_ids")
+    default = limits.sampling_defaults
     try:
         params = SamplingParams(
-            n=n, temperature=_field(body, "temperature", float, 1.0), top_p=_field(body, "top_p", float, 1.0),
-            top_k=_field(body, "top_k", int, 0), min_p=_field(body, "min_p", float, 0.0),
+            n=n, temperature=_field(body, "temperature", float, default.get("temperature", 1.0)),
+            top_p=_field(body, "top_p", float, default.get("top_p", 1.0)),
+            top_k=_field(body, "top_k", int, int(default.get("top_k", 0))),
+            min_p=_field(body, "min_p", float, default.get("min_p", 0.0)),
             seed=_field(body, "seed", int), presence_penalty=_field(body, "presence_penalty", float, 0.0),
             frequency_penalty=_field(body, "frequency_penalty", float, 0.0),
-            repetition_penalty=_field(body, "repetition_penalty", float, 1.0), max_tokens=max_tokens,
+            repetition_penalty=_field(body, "repetition_penalty", float, default.get("repetition_penalty", 1.0)),
+            max_tokens=max_tokens,
             min_tokens=_field(body, "min_tokens", int, 0), stop=_stop(body), stop_token_ids=stop_token_ids,
             ignore_eos=_field(body, "ignore_eos", bool, False), logprobs=logprobs,
             include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),

@@ -200,6 +200,20 @@ def test_sampling_fields_reach_the_pipeline():
     assert parse_completion({"prompt": "x"}, LIMITS).params.max_tokens == 16       # OpenAI's legacy default
 
 
+def test_fields_a_request_leaves_out_take_the_models_sampling_defaults():
+    """The model's defaults (engine.model_files.sampling_defaults) fill what a request leaves out, on chat and
+    completions alike; what it sets is kept; without model defaults, OpenAI's apply."""
+    limits = Limits(MODEL, sampling_defaults={"temperature": 0.2, "top_p": 0.9, "top_k": 20})
+    for parse, body in ((parse_completion, {"prompt": "x"}), (parse_chat, {"messages": [{"role": "user",
+                                                                                          "content": "Hi"}]})):
+        p = parse(body, limits).params
+        assert (p.temperature, p.top_p, p.top_k, p.min_p) == (0.2, 0.9, 20, 0.0)
+        p = parse({**body, "temperature": 0, "top_k": 0}, limits).params
+        assert (p.temperature, p.top_p, p.top_k) == (0.0, 0.9, 0)
+        p = parse(body, LIMITS).params
+        assert (p.temperature, p.top_p, p.top_k) == (1.0, 1.0, 0)
+
+
 def test_chat_parsing():
     parsed = parse_chat({"messages": [
         {"role": "system", "content": "Be brief."},

@@ -52,6 +52,10 @@ def test_generated_code_matches_the_proto(tmp_path):
 # ---- conversion ------------------------------------------------------------------------------------------------
 def test_unset_params_are_the_defaults():
     assert params_from_proto(pb.SamplingParams()) == SamplingParams()
+    # The model's sampling defaults fill the optional fields a client leaves out, as on the HTTP API.
+    assert params_from_proto(pb.SamplingParams(), {"temperature": 0.2, "top_p": 0.9}) == \
+        SamplingParams(temperature=0.2, top_p=0.9)
+    assert params_from_proto(pb.SamplingParams(temperature=0), {"temperature": 0.2}).temperature == 0
 
 
 def test_zero_differs_from_unset_where_it_means_something():
@@ -135,6 +139,7 @@ class Settings:
     api_keys: list[str] = field(default_factory=list)
     max_n: int = 4
     served_model_name: str = "tiny"
+    sampling_defaults: dict = field(default_factory=dict)
 
 
 class FakeClient:
