@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizers", type=int, default=4, help="the served pipeline's tokenizer processes")
     group.add_argument("--detokenizers", type=int, default=2, help="the served pipeline's detokenizer processes")
     group.add_argument("--gateways", type=int, default=1, help="the served pipeline's gateway processes")
-    group.add_argument("--result-json", type=Path, default=None)
+    group.add_argument("--result-json", type=Path, default=None, help="also write the results here, as JSON")
 
 
 def schedule(args: argparse.Namespace) -> list[float]:

@@ -35,8 +35,8 @@ from loadtest.metrics import format_summary, parse_slo, summarize, tpot
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
-    server.add_argument("--base-url", default="http://127.0.0.1:8000")
-    server.add_argument("--endpoint", default="/v1/completions",
+    server.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server")
+    server.add_argument("--endpoint", default="/v1/completions", help="the API to load",
                         choices=["/v1/completions", "/v1/chat/completions"])
     server.add_argument("--model", default=None, help="the served model's name (default: the first of GET "
                                                       "/v1/models)")
@@ -48,18 +48,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--request-timeout", type=float, default=3600.0, help="seconds, per request")
 
     data = parser.add_argument_group("dataset")
-    data.add_argument("--dataset", choices=["random", "workload", "sharegpt", "jsonl"], default="random")
+    data.add_argument("--dataset", choices=["random", "workload", "sharegpt", "jsonl"], default="random",
+                      help="where the prompts come from")
     data.add_argument("--dataset-path", default=None, help="the ShareGPT JSON or the JSONL file")
-    data.add_argument("--num-prompts", type=int, default=1000)
-    data.add_argument("--random-input-len", type=int, default=1024)
-    data.add_argument("--random-output-len", type=int, default=128)
+    data.add_argument("--num-prompts", type=int, default=1000, help="requests in a run")
+    data.add_argument("--random-input-len", type=int, default=1024, help="prompt tokens (--dataset random)")
+    data.add_argument("--random-output-len", type=int, default=128, help="output tokens (--dataset random)")
     data.add_argument("--random-range-ratio", type=float, default=0.0,
                       help="lengths uniform in [L*(1-r), L*(1+r)]")
     data.add_argument("--workload", default="w256", help="w256, w1000 or a workload JSON (--dataset workload)")
     data.add_argument("--scale", type=float, default=1.0, help="multiply the workload's lengths")
     data.add_argument("--output-len", type=int, default=None,
                       help="output tokens for every ShareGPT or JSONL request (default: the data's)")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=int, default=0, help="seeds the draws of prompts and arrivals")
 
     load = parser.add_argument_group("load")
     load.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s; inf: all at once")
@@ -70,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="comma-separated request rates to run one after another, e.g. 2,4,8,inf")
     load.add_argument("--num-warmups", type=int, default=1, help="unmeasured requests sent first")
     load.add_argument("--ignore-eos", action="store_true", help="generate exactly the output length")
-    load.add_argument("--temperature", type=float, default=0.0)
+    load.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     load.add_argument("--no-usage", action="store_true",
                       help="do not ask for stream_options.include_usage; count output with the tokenizer")
     load.add_argument("--extra-body", type=json.loads, default=None, help="JSON merged into every request")
@@ -79,10 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--slo", nargs="+", default=None, metavar="NAME:MS",
                      help="goodput bounds in ms, e.g. ttft:500 tpot:50 (names: ttft, tpot, e2el)")
     out.add_argument("--percentiles", default="50,90,99", help="latency percentiles to report")
-    out.add_argument("--result-json", type=Path, default=None)
+    out.add_argument("--result-json", type=Path, default=None, help="also write the results here, as JSON")
     out.add_argument("--plot-dir", type=Path, default=None, help="write PNG plots here")
     out.add_argument("--label", default="", help="a name for this run, in the JSON and the plots")
-    out.add_argument("--disable-tqdm", action="store_true")
+    out.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
 
 
 # ---- arrivals --------------------------------------------------------------------------------------------------

@@ -134,8 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run {single-step, sync output}, {multi-step}, {async output}, {both}")
     parser.add_argument("--peer", choices=["none", "hf"], default="none",
                         help="also time transformers generate() on the same prompts and weights")
-    parser.add_argument("--peer-batch-size", type=int, default=64)
-    parser.add_argument("--result-json", type=Path, default=None)
+    parser.add_argument("--peer-batch-size", type=int, default=64, help="the peer's static batch size")
+    parser.add_argument("--result-json", type=Path, default=None, help="also write the results here, as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -198,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-len", type=int, default=512)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--input-len", type=int, default=512, help="prompt tokens")
+    parser.add_argument("--output-len", type=int, default=128, help="tokens generated")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs (the median is reported)")
 
 
 def run_latency(args: argparse.Namespace) -> int:
@@ -222,7 +222,8 @@ def run_latency(args: argparse.Namespace) -> int:
         m = out.metrics
         ttfts.append(m.first_token_time - m.arrival_time)
         per_token.append((m.finished_time - m.first_token_time) / (args.output_len - 1))
-    print(f"batch 1, {args.input_len}-token prompt, {args.output_len} tokens, k={llm.engine.scheduler.config.num_scheduler_steps}: "
+    steps = llm.engine.scheduler.config.num_scheduler_steps
+    print(f"batch 1, {args.input_len}-token prompt, {args.output_len} tokens, k={steps}: "
           f"{statistics.median(per_token) * 1000:.2f} ms per output token (median of {args.repeats}), "
           f"TTFT {statistics.median(ttfts) * 1000:.1f} ms")
     return 0

@@ -43,7 +43,7 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
                                                                   "detokenizers must agree)")
     add_engine_args(parser)
     from services.gateway import add_arguments as add_gateway_args     # the only service with flags of its own
-    add_gateway_args(parser.add_argument_group("gateway"))
+    add_gateway_args(parser)
 
 
 def service_module(name: str):
@@ -64,11 +64,13 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=max_tokens)
+    group.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
     group.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
-    group.add_argument("--top-p", type=float, default=1.0)
-    group.add_argument("--top-k", type=int, default=0)
-    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+                       "holding this much probability (1: off)")
+    group.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than min_p times the "
+                       "likeliest (0: off)")
     group.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (--seed seeds the engine)")
     group.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
 
@@ -121,12 +123,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless it says what the default is itself (or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """A command's parser (subcommands of subcommands included: argparse makes them of the parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv else None
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    return args.func(args) or 0
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The CLI's parser; the flags of `serve` and `service` only when command names one of them."""
     parser = argparse.ArgumentParser(prog="pagestream", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    # Every command's flags show their defaults (the first hour is spent reading --help).
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = commands.add_parser("generate", help="generate text for prompts, or chat")
     gen.add_argument("prompts", nargs="*",
@@ -175,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        "(see loadtest/serve.py)")
     add_serve_bench_args(serve_bench)
     serve_bench.set_defaults(func=run_serve_bench)
-
-    args = parser.parse_args(argv)
-    return args.func(args) or 0
+    return parser
 
 
 if __name__ == "__main__":

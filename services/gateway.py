@@ -549,7 +549,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Loopback unless asked: a server anyone on the network can reach is a choice (compose.yaml makes it, for its
     # container).
     group.add_argument("--host", default="127.0.0.1", help="the address the HTTP and gRPC APIs listen on")
-    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--port", type=int, default=8000, help="the HTTP API's port")
     group.add_argument("--grpc-port", type=int, default=None, help="serve the gRPC API on this port (default: no gRPC)")
     group.add_argument("--api-key", action="append", default=[], dest="api_key",
                        help="a key clients must send as 'Authorization: Bearer <key>' (repeatable); none: no auth")
