@@ -123,24 +123,30 @@ class SchedulerService:
         try:
             request.validate(self.limits)
         except SchemaError as e:                               # dead-lettered; its client hears why
-            reply = Reply([ReplyItem(request_id=rid, error=ErrorInfo(str(e)))])
-            self.transport.publish(self.names.reply(request.gateway), encode(reply), pipe)
+            self._refuse(request, str(e), pipe)
             raise
         if rid in self.seen or rid in self.aborted or (request.epoch and request.epoch != self.epoch):
             return                 # a repeat, aborted before it got here, or sent before this scheduler started
         self.seen.add(rid)
         try:
             # The tokenizer service validated the prompt; checked again against the worker's own limits, so that
-            # a stray message gets an error reply instead of breaking a plan (or the worker).
+            # a stray message gets an error reply (and is dead-lettered) instead of breaking a plan or the worker.
             ids = self.input_processor.process(request.params, prompt_token_ids=request.prompt_token_ids)
-            seed = self.input_processor.seed(request.params)
-            self.scheduler.add_request(rid, ids, request.params, seed, request.priority)
         except ValueError as e:
-            reply = Reply([ReplyItem(request_id=rid, error=ErrorInfo(str(e)))])
-            self.transport.publish(self.names.reply(request.gateway), encode(reply), pipe)
+            self._refuse(request, str(e), pipe)
+            raise SchemaError(f"schedule.prompt: {e}") from None
+        try:
+            self.scheduler.add_request(rid, ids, request.params, self.input_processor.seed(request.params),
+                                       request.priority)
+        except ValueError as e:                                # a valid request this pool cannot take
+            self._refuse(request, str(e), pipe)
             return
         self.gateways[rid] = request.gateway
         self.stamps[rid] = [request.arrival, request.tokenizer_took, took]
+
+    def _refuse(self, request: ScheduleRequest, why: str, pipe) -> None:
+        reply = Reply([ReplyItem(request_id=request.request_id, error=ErrorInfo(why))])
+        self.transport.publish(self.names.reply(request.gateway), encode(reply), pipe)
 
     def _on_abort(self, abort: Abort) -> None:
         seqs = self.scheduler.requests.get(abort.request_id)

@@ -140,7 +140,7 @@ def test_the_scheduler_service_refuses_a_stray_prompt_with_an_error_reply(redis_
     import uuid
 
     from engine.config import SchedulerConfig
-    from schemas.codec import decode, encode
+    from schemas.codec import SchemaError, decode, encode
     from schemas.messages import Reply, ScheduleRequest, WorkerInfo
     from services.scheduler import SchedulerService
     from services.transport import FIELD, Transport
@@ -155,12 +155,15 @@ def test_the_scheduler_service_refuses_a_stray_prompt_with_an_error_reply(redis_
 
     def schedule(rid: str, ids: list[int]) -> None:
         pipe = transport.pipeline()
-        service._on_request(ScheduleRequest(rid, "gw", ids, PARAMS, arrival=0.0), 0.0, pipe)
-        pipe.execute()
+        try:
+            service._on_request(ScheduleRequest(rid, "gw", ids, PARAMS, arrival=0.0), 0.0, pipe)
+        finally:
+            pipe.execute()
 
     stray = {"empty": [], "long": [5] * 60, "oov": [VOCAB]}
     for rid, ids in stray.items():
-        schedule(rid, ids)
+        with pytest.raises(SchemaError, match="schedule.prompt"):       # the caller dead-letters it
+            schedule(rid, ids)
     schedule("ok", [5, 6, 7])
     replies = [decode(Reply, fields[FIELD]).items[0] for _, fields in transport.redis.xrange(names.reply("gw"))]
     expected = {}

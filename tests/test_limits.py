@@ -63,12 +63,7 @@ OUT_OF_RANGE = [
     ("plan copy beyond the pool", PlanMessage, with_changes(PLAN, block_copies=[[5, 10**9]]), "block_copies"),
     ("plan infinite temperature", PlanMessage,
      with_changes(PLAN, new=[new_seq(params={"temperature": math.inf})]), "temperature: must be finite"),
-    ("request token id = vocab", ScheduleRequest,
-     encode(ScheduleRequest("r", "gw", [1, 512], SamplingParams(), 1.0)), "prompt_token_ids: ids must be in"),
-    ("request empty prompt", ScheduleRequest, encode(ScheduleRequest("r", "gw", [], SamplingParams(), 1.0)),
-     "prompt_token_ids length"),
-    ("request max_tokens beyond max_model_len", ScheduleRequest,
-     encode(ScheduleRequest("r", "gw", [1], SamplingParams(max_tokens=4096), 1.0)), "params.max_tokens"),
+    # (A request's prompt and lengths are the input processor's to check: tests/test_input_processor.py.)
     ("request stop token beyond vocab", ScheduleRequest,
      encode(ScheduleRequest("r", "gw", [1], SamplingParams(stop_token_ids=[600]), 1.0)), "stop_token_ids"),
     ("request huge n", ScheduleRequest, encode(ScheduleRequest("r", "gw", [1], SamplingParams(n=10**7), 1.0)),

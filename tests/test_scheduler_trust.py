@@ -67,11 +67,12 @@ def test_bad_inputs_are_dead_lettered_and_the_request_in_flight_goes_on(schedule
     reasons = dead_reasons(t, 4)
     assert any("sequences [777] are not in plan" in r for r in reasons), reasons
     assert any("step_event.token_ids[0]: ids must be in [0, 512)" in r for r in reasons), reasons
-    assert any("schedule.prompt_token_ids: ids must be in [0, 512), got [512]" in r for r in reasons), reasons
+    assert any("schedule.prompt: prompt token ids must be integers in [0, 512), got [512]" in r
+               for r in reasons), reasons
     assert any("abort.index" in r for r in reasons), reasons
     [(_, fields)] = t.redis.xrange(names.reply("gw"))                  # the bad request's client hears why
     [item] = decode(Reply, fields[FIELD]).items
-    assert item.request_id == "bad" and "prompt_token_ids" in item.error.message
+    assert item.request_id == "bad" and item.error.message == "prompt token ids must be integers in [0, 512), got [512]"
 
     # The real event still finds its plan: the request goes on, in the plans after it.
     t.publish(events, encode(StepEvent(plan.plan_id, [seq.seq_id], [[9]], [None], [None], num_steps_run=1)))

@@ -83,7 +83,7 @@ def bad_messages(r: redis.Redis, names: Names) -> list[tuple[str, bytes, str]]:
         (plans, plan(scheduled_seq_ids=[10**6 + 2], scheduled_tokens=[1]), "scheduled sequence 1000002 is not"),
         (plans, plan(**new(tokens=range(1, 40), blocks=(0,))), "exceed its 1 blocks"),
         (plans, plan(**new(), forks=[Fork(10**6 + 3, 10**6 + 4, 1)], fork_indexes=[1]), "fork parent"),
-        (schedule_stream, schedule([1, vocab]), "prompt_token_ids: ids must be in [0"),
+        (schedule_stream, schedule([1, vocab]), "schedule.prompt: prompt token ids must be integers in [0"),
         (schedule_stream, schedule([1, 2], SamplingParams(stop_token_ids=[vocab + 7])), "stop_token_ids"),
         (schedule_stream, schedule([1, 2], SamplingParams(max_tokens=10**9)), "max_tokens"),
         (schedule_stream, negative, "max_tokens must be at least 1"),
