@@ -125,9 +125,6 @@ class SchedulerService:
         except SchemaError as e:                               # dead-lettered; its client hears why
             self._refuse(request, str(e), pipe)
             raise
-        if rid in self.seen or rid in self.aborted or (request.epoch and request.epoch != self.epoch):
-            return                 # a repeat, aborted before it got here, or sent before this scheduler started
-        self.seen.add(rid)
         try:
             # The tokenizer service validated the prompt; checked again against the worker's own limits, so that
             # a stray message gets an error reply (and is dead-lettered) instead of breaking a plan or the worker.
@@ -135,6 +132,9 @@ class SchedulerService:
         except ValueError as e:
             self._refuse(request, str(e), pipe)
             raise SchemaError(f"schedule.prompt: {e}") from None
+        if rid in self.seen or rid in self.aborted or (request.epoch and request.epoch != self.epoch):
+            return                 # a repeat, aborted before it got here, or sent before this scheduler started
+        self.seen.add(rid)
         try:
             self.scheduler.add_request(rid, ids, request.params, self.input_processor.seed(request.params),
                                        request.priority)
