@@ -29,7 +29,7 @@ from engine.output_processor import CompletionState, OutputProcessor
 from engine.tokenizer import load_tokenizer
 from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
-from schemas.messages import Abort, Reply, ReplyItem, RequestMeta, StepTokens, WorkerInfo
+from schemas.messages import Abort, Reply, ReplyItem, RequestMeta, StepTokens
 from services.runtime import Heartbeat, setup_logging, stop_event
 from services.transport import HEARTBEAT_TTL_MS, Entry, Transport, instance_id, partition_of
 
@@ -224,7 +224,8 @@ class DetokenizerService:
         if now < self._rebalance_at:
             return
         self._rebalance_at = now + REBALANCE_EVERY_S
-        self.limits = self._worker_limits()
+        info = self.transport.worker_info(self.worker)   # read again every rebalance: a restarted worker
+        self.limits = Limits.of(info) if info is not None else None     # registers anew
         for partition in list(self.owned):
             if not self._renew(keys=[self.names.partition_lease(partition)], args=[self.consumer, HEARTBEAT_TTL_MS]):
                 log.warning("lease of partition %d expired", partition)
@@ -242,19 +243,6 @@ class DetokenizerService:
             if partition not in self.owned and self.redis.set(self.names.partition_lease(partition), self.consumer,
                                                               nx=True, px=HEARTBEAT_TTL_MS):
                 self._take_over(partition)
-
-    def _worker_limits(self) -> Limits | None:
-        """The vocabulary and context length of the worker as it registered (read again every rebalance: a
-        restarted worker registers anew), or None before it has."""
-        raw = self.redis.get(self.names.worker_info(self.worker))
-        try:
-            info = decode(WorkerInfo, raw) if raw else None
-            if info is not None:
-                info.validate()
-        except SchemaError as e:
-            log.error("worker %s registered an invalid WorkerInfo: %s", self.worker, e)
-            return None
-        return Limits.of(info) if info is not None else None
 
     def _take_over(self, partition: int) -> None:
         """Own the partition: first handle what its previous owner left pending, in order."""

@@ -122,8 +122,6 @@ class Publisher:
             request_id, index, cached, partition = owner
             msg = columns.get(partition)
             if msg is None:
-                if self.names.tokens(partition) not in self.trim.streams:
-                    self.trim.streams.append(self.names.tokens(partition))
                 msg = columns[partition] = StepTokens(
                     step=step, request_ids=[], indexes=[], positions=[], token_ids=[], finish_reasons=[],
                     stop_reasons=[], num_cached_tokens=[], logprobs=[] if logprobs is not None else None,
@@ -141,7 +139,10 @@ class Publisher:
         for partition, msg in columns.items():
             if not firsts:
                 msg.first_stamps = []
-            self.transport.publish(self.names.tokens(partition), encode(msg), pipe)
+            stream = self.names.tokens(partition)
+            if stream not in self.trim.streams:          # a partition first written to: trimmed from now on
+                self.trim.streams.append(stream)
+            self.transport.publish(stream, encode(msg), pipe)
 
 
 def main(argv: list[str] | None = None) -> int:

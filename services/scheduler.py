@@ -30,8 +30,7 @@ from engine.scheduler import Scheduler
 from engine.sequence import FinishReason
 from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
-from schemas.messages import (Abort, ErrorInfo, PlanMessage, Reply, ReplyItem, ScheduleRequest, StepEvent,
-                              WorkerInfo)
+from schemas.messages import Abort, PlanMessage, ScheduleRequest, StepEvent
 from services.runtime import Heartbeat, setup_logging, stop_event
 from services.transport import Entry, Transport, Trimmer, instance_id
 
@@ -123,14 +122,14 @@ class SchedulerService:
         try:
             request.validate(self.limits)
         except SchemaError as e:                               # dead-lettered; its client hears why
-            self._refuse(request, str(e), pipe)
+            self.transport.reply_error(request.gateway, rid, str(e), pipe)
             raise
         try:
             # The tokenizer service validated the prompt; checked again against the worker's own limits, so that
             # a stray message gets an error reply (and is dead-lettered) instead of breaking a plan or the worker.
             ids = self.input_processor.process(request.params, prompt_token_ids=request.prompt_token_ids)
         except ValueError as e:
-            self._refuse(request, str(e), pipe)
+            self.transport.reply_error(request.gateway, rid, str(e), pipe)
             raise SchemaError(f"schedule.prompt: {e}") from None
         if rid in self.seen or rid in self.aborted or (request.epoch and request.epoch != self.epoch):
             return                 # a repeat, aborted before it got here, or sent before this scheduler started
@@ -139,14 +138,10 @@ class SchedulerService:
             self.scheduler.add_request(rid, ids, request.params, self.input_processor.seed(request.params),
                                        request.priority)
         except ValueError as e:                                # a valid request this pool cannot take
-            self._refuse(request, str(e), pipe)
+            self.transport.reply_error(request.gateway, rid, str(e), pipe)
             return
         self.gateways[rid] = request.gateway
         self.stamps[rid] = [request.arrival, request.tokenizer_took, took]
-
-    def _refuse(self, request: ScheduleRequest, why: str, pipe) -> None:
-        reply = Reply([ReplyItem(request_id=request.request_id, error=ErrorInfo(why))])
-        self.transport.publish(self.names.reply(request.gateway), encode(reply), pipe)
 
     def _on_abort(self, abort: Abort) -> None:
         seqs = self.scheduler.requests.get(abort.request_id)
@@ -252,14 +247,7 @@ class SchedulerService:
         self.stamps.clear()
         while not stop.is_set():
             alive = self.transport.redis.get(self.names.alive("worker", self.worker))
-            raw = self.transport.redis.get(self.names.worker_info(self.worker))
-            try:
-                info = decode(WorkerInfo, raw) if raw else None
-                if info is not None:
-                    info.validate()                            # every other message is checked against it
-            except SchemaError as e:
-                log.error("worker %s registered an invalid WorkerInfo: %s", self.worker, e)
-                info = None
+            info = self.transport.worker_info(self.worker)
             if alive is not None and info is not None and info.epoch == alive.decode():
                 break
             stop.wait(0.2)

@@ -19,7 +19,7 @@ from engine.model_files import resolve_max_model_len, resolve_model
 from engine.tokenizer import load_tokenizer
 from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
-from schemas.messages import ErrorInfo, GenerateRequest, Reply, ReplyItem, RequestMeta, ScheduleRequest
+from schemas.messages import GenerateRequest, RequestMeta, ScheduleRequest
 from services.runtime import setup_logging, stop_event
 from services.transport import Reclaimer, Transport, Trimmer, instance_id
 
@@ -56,16 +56,14 @@ class TokenizerService:
         try:
             request.validate(self.limits)
         except SchemaError as e:                   # kept for inspection; the client hears why
-            reply = Reply([ReplyItem(request_id=request.request_id, error=ErrorInfo(str(e)))])
-            self.transport.publish(self.names.reply(request.gateway), encode(reply))
+            self.transport.reply_error(request.gateway, request.request_id, str(e))
             self.transport.dead_letter(self.names.tokenize, GROUP, entry.id, entry.payload, str(e))
             return
         pipe = self.transport.pipeline()
         try:
             token_ids = self.tokenize(request)
         except ValueError as e:
-            reply = Reply([ReplyItem(request_id=request.request_id, error=ErrorInfo(str(e)))])
-            self.transport.publish(self.names.reply(request.gateway), encode(reply), pipe)
+            self.transport.reply_error(request.gateway, request.request_id, str(e), pipe)
         else:
             meta = RequestMeta(request.request_id, request.gateway, len(token_ids), token_ids[-PROMPT_TAIL:],
                                request.params)

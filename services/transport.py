@@ -26,6 +26,9 @@ from pathlib import Path
 
 import redis
 
+from schemas.codec import SchemaError, decode, encode
+from schemas.messages import ErrorInfo, Reply, ReplyItem, WorkerInfo
+
 log = logging.getLogger("pagestream.transport")
 
 MAX_DELIVERIES = 5
@@ -115,6 +118,24 @@ class Transport:
 
     def publish(self, stream: str, payload: bytes, pipe=None) -> None:
         (pipe or self.redis).xadd(stream, {FIELD: payload}, maxlen=self.maxlen, approximate=True)
+
+    def reply_error(self, gateway: str, request_id: str, message: str, pipe=None) -> None:
+        """Tell a request's gateway (so its client) why the request is refused."""
+        reply = Reply([ReplyItem(request_id=request_id, error=ErrorInfo(message))])
+        self.publish(self.names.reply(gateway), encode(reply), pipe)
+
+    def worker_info(self, worker: str) -> WorkerInfo | None:
+        """The worker's registration (WorkerInfo), checked: every other message is checked against it. None
+        before it has registered, or if what it registered is invalid (logged)."""
+        raw = self.redis.get(self.names.worker_info(worker))
+        try:
+            info = decode(WorkerInfo, raw) if raw else None
+            if info is not None:
+                info.validate()
+        except SchemaError as e:
+            log.error("worker %s registered an invalid WorkerInfo: %s", worker, e)
+            return None
+        return info
 
     def ensure_group(self, stream: str, group: str) -> None:
         """Create the group at the start of the stream (entries added before it existed are not lost)."""

@@ -180,32 +180,41 @@ class WorkerService:
         if message.forks and held:
             self.runner.flush()          # as the runner does before forking: every parent token is on the host
         freed = set(message.freed_seq_ids)
-        # seq id -> [computed tokens, blocks in its table, tokens, finished], as they will be when the plan runs
-        state = {s: [q.num_computed_tokens, len(q.block_ids), len(q.token_ids), q.finished]
-                 for s, q in held.items() if s not in freed}
+        # seq id -> [computed tokens, blocks in its table, tokens, finished], as they will be when the plan runs:
+        # only the sequences the plan names (a plan of the model loop's hot path: a few of hundreds held).
+        state: dict[int, list] = {}
+
+        def lookup(seq_id: int) -> list | None:
+            if seq_id not in state and seq_id in held and seq_id not in freed:
+                q = held[seq_id]
+                state[seq_id] = [q.num_computed_tokens, len(q.block_ids), len(q.token_ids), q.finished]
+            return state.get(seq_id)
+
         for new in message.new:
-            if new.seq_id in state:
+            if lookup(new.seq_id) is not None:
                 return f"new sequence {new.seq_id} is already held"
             state[new.seq_id] = [new.num_computed_tokens, len(new.block_ids), len(new.token_ids), False]
         for run in message.running:
-            if run.seq_id not in state:
+            seq = lookup(run.seq_id)
+            if seq is None:
                 return f"running sequence {run.seq_id} is not held"
-            if run.block_offset > state[run.seq_id][1]:
+            if run.block_offset > seq[1]:
                 return f"running sequence {run.seq_id}: block offset {run.block_offset} beyond its block table"
-            state[run.seq_id][1] = run.block_offset + len(run.new_block_ids)
+            seq[1] = run.block_offset + len(run.new_block_ids)
         scheduled = dict(zip(message.scheduled_seq_ids, message.scheduled_tokens))
         block_size, max_len = self.limits.block_size, self.limits.max_model_len
         for seq_id, n in scheduled.items():
-            if seq_id not in state:
+            seq = lookup(seq_id)
+            if seq is None:
                 return f"scheduled sequence {seq_id} is not held"
-            computed, blocks, _, finished = state[seq_id]
+            computed, blocks, _, finished = seq
             if not finished and computed + n > min(blocks * block_size, max_len):
                 return (f"sequence {seq_id}: {computed + n} tokens exceed its {blocks} blocks of {block_size} "
                         f"or max_model_len {max_len}")
         for fork in message.forks:
-            if fork.child_id in state:
+            if lookup(fork.child_id) is not None:
                 return f"fork child {fork.child_id} is already held"
-            parent = state.get(fork.parent_id)
+            parent = lookup(fork.parent_id)
             if parent is None or parent[3] or fork.parent_id not in scheduled or \
                     parent[0] + scheduled[fork.parent_id] < parent[2]:
                 return f"fork parent {fork.parent_id} does not sample in this plan"

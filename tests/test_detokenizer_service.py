@@ -12,6 +12,7 @@ from engine.model_files import resolve_model
 from engine.output_processor import OutputProcessor
 from engine.tokenizer import load_tokenizer
 from schemas.codec import decode, encode
+from schemas.limits import Limits
 from schemas.messages import Reply, RequestMeta, StepTokens, WorkerInfo
 from schemas.sampling_params import SamplingParams
 from services.detokenizer import GROUP, DetokenizerService
@@ -110,7 +111,7 @@ def test_a_bad_entry_is_dead_lettered_and_holds_up_no_other(redis_url, tokenizer
     elif bad == "token beyond the vocabulary":
         info = WorkerInfo("w0", "e", 64, 16, 2048, tokenizer.vocab_size, [2])
         transport.redis.set(transport.names.worker_info("w0"), encode(info))
-        service.limits = service._worker_limits()
+        service.limits = Limits.of(transport.worker_info("w0"))
         publish_steps(transport, {"r": tokens[:3] + [10**9]}, 3, 4)    # r's position 3; the good one follows
     else:
         meta = RequestMeta("x", "g0", 5, [1], SamplingParams())
