@@ -166,9 +166,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_inflight:                          # preempted while its tokens were in flight: wait
                 break
-            # Count the siblings that running parents will fork when their prompts complete.
-            promised = sum(s.num_pending_forks for s in self.running)
-            if len(self.running) + promised + 1 + seq.num_pending_forks > self.config.max_num_seqs:
+            if not self._has_seats_for(seq):
                 break
             cached = self.block_manager.find_cached_prefix(seq)
             uncomputed = seq.num_tokens - len(cached) * self.block_manager.block_size
@@ -199,10 +197,14 @@ class Scheduler:
         if not self.waiting or self.waiting[0].num_inflight:
             return False
         head = self.waiting[0]
+        return self._has_seats_for(head) and \
+            self.block_manager.num_free_blocks * self.block_manager.block_size >= head.num_tokens
+
+    def _has_seats_for(self, seq: Sequence) -> bool:
+        """Whether admitting seq (and the siblings it will fork) keeps the running sequences within
+        max_num_seqs, counting the siblings that running parents will fork when their prompts complete."""
         promised = sum(s.num_pending_forks for s in self.running)
-        if len(self.running) + promised + 1 + head.num_pending_forks > self.config.max_num_seqs:
-            return False
-        return self.block_manager.num_free_blocks * self.block_manager.block_size >= head.num_tokens
+        return len(self.running) + promised + 1 + seq.num_pending_forks <= self.config.max_num_seqs
 
     def cut(self, plan: Plan, steps_run: int) -> None:
         """The worker ran only the first steps_run steps of plan (it stops a plan at a step boundary when a
