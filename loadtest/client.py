@@ -310,6 +310,8 @@ def read_openai_stream(response: Response, out: RequestOutput, chat: bool) -> No
     does not count, nor do chunks with only a finish_reason."""
     times, pieces = [], []
     for at, raw in response.events:
+        if raw.startswith(b"id:"):                     # a resumable stream's event: its id, then its data
+            raw = raw[raw.find(b"\n") + 1:]
         if raw.startswith(b"data: ") and b"\n" not in raw:
             payload = raw[6:]
         else:                                          # the general form: several fields, comments, data lines

@@ -2,6 +2,7 @@
 
     gateway --GenerateRequest--> [tokenize] --> tokenizer --ScheduleRequest--> [schedule] --> scheduler
     gateway, detokenizer --Abort--> [abort] --> scheduler
+    gateway --Resume--> [resume] --> scheduler (a stream taken over by another gateway, see services/resumable.py)
     scheduler --PlanMessage--> [plan:<worker>] --> worker --StepEvent--> [events:<worker>] --> scheduler
     worker --StepTokens--> [tokens:<partition>] --> detokenizer --Reply--> [reply:<gateway>] --> gateway
     tokenizer --Reply (error)--> [reply:<gateway>]; tokenizer --RequestMeta--> key request:<id> (detokenizer)
@@ -116,6 +117,17 @@ class Abort:
             check_range("abort.index", self.index, 0, MAX_COMPLETIONS - 1)
         if self.reason not in ("abort", "stop"):
             fail("abort.reason", f"must be 'abort' or 'stop', got {self.reason!r}")
+
+
+@message("resume")
+@dataclass
+class Resume:
+    """A gateway takes over a request another gateway (or an earlier connection to itself) was streaming: its
+    client came back with Last-Event-ID. The scheduler makes this gateway the request's owner (the one whose death
+    gets the request aborted after the grace period), tells the previous owner to let go, and answers with an
+    error reply if the request is no longer in flight."""
+    request_id: str = field(metadata={"max_len": 256})
+    gateway: str = field(metadata={"max_len": 256})
 
 
 @message("plan")
@@ -271,6 +283,10 @@ class ErrorInfo:
     type: str = "invalid_request_error"                       # OpenAI's error types
     code: int = 400                                           # the HTTP status the gateway answers with
     param: str | None = None
+
+
+# The error a gateway gets for a request another gateway (or connection) took over: it lets go, and does not abort.
+RESUMED_ELSEWHERE = "stream_resumed"
 
 
 @dataclass

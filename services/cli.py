@@ -41,6 +41,9 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--worker-name", default="w0", help="the worker this scheduler and gateway belong to")
     group.add_argument("--partitions", type=int, default=8, help="detokenizer partitions (worker and "
                                                                   "detokenizers must agree)")
+    group.add_argument("--resume-grace", type=float, default=30.0,
+                       help="seconds a dead gateway's streams stay resumable (a client reconnecting with "
+                            "Last-Event-ID continues where it broke) before they are aborted")
     add_engine_args(parser)
     from services.gateway import add_arguments as add_gateway_args     # the only service with flags of its own
     add_gateway_args(parser)

@@ -6,7 +6,9 @@ An API request becomes one pipeline request per prompt (PipelineClient.generate)
 response (openai_protocol.ResponseBuilder), as server-sent events or whole. The first item is awaited before the
 response starts, so an error found early (a prompt too long, a full queue, the pipeline down) gets its HTTP status;
 a later one becomes an error event. A client that goes away has its request aborted at once (until_disconnected),
-so its KV blocks are freed within a plan. The gRPC server (services/grpc_server.py) runs in the same event loop,
+so its KV blocks are freed within a plan. Every event has an id; a client whose stream broke (its gateway died)
+sends the request again with Last-Event-ID, to any gateway, and the stream goes on where it broke
+(services/resumable.py). The gRPC server (services/grpc_server.py) runs in the same event loop,
 on the same PipelineClient.
 """
 from __future__ import annotations
@@ -39,17 +41,19 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from schemas.messages import ErrorInfo, ReplyItem
 from services.metrics import (CONTENT_TYPE, Counter, Gauge, GatewayMetrics, PipelineScraper, exposition,
                               peer_gateway_stats, publish_gateway_stats)
-from services.openai_protocol import (ERROR_TYPES, MODEL_NOT_FOUND, SSE_DONE, Limits, ProtocolError, ResponseBuilder,
+from services.openai_protocol import (ERROR_TYPES, MODEL_NOT_FOUND, SSE_DONE, Limits, ParsedRequest, ProtocolError,
+                                      ResponseBuilder,
                                       TokenText, decode_json_body, error_body, model_card, models_list,
                                       openapi_schema, parse_chat, parse_completion, pipeline_error_body, sse)
-from services.pipeline_client import Overloaded, PipelineClient, Unavailable
+from services.pipeline_client import Overloaded, PipelineClient, StreamGone, Unavailable
+from services.resumable import StreamPosition, parse_event_id
 
 log = logging.getLogger("pagestream.gateway")
 
 MIB = 1 << 20
 STATIC_DIR = Path(__file__).parent / "static"
 CLIENT_GONE = 499                    # nginx's status for a client that closed the connection first
-ADMISSION_STATUS = {Overloaded: 429, Unavailable: 503}
+ADMISSION_STATUS = {Overloaded: 429, Unavailable: 503, StreamGone: 404}
 GRACEFUL_SHUTDOWN_S = 10.0
 
 KIB = 1 << 10
@@ -134,6 +138,10 @@ class EventStream(StreamingResponse):
 
 
 # ---- pipeline streams ------------------------------------------------------------------------------------------
+async def _just_done() -> AsyncGenerator[bytes, None]:
+    yield SSE_DONE
+
+
 async def merge(streams: list[AsyncIterator[ReplyItem]]) -> Stream:
     """The items of several pipeline requests (one per prompt) as they come, tagged with their prompt's index.
     Closing this closes them all, which aborts those not finished. Overloaded/Unavailable propagate."""
@@ -204,6 +212,22 @@ class _Timing:
         self.metrics.e2e_request_latency.observe(time.monotonic() - self.start)
 
 
+class _Untimed(_Timing):
+    """A resumed stream's: its latencies were the first connection's, and are not measured again."""
+
+    def __init__(self):
+        pass
+
+    def item(self, prompt_index: int, item: ReplyItem) -> None:
+        pass
+
+    def delivered(self, item: ReplyItem, to_client: bool) -> None:
+        pass
+
+    def done(self) -> None:
+        pass
+
+
 def _error_response(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -245,15 +269,45 @@ class Api:
             body = decode_json_body(await read_body(request, self.settings.max_body_bytes))
             parsed = (parse_chat(body, self.settings.limits) if chat
                       else parse_completion(body, self.settings.limits, self.settings.token_text))
+            last_event_id = request.headers.get("last-event-id")
+            if last_event_id is not None:
+                return await self._resume(request, parsed, last_event_id, start)
         except ProtocolError as e:
             return self._refuse(e.status, e.body(), {"Connection": "close"} if e.status == 413 else None)
         except ClientDisconnect:
             return self._refuse(CLIENT_GONE, error_body("the client disconnected", CLIENT_GONE))
         response_id = self.client.new_request_id("chatcmpl" if chat else "cmpl")
-        stream = merge([self.client.generate(r) for r in parsed.generate_requests(response_id, arrival)])
+        requests = parsed.generate_requests(response_id, arrival)
+        stream = merge([self.client.generate(r) for r in requests])
+        return await self._respond(request, parsed, response_id, stream, _Timing(self.metrics, start))
+
+    async def _resume(self, request: Request, parsed: ParsedRequest, last_event_id: str, start: float) -> Response:
+        """The same request again, with the id of the last event its client got: the rest of that stream."""
+        try:
+            event = parse_event_id(last_event_id)
+        except ValueError as e:
+            raise ProtocolError(str(e), param="Last-Event-ID") from None
+        if not parsed.stream:
+            raise ProtocolError("Last-Event-ID resumes a stream: send the request with stream set to true",
+                                param="stream")
+        num_choices = parsed.num_prompts * parsed.params.n
+        if event.cursor is not None and len(event.cursor) != num_choices:
+            raise ProtocolError(f"Last-Event-ID is an event of a stream of {len(event.cursor)} choices; this "
+                                f"request makes {num_choices}", param="Last-Event-ID")
+        if event.cursor is None:                             # the client had it all but the end
+            return EventStream(_just_done())
+        request_ids = [r.request_id for r in parsed.generate_requests(event.response_id, 0.0)]
+        stream = merge([self.client.resume(event.gateway, rid, parsed.params.n, event.since) for rid in request_ids])
+        position = StreamPosition(event.response_id, event.since, num_choices, seen=event.cursor)
+        return await self._respond(request, parsed, event.response_id, stream, _Untimed(), position)
+
+    async def _respond(self, request: Request, parsed: ParsedRequest, response_id: str, stream: Stream,
+                       timing: _Timing, position: StreamPosition | None = None) -> Response:
+        """The response, once the first item is in: an error status if that is an error, else the events or
+        the whole body."""
         try:
             first = await until_disconnected(request.receive, anext(stream))
-        except (Overloaded, Unavailable) as e:
+        except (Overloaded, Unavailable, StreamGone) as e:
             await stream.aclose()
             return self._refuse(ADMISSION_STATUS[type(e)], error_body(str(e), ADMISSION_STATUS[type(e)]))
         except ClientDisconnected:
@@ -263,20 +317,24 @@ class Api:
             await stream.aclose()
             return self._refuse(error.code, pipeline_error_body(error))
         builder = ResponseBuilder(parsed, response_id, int(time.time()), self.settings.token_text)
-        timing = _Timing(self.metrics, start)
         if parsed.stream:
-            return EventStream(self._events(builder, timing, first, stream))
+            if position is None:
+                since = self.client.first_reply_entry([r.request_id for r in parsed.generate_requests(
+                    response_id, 0.0)])
+                position = StreamPosition(response_id, since or "0-0", len(builder.choices))
+            return EventStream(self._events(builder, timing, position, first, stream))
         try:
             return await until_disconnected(request.receive, self._collect(builder, timing, first, stream))
         except ClientDisconnected:
             return Response(status_code=CLIENT_GONE)
 
-    async def _events(self, builder: ResponseBuilder, timing: _Timing, first: tuple[int, ReplyItem],
-                      stream: Stream) -> AsyncGenerator[bytes, None]:
+    async def _events(self, builder: ResponseBuilder, timing: _Timing, position: StreamPosition,
+                      first: tuple[int, ReplyItem], stream: Stream) -> AsyncGenerator[bytes, None]:
         status = CLIENT_GONE                                 # unless the stream gets to its end
         try:
-            for chunk in builder.start():
-                yield sse(chunk)
+            if not position.resumed:
+                for chunk in builder.start():
+                    yield sse(chunk, position.event_id())
             pair: tuple[int, ReplyItem] | None = first
             while pair is not None:
                 prompt_index, item = pair
@@ -284,17 +342,18 @@ class Api:
                     status = item.error.code
                     yield sse(pipeline_error_body(item.error))
                     break
-                timing.item(prompt_index, item)
                 chunk = builder.add(prompt_index, item)
-                if chunk is not None:
-                    yield sse(chunk)
-                timing.delivered(item, to_client=True)
+                if position.take(builder.choice_index(prompt_index, item), item.seq):   # not seen before
+                    timing.item(prompt_index, item)
+                    if chunk is not None:
+                        yield sse(chunk, position.event_id())
+                    timing.delivered(item, to_client=True)
                 pair = await self._next(stream, builder)
             else:
                 status = 200
                 timing.done()
                 if builder.request.include_usage:
-                    yield sse(builder.usage_chunk())
+                    yield sse(builder.usage_chunk(), position.done_id())
             yield SSE_DONE
         finally:
             await stream.aclose()

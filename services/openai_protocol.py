@@ -399,9 +399,10 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
-def sse(payload: dict) -> bytes:
-    """One server-sent event: serialized once, compactly."""
-    return b"data: " + _ENCODER.encode(payload).encode() + b"\n\n"
+def sse(payload: dict, event_id: str | None = None) -> bytes:
+    """One server-sent event, serialized once, compactly; with its id (services/resumable.py) where it has one."""
+    data = b"data: " + _ENCODER.encode(payload).encode() + b"\n\n"
+    return data if event_id is None else b"id: " + event_id.encode() + b"\n" + data
 
 
 @dataclass
@@ -446,9 +447,12 @@ class ResponseBuilder:
                                             "logprobs": None, "finish_reason": None}]}
                 for i in range(len(self.choices))]
 
+    def choice_index(self, prompt_index: int, item: ReplyItem) -> int:
+        return prompt_index * self.n + item.index
+
     def add(self, prompt_index: int, item: ReplyItem) -> dict | None:
         """Takes one item; streaming, returns its chunk (None: nothing to show)."""
-        index = prompt_index * self.n + item.index
+        index = self.choice_index(prompt_index, item)
         choice = self.choices[index]
         if item.prompt_tokens:
             self.prompt_tokens[prompt_index] = item.prompt_tokens
@@ -613,15 +617,19 @@ def openapi_schema(limits: Limits, api_keys: bool, metrics_keys: bool) -> dict:
     generation = {"200": _json_response("the completion; with stream: true, server-sent events (text/event-stream) "
                                         "of chunks ending with data: [DONE]"), **_ERRORS}
     plain = {"200": {"description": "ok", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+    resume = [{"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"},
+               "description": "the id of the last event a broken stream delivered: the same request sent again "
+                            "with it continues that stream (services/resumable.py)"}]
     return {
         "openapi": "3.0.3",
         "info": {"title": "pagestream", "version": "1", "description": "OpenAI-compatible API (with vLLM's "
                  "sampling extensions), health and metrics."},
         "paths": {
-            "/v1/completions": {"post": {"operationId": "createCompletion", "security": bearer,
+            "/v1/completions": {"post": {"operationId": "createCompletion", "security": bearer, "parameters": resume,
                                          "requestBody": _json_body(completion), "responses": generation}},
             "/v1/chat/completions": {"post": {"operationId": "createChatCompletion", "security": bearer,
-                                              "requestBody": _json_body(chat), "responses": generation}},
+                                              "parameters": resume, "requestBody": _json_body(chat),
+                                              "responses": generation}},
             "/v1/models": {"get": {"operationId": "listModels", "security": bearer,
                                    "responses": {"200": _json_response("the served model"), "401": _ERRORS["401"]}}},
             "/v1/models/{model}": {"get": {

@@ -3,7 +3,9 @@
 Shared by the HTTP gateway and the gRPC server. Each gateway instance has its own reply stream; one reader task
 takes every Reply from it and hands each item to its request's queue, dropping repeats by (request, index, seq).
 A watcher follows the scheduler's and the worker's heartbeats: when either dies or restarts, every request
-in flight ends with a clear 503 error instead of hanging.
+in flight ends with a clear 503 error instead of hanging. The gateway has a heartbeat of its own, by which the
+scheduler knows when to abort a dead gateway's requests; until then another gateway can take one over and
+continue its stream (resume; see services/resumable.py).
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import secrets
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,13 +25,17 @@ import redis
 import redis.asyncio as aioredis
 
 from schemas.codec import SchemaError, decode, encode
-from schemas.messages import Abort, ErrorInfo, GenerateRequest, Reply, ReplyItem, WorkerInfo
-from services.transport import FIELD, HEARTBEAT_SECONDS, STREAM_MAXLEN, Names
+from schemas.messages import (RESUMED_ELSEWHERE, Abort, ErrorInfo, GenerateRequest, Reply, ReplyItem, Resume,
+                              WorkerInfo)
+from services.transport import FIELD, HEARTBEAT_SECONDS, HEARTBEAT_TTL_MS, STREAM_MAXLEN, Names, stream_id
 
 log = logging.getLogger("pagestream.pipeline_client")
 
 REDIS_CONNECTIONS = 64
 READY_TTL_S = 1.0               # a readiness answer is reused this long: one probe a second, however many ask
+# A resumed request the scheduler no longer holds may still have finished: its last items can be a moment behind
+# the scheduler's answer. Past this, the answer stands.
+RESUME_LINGER_S = 2.0
 
 
 class Overloaded(Exception):
@@ -37,12 +46,31 @@ class Unavailable(Exception):
     """The pipeline cannot take requests right now: the scheduler or a worker is down (HTTP 503)."""
 
 
+class StreamGone(Exception):
+    """A stream to resume whose gateway's reply stream is gone: it ended long ago, or never was (HTTP 404)."""
+
+
 @dataclass
 class _InFlight:
     queue: asyncio.Queue
     epochs: tuple
     next_seq: dict[int, int] = field(default_factory=dict)     # completion index -> next expected seq
     open_indexes: int = 1                                       # completions not yet finished
+    first_entry: bytes | None = None                            # the reply-stream entry of its first item
+    resumed: bool = False             # taken over: its items come from a replay and a follower, in order
+
+    def ends(self, item: ReplyItem) -> bool:
+        """Count the item in; True if it is the request's last (an error, or its last completion's finish)."""
+        if item.error is not None:
+            return True
+        if item.finish_reason is not None:
+            self.open_indexes -= 1
+        return self.open_indexes == 0
+
+
+def _resumed_elsewhere(request_id: str) -> ReplyItem:
+    return ReplyItem(request_id=request_id, error=ErrorInfo(
+        "this stream was resumed on another connection", type=RESUMED_ELSEWHERE, code=409))
 
 
 class PipelineClient:
@@ -53,14 +81,16 @@ class PipelineClient:
         self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             redis_url, max_connections=REDIS_CONNECTIONS, timeout=None))
         self._reader = aioredis.Redis.from_url(redis_url)
+        self.redis_url = redis_url
         self.names = Names(prefix)
         self.worker = worker
-        self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:8]}"
+        self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:8]}"     # resumable.EventId parses this form
         self.reply_stream = self.names.reply(self.gateway_id)
         self.max_pending = max_pending
         self._inflight: dict[str, _InFlight] = {}
         self._epochs: tuple = (None, None)           # (scheduler epoch, worker epoch) as last seen
         self._tasks: list[asyncio.Task] = []
+        self._followers: dict[str, _Follower] = {}       # another gateway's reply stream -> its follower
         self._ids = itertools.count()
         self._ready_cache: tuple[float, bool] = (-READY_TTL_S, False)     # (when checked, the answer)
         self._ready_check: asyncio.Task | None = None     # the probe in flight, which every caller awaits
@@ -70,6 +100,7 @@ class PipelineClient:
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
         await self._check_liveness()
+        await self._heartbeat_once()
         self._tasks = [asyncio.create_task(self._read_replies(), name="replies"),
                        asyncio.create_task(self._watch(), name="liveness")]
 
@@ -78,7 +109,9 @@ class PipelineClient:
             task.cancel()
         await asyncio.gather(*self._tasks, *([self._ready_check] if self._ready_check else []),
                              return_exceptions=True)
-        await self.redis.delete(self.reply_stream)
+        for follower in list(self._followers.values()):
+            await follower.close()
+        await self.redis.delete(self.reply_stream, self.names.alive("gateway", self.gateway_id))
         await self.redis.aclose()
         await self._reader.aclose()
 
@@ -92,7 +125,8 @@ class PipelineClient:
 
     # ---- requests ------------------------------------------------------------------------------------------
     def new_request_id(self, kind: str = "cmpl") -> str:
-        return f"{kind}-{self.gateway_id}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        """Unique, and unguessable (128 random bits): a response id is what a client names to resume its stream."""
+        return f"{kind}-{self.gateway_id}-{next(self._ids)}-{secrets.token_hex(16)}"
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[ReplyItem]:
         """Submit and yield its reply items until every completion has finished (or an error item). Leaving
@@ -100,11 +134,7 @@ class PipelineClient:
         Unavailable, or ValueError (SchemaError: a field over its size limit; a request id in flight)."""
         if len(self._inflight) >= self.max_pending:
             raise Overloaded(f"{len(self._inflight)} requests in flight; try again later")
-        if not self.pipeline_alive:               # perhaps only not seen yet: this gateway looks twice a second
-            with contextlib.suppress(redis.RedisError, OSError):
-                await self._check_liveness()
-        if not self.pipeline_alive:
-            raise Unavailable("the scheduler or the worker is not running")
+        await self._require_pipeline()
         if request.request_id in self._inflight:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
         request.gateway = self.gateway_id
@@ -122,16 +152,79 @@ class PipelineClient:
                 raise Unavailable(f"cannot reach Redis: {e}") from None
             while not done:
                 item: ReplyItem = await flight.queue.get()
-                if item.error is not None:
-                    done = True
-                elif item.finish_reason is not None:
-                    flight.open_indexes -= 1
-                    done = flight.open_indexes == 0
+                done = flight.ends(item)
                 yield item
         finally:
-            self._inflight.pop(request.request_id, None)
+            self._let_go(request.request_id, flight)
             if not done:
                 await self.abort(request.request_id)
+
+    async def resume(self, origin: str, request_id: str, n: int, since: str) -> AsyncIterator[ReplyItem]:
+        """Take over a request that gateway `origin` started (its client came back with Last-Event-ID) and yield
+        all its items, from the first (the caller shows the client those it has not seen), until every
+        completion has finished or an error item. The items come from the origin's reply stream, replayed from
+        entry `since` and then followed; the scheduler makes this gateway the request's owner, tells the
+        previous one to let go, and answers an error (404) if the request is no longer in flight: then the
+        items already in the stream are served anyway, and the error only if they do not end the request
+        within RESUME_LINGER_S (a request that just finished has its last items on their way). Leaving early
+        aborts the request, as generate does. Raises Unavailable, or StreamGone: the origin's stream is gone."""
+        await self._require_pipeline()
+        origin_stream = self.names.reply(origin)
+        try:
+            if not await self.redis.exists(origin_stream):
+                raise StreamGone(f"no stream {request_id} to resume: it ended, or was never started")
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise Unavailable(f"cannot reach Redis: {e}") from None
+        previous = self._inflight.get(request_id)
+        if previous is not None:            # an earlier connection to this gateway, broken unnoticed: it lets go
+            previous.queue.put_nowait(_resumed_elsewhere(request_id))
+        flight = _InFlight(asyncio.Queue(), self._epochs, open_indexes=n, resumed=True)
+        self._inflight[request_id] = flight
+        done = False
+        try:
+            try:
+                await self.redis.xadd(self.names.resume, {FIELD: encode(Resume(request_id, self.gateway_id))},
+                                      maxlen=STREAM_MAXLEN, approximate=True)
+                await self._follow(origin_stream, since, request_id)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                done = True
+                raise Unavailable(f"cannot reach Redis: {e}") from None
+            lost: ReplyItem | None = None       # the scheduler's answer that it no longer holds the request
+            while not done:
+                if lost is None:
+                    item = await flight.queue.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(flight.queue.get(), RESUME_LINGER_S)
+                    except TimeoutError:
+                        item = lost
+                if lost is None and item.error is not None and item.error.code == 404:
+                    lost = item
+                    continue
+                done = flight.ends(item)
+                yield item
+        finally:
+            self._unfollow(origin_stream, request_id)
+            self._let_go(request_id, flight)
+            if not done:
+                await self.abort(request_id)
+
+    def first_reply_entry(self, request_ids: list[str]) -> str | None:
+        """The earliest reply-stream entry holding an item of these requests so far (where a replay of them can
+        start: items of theirs not yet read come later); None before any."""
+        entries = [f.first_entry for rid in request_ids if (f := self._inflight.get(rid)) and f.first_entry]
+        return min(entries, key=stream_id).decode() if entries else None
+
+    async def _require_pipeline(self) -> None:
+        if not self.pipeline_alive:               # perhaps only not seen yet: this gateway looks twice a second
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self._check_liveness()
+        if not self.pipeline_alive:
+            raise Unavailable("the scheduler or the worker is not running")
+
+    def _let_go(self, request_id: str, flight: _InFlight) -> None:
+        if self._inflight.get(request_id) is flight:      # not a newer connection's, which took the request over
+            del self._inflight[request_id]
 
     async def abort(self, request_id: str) -> None:
         try:
@@ -199,20 +292,67 @@ class PipelineClient:
             for _, entries in streams or []:
                 for entry_id, fields in entries:
                     last_id = self.last_reply_id = entry_id
-                    try:
-                        reply = decode(Reply, fields[FIELD])
-                    except (SchemaError, KeyError) as e:
-                        log.error("dropping a malformed reply %s: %s", entry_id, e)
-                        continue
-                    for item in reply.items:
-                        if item.stamps:
-                            item.stamps.append(took)
-                        self._dispatch(item)
+                    self._take_entry(entry_id, fields, took)
 
-    def _dispatch(self, item: ReplyItem) -> None:
+    def _take_entry(self, entry_id: bytes, fields: dict, took: float, taken_over: set[str] | None = None) -> None:
+        """Hand each item of a reply-stream entry to its request. taken_over: the entry is another gateway's,
+        and only these requests' items are ours; they go without their hop stamps (the hops were that
+        gateway's), and without the error that tells that gateway to let go."""
+        try:
+            reply = decode(Reply, fields[FIELD])
+        except (SchemaError, KeyError) as e:
+            log.error("dropping a malformed reply %s: %s", entry_id, e)
+            return
+        for item in reply.items:
+            if taken_over is not None:
+                if item.request_id not in taken_over or (item.error and item.error.type == RESUMED_ELSEWHERE):
+                    continue
+                item.stamps = []
+            elif item.stamps:
+                item.stamps.append(took)
+            self._dispatch(item, entry_id, replayed=taken_over is not None)
+
+    async def _follow(self, stream: str, since: str, request_id: str) -> None:
+        """Replay request_id's items in another gateway's reply stream from entry `since` on, then leave the rest
+        to that stream's follower. The replay reads until it has caught up with the follower (which may have
+        read further meanwhile): so no entry falls between the two, and the replayed items come first."""
+        start = stream_id(since)
+        last = (start[0], start[1] - 1) if start[1] else (start[0] - 1, 2 ** 64 - 1)     # just before `since`
+        empty_reads = 0
+        while True:
+            entries = await self.redis.xrange(stream, min=f"{start[0]}-{start[1]}", max="+", count=1024)
+            for entry_id, fields in entries:
+                self._take_entry(entry_id, fields, 0.0, {request_id})
+            if entries:
+                last = stream_id(entries[-1][0])
+                start = (last[0], last[1] + 1)
+            if len(entries) == 1024:
+                continue
+            follower = self._followers.get(stream)
+            if follower is None:
+                follower = self._followers[stream] = _Follower(self, stream, f"{last[0]}-{last[1]}")
+            empty_reads += not entries
+            # (Twice nothing: the follower's entries are gone from the stream, there is nothing left to replay.)
+            if stream_id(follower.position) <= last or empty_reads == 2:
+                follower.requests.add(request_id)
+                return
+
+    def _unfollow(self, stream: str, request_id: str) -> None:
+        follower = self._followers.get(stream)
+        if follower is not None:
+            follower.requests.discard(request_id)
+            if not follower.requests:
+                del self._followers[stream]
+                asyncio.ensure_future(follower.close())
+
+    def _dispatch(self, item: ReplyItem, entry_id: bytes, replayed: bool = False) -> None:
         flight = self._inflight.get(item.request_id)
         if flight is None:                                  # finished, aborted, or another gateway's
             return
+        if flight.resumed and not replayed and item.error is None:
+            return          # taken over from this gateway itself: the replay must come first, then the follower
+        if flight.first_entry is None:
+            flight.first_entry = entry_id
         expected = flight.next_seq.get(item.index, 0)
         if item.error is None and item.seq < expected:      # delivered twice
             return
@@ -223,11 +363,18 @@ class PipelineClient:
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS / 2)
             try:
+                await self._heartbeat_once()
                 await self._check_liveness()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("liveness check failed")
+
+    async def _heartbeat_once(self) -> None:
+        """This gateway is alive (where: host and pid). The scheduler aborts a dead gateway's requests once the
+        grace period for resuming them is over."""
+        await self.redis.set(self.names.alive("gateway", self.gateway_id), f"{socket.gethostname()}:{os.getpid()}",
+                             px=HEARTBEAT_TTL_MS)
 
     async def _check_liveness(self) -> None:
         values = await self.redis.mget(self.names.alive("scheduler"), self.names.alive("worker", self.worker))
@@ -240,3 +387,34 @@ class PipelineClient:
                                   type="service_unavailable", code=503)
                 flight.queue.put_nowait(ReplyItem(request_id=request_id, error=error))
                 flight.epochs = self._epochs           # one error is enough
+
+
+class _Follower:
+    """Follows another gateway's reply stream for the requests this gateway took over from it: one reader, with
+    a connection of its own (its XREAD blocks), per stream however many requests."""
+
+    def __init__(self, client: PipelineClient, stream: str, position: str):
+        self.client, self.stream, self.position = client, stream, position
+        self.requests: set[str] = set()
+        self.redis = aioredis.Redis.from_url(client.redis_url)
+        self.task = asyncio.create_task(self._run(), name=f"follow {stream}")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                streams = await self.redis.xread({self.stream: self.position}, count=256, block=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reading %s failed; retrying", self.stream)
+                await asyncio.sleep(0.5)
+                continue
+            for _, entries in streams or []:
+                for entry_id, fields in entries:
+                    self.position = entry_id.decode()
+                    self.client._take_entry(entry_id, fields, 0.0, self.requests)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.redis.aclose()

@@ -10,6 +10,11 @@ of it at their next step boundary (each event says how many steps ran; Scheduler
 If the worker dies or restarts (its heartbeat's epoch changes), every request it held is lost: the gateways
 fail them (they watch the same heartbeats) and this service starts over with the new worker's KV pool.
 
+Each request has an owner, the gateway streaming it: first the one that took it, then any that took it over
+(Resume: its client came back there with Last-Event-ID, see services/resumable.py). When an owner's heartbeat is
+gone for the grace period (--resume-grace), its requests nobody took over are aborted; a dead gateway's reply
+stream is deleted once no request in flight writes to it any more.
+
 What it reads is trusted no further than its schema and value ranges, against the worker's limits (WorkerInfo):
 a request, abort or event that fails is dead-lettered (a request's gateway gets an error reply too), and the
 requests in flight go on as if it never came.
@@ -30,7 +35,7 @@ from engine.scheduler import Scheduler
 from engine.sequence import FinishReason
 from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
-from schemas.messages import Abort, PlanMessage, ScheduleRequest, StepEvent
+from schemas.messages import RESUMED_ELSEWHERE, Abort, PlanMessage, Resume, ScheduleRequest, StepEvent
 from services.runtime import Heartbeat, setup_logging, stop_event
 from services.transport import Entry, Transport, Trimmer, instance_id
 
@@ -40,6 +45,10 @@ GROUP = "scheduler"
 MAX_OUTSTANDING_PLANS = 2          # the one running and the next, waiting in the worker's stream
 MAX_OUTSTANDING_WITH_PROMPTS = 3   # plus one that admits prompts at the running plans' next step boundary
 STATS_EVERY_S = 0.5
+REAP_EVERY_S = 1.0                 # how often owners' heartbeats are looked at
+REPLY_STREAMS_EVERY_S = 10.0       # how often the reply streams are listed, for deleting dead gateways' streams
+REPLY_STREAM_LINGER_S = 10.0       # after the grace period and the last request writing to it, a stream's last items
+                                   # may still be replayed to a client that resumed: it stays this much longer
 QUEUE_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -59,7 +68,7 @@ class _Bounded(OrderedDict):
 
 class SchedulerService:
     def __init__(self, transport: Transport, config: SchedulerConfig, worker: str, enable_prefix_caching: bool,
-                 seed: int = 0):
+                 seed: int = 0, resume_grace_s: float = 30.0):
         self.transport, self.names = transport, transport.names
         self.config, self.worker, self.enable_prefix_caching = config, worker, enable_prefix_caching
         self.epoch = uuid.uuid4().hex
@@ -71,7 +80,13 @@ class SchedulerService:
         self.worker_epoch: str | None = None
         self.outstanding: OrderedDict[int, Plan] = OrderedDict()     # plan id -> plan, in order
         self.next_plan_id = 0
-        self.gateways: dict[str, str] = {}                 # request id -> its gateway, for error replies
+        self.gateways: dict[str, str] = {}                 # request id -> the gateway whose reply stream has it
+        self.owners: dict[str, str] = {}                   # request id -> the gateway that took it over, if one did
+        self.resume_grace_s = resume_grace_s
+        self.gone_since: dict[str, float] = {}             # gateway -> when its heartbeat was first seen missing
+        self._reap_at = self._list_streams_at = 0.0
+        self.reply_streams: set[str] = set()               # the gateways with a reply stream, as last listed
+        self.last_written: dict[str, float] = {}           # gateway -> when a request in flight last wrote to its stream
         self.stamps: dict[str, list[float]] = {}           # request id -> its stamps, until admitted
         self.seen, self.aborted = _Bounded(), _Bounded()
         self.queue_time_counts = [0] * (len(QUEUE_TIME_BUCKETS) + 1)
@@ -81,7 +96,7 @@ class SchedulerService:
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self, stop) -> None:
         Heartbeat(self.transport, self.names.alive("scheduler"), self.epoch, stop).start()
-        streams = [self.names.events(self.worker), self.names.abort, self.names.schedule]
+        streams = [self.names.events(self.worker), self.names.abort, self.names.resume, self.names.schedule]
         log.info("scheduler %s (epoch %s) for worker %s", self.consumer, self.epoch[:8], self.worker)
         trim = Trimmer(self.transport, streams)
         idle = True
@@ -98,6 +113,7 @@ class SchedulerService:
             planned = room and self._plan()
             idle = not planned and not entries
             self._publish_stats()
+            self._reap()
 
     def _handle(self, entries: list[Entry]) -> None:
         pipe = self.transport.pipeline()
@@ -108,6 +124,8 @@ class SchedulerService:
                     self._on_event(decode(StepEvent, entry.payload, self.limits))
                 elif entry.stream == self.names.abort:
                     self._on_abort(decode(Abort, entry.payload, self.limits))
+                elif entry.stream == self.names.resume:
+                    self._on_resume(decode(Resume, entry.payload, self.limits), pipe)
                 else:
                     self._on_request(decode(ScheduleRequest, entry.payload), took, pipe)
             except SchemaError as e:                           # nothing of it was applied
@@ -154,6 +172,19 @@ class SchedulerService:
                     self.scheduler.finish(seq, FinishReason.STOP, abort.stop_reason)
         self._forget_finished()
 
+    def _on_resume(self, resume: Resume, pipe) -> None:
+        rid = resume.request_id
+        if rid not in self.gateways:
+            self.transport.reply_error(resume.gateway, rid, f"request {rid} is no longer running: it finished, was "
+                                       "cancelled, or its gateway's grace period ended", pipe, code=404,
+                                       type="not_found_error")
+            return
+        previous = self.owners.get(rid, self.gateways[rid])
+        self.owners[rid] = resume.gateway
+        if previous != resume.gateway:                         # it stops streaming the request (no abort)
+            self.transport.reply_error(previous, rid, "this stream was resumed on another connection", pipe,
+                                       code=409, type=RESUMED_ELSEWHERE)
+
     def _on_event(self, event: StepEvent) -> None:
         plan = self.outstanding.get(event.plan_id)
         if plan is None:
@@ -173,7 +204,53 @@ class SchedulerService:
     def _forget_finished(self) -> None:
         for rid in [r for r in self.gateways if r not in self.scheduler.requests]:
             del self.gateways[rid]
+            self.owners.pop(rid, None)
             self.stamps.pop(rid, None)
+
+    # ---- dead gateways -------------------------------------------------------------------------------------
+    def _reap(self) -> None:
+        """Abort the requests whose owner has been dead for the grace period, and delete the reply streams of
+        gateways dead for longer still that no request in flight writes to."""
+        now = time.monotonic()
+        if now < self._reap_at or self.scheduler is None:
+            return
+        self._reap_at = now + REAP_EVERY_S
+        redis = self.transport.redis
+        if now >= self._list_streams_at:
+            self._list_streams_at = now + REPLY_STREAMS_EVERY_S
+            prefix = self.names.reply("")
+            self.reply_streams = {k.decode()[len(prefix):] for k in redis.scan_iter(match=prefix + "*", count=1000)}
+        owners = {rid: self.owners.get(rid, gateway) for rid, gateway in self.gateways.items()}
+        gateways = sorted(set(owners.values()) | self.reply_streams)
+        if not gateways:
+            return
+        beats = redis.mget([self.names.alive("gateway", g) for g in gateways])
+        for gateway, beat in zip(gateways, beats):
+            if beat is not None:
+                self.gone_since.pop(gateway, None)
+        for seen in (self.gone_since, self.last_written):
+            for gateway in [g for g in seen if g not in gateways]:
+                del seen[gateway]                              # nothing of it left to watch
+        gone = {g: now - self.gone_since.setdefault(g, now) for g, beat in zip(gateways, beats) if beat is None}
+        expired = {g for g, seconds in gone.items() if seconds >= self.resume_grace_s}
+        orphans = [rid for rid, owner in owners.items() if owner in expired]
+        for rid in orphans:
+            self.aborted.add(rid)
+            self.scheduler.abort_request(rid)
+        if orphans:
+            log.warning("aborted %d requests of gateways gone for %.0f s (%s): nobody resumed them", len(orphans),
+                        self.resume_grace_s, ", ".join(sorted({owners[r] for r in orphans})))
+            self._forget_finished()
+        for gateway in set(self.gateways.values()):
+            self.last_written[gateway] = now
+        stale = [g for g in self.reply_streams if gone.get(g, 0.0) >= self.resume_grace_s
+                 and now - self.last_written.get(g, -REPLY_STREAM_LINGER_S) >= REPLY_STREAM_LINGER_S]
+        if stale:
+            redis.delete(*[self.names.reply(g) for g in stale])
+            self.reply_streams -= set(stale)
+            for gateway in stale:
+                self.last_written.pop(gateway, None)
+            log.info("deleted the reply streams of gateways gone for good: %s", ", ".join(stale))
 
     # ---- output --------------------------------------------------------------------------------------------
     def _plan(self) -> bool:
@@ -269,5 +346,5 @@ def run(args: argparse.Namespace) -> int:
     from services.cli import scheduler_config
     transport = Transport(args.redis_url, args.prefix)
     SchedulerService(transport, scheduler_config(args), args.worker_name, args.enable_prefix_caching,
-                     args.seed).run(stop_event())
+                     args.seed, args.resume_grace).run(stop_event())
     return 0

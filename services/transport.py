@@ -49,6 +49,7 @@ class Names:
         self.tokenize = f"{prefix}:tokenize"
         self.schedule = f"{prefix}:schedule"
         self.abort = f"{prefix}:abort"
+        self.resume = f"{prefix}:resume"
         self.dead_letter = f"{prefix}:dead-letter"
         self.scheduler_stats = f"{prefix}:stats:scheduler"
 
@@ -119,9 +120,10 @@ class Transport:
     def publish(self, stream: str, payload: bytes, pipe=None) -> None:
         (pipe or self.redis).xadd(stream, {FIELD: payload}, maxlen=self.maxlen, approximate=True)
 
-    def reply_error(self, gateway: str, request_id: str, message: str, pipe=None) -> None:
-        """Tell a request's gateway (so its client) why the request is refused."""
-        reply = Reply([ReplyItem(request_id=request_id, error=ErrorInfo(message))])
+    def reply_error(self, gateway: str, request_id: str, message: str, pipe=None, code: int = 400,
+                    type: str = "invalid_request_error") -> None:
+        """Tell a request's gateway (so its client) why the request is refused or ended."""
+        reply = Reply([ReplyItem(request_id=request_id, error=ErrorInfo(message, type=type, code=code))])
         self.publish(self.names.reply(gateway), encode(reply), pipe)
 
     def worker_info(self, worker: str) -> WorkerInfo | None:
@@ -216,9 +218,9 @@ class Transport:
                 # delivered.
                 pending = oldest_pending.get((stream, group["name"]))
                 if pending:
-                    first = _stream_id(pending)
+                    first = stream_id(pending)
                 else:
-                    ms, seq = _stream_id(group["last-delivered-id"])
+                    ms, seq = stream_id(group["last-delivered-id"])
                     first = (ms, seq + 1)
                 keep_from = first if keep_from is None else min(keep_from, first)
             pipe.xtrim(stream, minid=f"{keep_from[0]}-{keep_from[1]}", approximate=False)
@@ -263,7 +265,8 @@ class Trimmer:
             log.exception("trimming %s failed", self.streams)
 
 
-def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
+def stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id (b"1700000000000-3") as a pair that orders like the ids."""
     ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
     return int(ms), int(seq or 0)
 

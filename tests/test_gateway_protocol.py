@@ -124,6 +124,9 @@ class FakeClient:
             if not done:
                 self.aborted.append(request.request_id)
 
+    def first_reply_entry(self, request_ids):
+        return "1-0"
+
     async def ready(self):
         return self.is_ready
 
@@ -147,7 +150,8 @@ async def call(client: FakeClient, method: str, path: str, gateway_settings: Gat
 def sse_events(text: str) -> list:
     """The data of each event; [DONE] as the string."""
     assert text.endswith("data: [DONE]\n\n")
-    events = [block.removeprefix("data: ") for block in text.split("\n\n") if block]
+    events = [line.removeprefix("data: ") for block in text.split("\n\n") if block
+              for line in block.split("\n") if line.startswith("data: ")]
     return [e if e == "[DONE]" else json.loads(e) for e in events]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from schemas.codec import SchemaError, decode, encode
 from schemas.messages import (Abort, ChatMessage, ErrorInfo, GenerateRequest, PlanMessage, Reply, ReplyItem,
-                              RequestMeta, ScheduleRequest, StepEvent, StepTokens, TokenLogprobsWire, WorkerInfo)
+                              RequestMeta, Resume, ScheduleRequest, StepEvent, StepTokens, TokenLogprobsWire, WorkerInfo)
 from schemas.plan import Fork, NewSequence, RunningSequence
 from schemas.sampling_params import SamplingParams
 
@@ -18,7 +18,7 @@ MESSAGES = [
                     messages=[ChatMessage("user", "hello")], priority=3, epoch="e"),
     ScheduleRequest(request_id="r1", gateway="gw", prompt_token_ids=[1, 2, 3], params=PARAMS, arrival=1.0),
     RequestMeta(request_id="r1", gateway="gw", num_prompt_tokens=3, prompt_tail=[2, 3], params=PARAMS),
-    Abort("r1"), Abort("r1", index=1, reason="stop", stop_reason="END"),
+    Abort("r1"), Abort("r1", index=1, reason="stop", stop_reason="END"), Resume("r1", "gw2"),
     PlanMessage(plan_id=4, worker_epoch="w", scheduler_epoch="s", num_steps=8,
                 new=[NewSequence(0, [1, 2, 3], 3, 0, [5], PARAMS, 99)], new_request_ids=["r1"], new_indexes=[0],
                 running=[RunningSequence(1, 2, [9, 10])], scheduled_seq_ids=[0, 1], scheduled_tokens=[3, 1],
