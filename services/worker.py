@@ -4,7 +4,8 @@ It registers its KV pool (WorkerInfo) and beats a heartbeat whose value is its e
 - the plan reader (a thread) takes plans from Redis into an inbox, so the model loop never waits on Redis;
 - the model loop runs each plan's k steps (in order, one plan at a time). Between steps it looks at the inbox:
   when a plan with new prompts waits, the running plan ends at that step boundary (the scheduler takes the
-  skipped steps back when it learns how many ran), so a prompt never waits for a plan of decode steps to end;
+  skipped steps back when it learns how many ran), so a prompt never waits for a plan of decode steps to end; a
+  plan of decode steps queued ahead of it (the scheduler stays one plan ahead) then runs none of its steps;
 - the publisher (services/publisher.py, a process of its own, fed through a pipe by a writer thread) turns each
   step's tokens, as they reach the host, into one columnar StepTokens message per detokenizer partition, so step
   n's tokens are on their way while step n+1 runs and the model loop spends no time on them. After a plan's last
@@ -44,6 +45,7 @@ from services.transport import Transport, Trimmer, instance_id, partition_of
 log = logging.getLogger("pagestream.worker")
 
 GROUP = "worker"
+PENDING_POLL_S = 0.0002            # while a step runs on the GPU and no plan waits: how often to look at the GPU
 
 
 class PlanInbox:
@@ -108,13 +110,16 @@ class WorkerService:
             thread.start()
         log.info("worker %s (epoch %s) on %s: %d KV blocks", self.worker, self.epoch[:8], r.device, r.num_blocks)
         while not stop.is_set():
-            # A plan's last step stays on the GPU until the next plan is launched; with none waiting, finish it.
-            item = self.inbox.get(timeout=0 if self.runner.has_pending_outputs else 0.1)
-            if item is None:
-                if self.runner.has_pending_outputs:
-                    self.runner.flush()
+            # A plan's last step stays on the GPU until the next plan is launched. With none waiting, wait for one
+            # while the GPU still runs that step (a plan that comes meanwhile is launched first, so the GPU goes
+            # straight on), and process the step once the GPU is done with it.
+            pending = r.has_pending_outputs
+            if pending and r.pending_outputs_on_host:
+                r.flush()
                 continue
-            self._execute(*item)
+            item = self.inbox.get(timeout=PENDING_POLL_S if pending else 0.1)
+            if item is not None:
+                self._execute(*item)
         self.outbox.put(None)
         threads[0].join(timeout=10)
         try:
@@ -280,8 +285,10 @@ class WorkerService:
                               num_steps_run=steps_run)
             self.outbox.put(["event", encode(event), entry_id])
 
-        # A plan with new prompts waiting ends this one at the next step boundary.
-        self.runner.execute(plan, on_step, on_done, should_stop=lambda: self.inbox.num_with_new_prompts > 0)
+        # A plan with new prompts waiting ends this one at the next step boundary, or, if this one only decodes,
+        # before its first step: its steps were planned before those prompts arrived, and would delay them.
+        self.runner.execute(plan, on_step, on_done, should_stop=lambda: self.inbox.num_with_new_prompts > 0,
+                            may_skip=True)
         # Only now are the freed sequences forgotten: execute() first hands over the tokens a preempted one
         # still had in flight, and the publisher drops their owners after those.
         dropped = [s for s in message.freed_seq_ids if self.owners.pop(s, None) is not None]
