@@ -40,6 +40,7 @@ from schemas.limits import Limits
 from schemas.messages import PlanMessage, StepEvent, WorkerInfo
 from services.publisher import write_frame
 from services.runtime import Heartbeat, setup_logging, stop_event
+from services.step_stats import StepStats
 from services.transport import Transport, Trimmer, instance_id, partition_of
 
 log = logging.getLogger("pagestream.worker")
@@ -88,6 +89,7 @@ class WorkerService:
         self.first_stamps: dict[int, list[float]] = {}     # seq id -> its request's stamps, until its first token
         self.limits: Limits | None = None                  # this worker's vocabulary and KV pool, once loaded
         self.live_scheduler_epoch: str | None = None       # the epoch of the scheduler whose plans are taken
+        self.stats: StepStats | None = None                # where the model loop's time goes (a diagnostic)
 
     def run(self, stop) -> None:
         mc = self.config.model
@@ -109,6 +111,7 @@ class WorkerService:
         for thread in threads:
             thread.start()
         log.info("worker %s (epoch %s) on %s: %d KV blocks", self.worker, self.epoch[:8], r.device, r.num_blocks)
+        self.stats = stats = StepStats.from_env(r)
         while not stop.is_set():
             # A plan's last step stays on the GPU until the next plan is launched. With none waiting, wait for one
             # while the GPU still runs that step (a plan that comes meanwhile is launched first, so the GPU goes
@@ -116,8 +119,14 @@ class WorkerService:
             pending = r.has_pending_outputs
             if pending and r.pending_outputs_on_host:
                 r.flush()
+                if stats:
+                    stats.flushed()
                 continue
+            waiting = time.perf_counter()
             item = self.inbox.get(timeout=PENDING_POLL_S if pending else 0.1)
+            if stats:
+                stats.waited(time.perf_counter() - waiting, pending, item is not None)
+                stats.tick()
             if item is not None:
                 self._execute(*item)
         self.outbox.put(None)
@@ -289,6 +298,8 @@ class WorkerService:
         # before its first step: its steps were planned before those prompts arrived, and would delay them.
         self.runner.execute(plan, on_step, on_done, should_stop=lambda: self.inbox.num_with_new_prompts > 0,
                             may_skip=True)
+        if self.stats:
+            self.stats.plan_ran(plan.num_steps, self.runner.steps_run)
         # Only now are the freed sequences forgotten: execute() first hands over the tokens a preempted one
         # still had in flight, and the publisher drops their owners after those.
         dropped = [s for s in message.freed_seq_ids if self.owners.pop(s, None) is not None]
