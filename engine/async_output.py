@@ -66,6 +66,10 @@ class StepOutputs:
     def drain(self) -> None:
         self._settle(0)
 
+    def on_host(self) -> bool:
+        """Whether every pending step's tokens have reached the host: processing them would not wait."""
+        return all(p.ready is None or p.ready.query() for p in self.pending if isinstance(p, _Pending))
+
     def _settle(self, keep: int) -> None:
         """Process from the front until at most `keep` steps wait (callbacks run as soon as they lead)."""
         while self.pending and (not isinstance(self.pending[0], _Pending)

@@ -171,14 +171,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: Plan, on_step: Callable[[StepResult], None] | None = None,
                 on_done: Callable[[int], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> list[StepResult]:
+                should_stop: Callable[[], bool] | None = None, may_skip: bool = False) -> list[StepResult]:
         """Launch the plan's steps. Each step's StepResult goes to on_step once its tokens are on the host, in
         launch order, and on_done(steps run) runs after the plan's last one. Returns the results processed
         during this call. Sequences that end inside the plan sit out the steps after (the scheduler, a plan
         behind, may still schedule them: they are skipped, or their tokens dropped).
 
         should_stop is asked before every step after the first: True ends the plan there (new prompts are
-        waiting), and steps_run says how many steps ran, for Scheduler.cut.
+        waiting), and steps_run says how many steps ran, for Scheduler.cut. may_skip: asked before the first step
+        too, when the plan only decodes sequences already held: True then runs none of it (steps_run 0; its block
+        tables and frees still apply). The worker service skips so a plan of decode steps made before a prompt
+        arrived, waiting ahead of the plan that admits it, does not make that prompt wait a step longer.
 
         With asynchronous output the plan's last step is left on the GPU: it is processed once the next plan's
         first step is launched (or by flush()), so the GPU does not wait while the host plans. A decode step
@@ -195,7 +198,9 @@ class ModelRunner:
         known = {s: len(self.seqs[s].token_ids) + (s in inflight) for s in live}
         decoding = bool(live) and not plan.forks and all(
             n >= 1 and self.seqs[s].num_computed_tokens + 1 == known[s] for s, n in live.items())
-        if decoding:
+        if decoding and may_skip and not plan.new and should_stop is not None and should_stop():
+            pass                  # steps_run stays 0: the scheduler takes every step back (Scheduler.cut)
+        elif decoding:
             rows = list(live)
             self.steps_run = self._decode(rows, [live[s] - 1 for s in rows], *self._last_tokens(rows, inflight),
                                           on_step, should_stop)
@@ -227,6 +232,11 @@ class ModelRunner:
     @property
     def has_pending_outputs(self) -> bool:
         return bool(self.outputs.pending)
+
+    @property
+    def pending_outputs_on_host(self) -> bool:
+        """Whether every launched step has finished on the GPU (flush() would not wait)."""
+        return self.outputs.on_host()
 
     def _inflight_rows(self) -> dict[int, int]:
         """Sequence -> its row in the last launched step, for the steps whose tokens are not on the host yet."""

@@ -12,7 +12,10 @@ prompts start with the run's number, so none is found in the prefix cache a run 
 exits, giving its GPU memory back, before the server starts.
 
 The table: throughput, served / offline (the pipeline's cost is 1 minus it), TTFT, TPOT and ITL percentiles;
-then, per served run, where the time went, hop by hop (loadtest/hops.py).
+then, per served run, where the time went, hop by hop (loadtest/hops.py). With PAGESTREAM_STEP_STATS=<seconds>
+in the environment, the served worker also logs where its model loop's time went, window by window
+(services/step_stats.py: GPU busy, GPU idle before each kind of step, plans cut or skipped, waits for plans),
+printed before the table; the offline child prints its GPU busy per run.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from loadtest.hops import breakdown, format_breakdown
 from loadtest.metrics import summarize
 from loadtest.serve import arrival_offsets, jsonable, run_load, scrape_metrics
 from schemas.sampling_params import SamplingParams
+from services.step_stats import PREFIX as STEP_STATS
 
 PERCENTILES = (50, 90, 99)
 SERVER_READY_S = 900               # loading 16 GB of weights, warming up, capturing CUDA graphs: minutes at most
@@ -248,6 +252,11 @@ def run(args: argparse.Namespace) -> int:
     print()
     for run_ in served:
         print(format_breakdown(run_["hops"], f"served, rate {run_['rate']:g}"))
+    stats = [line for line in log_path.read_text().splitlines() if STEP_STATS in line]
+    if stats:                             # the worker's model loop, window by window (PAGESTREAM_STEP_STATS)
+        print("\nthe worker's model loop, served:")
+        for line in stats:
+            print("  " + line[11:19] + " " + line[line.index(STEP_STATS):])     # the time, of the log's asctime
     print()
     print(format_table(offline, served))
     if args.result_json:

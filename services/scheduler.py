@@ -4,8 +4,9 @@ It reads three streams in one call: new requests (schedule), aborts (abort) and 
 (events:<worker>). It keeps two plans outstanding: while the worker runs plan r, plan r+1 already waits in its
 stream, made before r's tokens were known (their tokens count as in flight, see engine.scheduler). So the worker
 never waits for the scheduler, and the scheduler never waits for a token it does not need. A prompt that can be
-admitted does not wait for those two: it goes out at once in a third plan, and the worker ends the plans ahead
-of it at their next step boundary (each event says how many steps ran; Scheduler.cut takes back the rest).
+admitted does not wait for those two: it goes out at once in a third plan, and the worker ends the running plan at
+its next step boundary and runs none of the queued one if it only decodes (each event says how many steps ran;
+Scheduler.cut takes back the rest).
 
 If the worker dies or restarts (its heartbeat's epoch changes), every request it held is lost: the gateways
 fail them (they watch the same heartbeats) and this service starts over with the new worker's KV pool.

@@ -4,7 +4,8 @@ It registers its KV pool (WorkerInfo) and beats a heartbeat whose value is its e
 - the plan reader (a thread) takes plans from Redis into an inbox, so the model loop never waits on Redis;
 - the model loop runs each plan's k steps (in order, one plan at a time). Between steps it looks at the inbox:
   when a plan with new prompts waits, the running plan ends at that step boundary (the scheduler takes the
-  skipped steps back when it learns how many ran), so a prompt never waits for a plan of decode steps to end;
+  skipped steps back when it learns how many ran), so a prompt never waits for a plan of decode steps to end; a
+  plan of decode steps queued ahead of it (the scheduler stays one plan ahead) then runs none of its steps;
 - the publisher (services/publisher.py, a process of its own, fed through a pipe by a writer thread) turns each
   step's tokens, as they reach the host, into one columnar StepTokens message per detokenizer partition, so step
   n's tokens are on their way while step n+1 runs and the model loop spends no time on them. After a plan's last
@@ -39,11 +40,13 @@ from schemas.limits import Limits
 from schemas.messages import PlanMessage, StepEvent, WorkerInfo
 from services.publisher import write_frame
 from services.runtime import Heartbeat, setup_logging, stop_event
+from services.step_stats import StepStats
 from services.transport import Transport, Trimmer, instance_id, partition_of
 
 log = logging.getLogger("pagestream.worker")
 
 GROUP = "worker"
+PENDING_POLL_S = 0.0002            # while a step runs on the GPU and no plan waits: how often to look at the GPU
 
 
 class PlanInbox:
@@ -86,6 +89,7 @@ class WorkerService:
         self.first_stamps: dict[int, list[float]] = {}     # seq id -> its request's stamps, until its first token
         self.limits: Limits | None = None                  # this worker's vocabulary and KV pool, once loaded
         self.live_scheduler_epoch: str | None = None       # the epoch of the scheduler whose plans are taken
+        self.stats: StepStats | None = None                # where the model loop's time goes (a diagnostic)
 
     def run(self, stop) -> None:
         mc = self.config.model
@@ -107,14 +111,24 @@ class WorkerService:
         for thread in threads:
             thread.start()
         log.info("worker %s (epoch %s) on %s: %d KV blocks", self.worker, self.epoch[:8], r.device, r.num_blocks)
+        self.stats = stats = StepStats.from_env(r)
         while not stop.is_set():
-            # A plan's last step stays on the GPU until the next plan is launched; with none waiting, finish it.
-            item = self.inbox.get(timeout=0 if self.runner.has_pending_outputs else 0.1)
-            if item is None:
-                if self.runner.has_pending_outputs:
-                    self.runner.flush()
+            # A plan's last step stays on the GPU until the next plan is launched. With none waiting, wait for one
+            # while the GPU still runs that step (a plan that comes meanwhile is launched first, so the GPU goes
+            # straight on), and process the step once the GPU is done with it.
+            pending = r.has_pending_outputs
+            if pending and r.pending_outputs_on_host:
+                r.flush()
+                if stats:
+                    stats.flushed()
                 continue
-            self._execute(*item)
+            waiting = time.perf_counter()
+            item = self.inbox.get(timeout=PENDING_POLL_S if pending else 0.1)
+            if stats:
+                stats.waited(time.perf_counter() - waiting, pending, item is not None)
+                stats.tick()
+            if item is not None:
+                self._execute(*item)
         self.outbox.put(None)
         threads[0].join(timeout=10)
         try:
@@ -280,8 +294,12 @@ class WorkerService:
                               num_steps_run=steps_run)
             self.outbox.put(["event", encode(event), entry_id])
 
-        # A plan with new prompts waiting ends this one at the next step boundary.
-        self.runner.execute(plan, on_step, on_done, should_stop=lambda: self.inbox.num_with_new_prompts > 0)
+        # A plan with new prompts waiting ends this one at the next step boundary, or, if this one only decodes,
+        # before its first step: its steps were planned before those prompts arrived, and would delay them.
+        self.runner.execute(plan, on_step, on_done, should_stop=lambda: self.inbox.num_with_new_prompts > 0,
+                            may_skip=True)
+        if self.stats:
+            self.stats.plan_ran(plan.num_steps, self.runner.steps_run)
         # Only now are the freed sequences forgotten: execute() first hands over the tokens a preempted one
         # still had in flight, and the publisher drops their owners after those.
         dropped = [s for s in message.freed_seq_ids if self.owners.pop(s, None) is not None]

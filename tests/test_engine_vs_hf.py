@@ -177,6 +177,61 @@ def test_scheduler_one_plan_ahead_keeps_outputs_and_stops(llama_reference, steps
     assert engine.stats().kv.num_used_blocks == 0
 
 
+def run_plans_ahead(engine, arrivals: dict[int, list[str]], prompts, params, should_stop, ahead: int = 2):
+    """Drive scheduler and runner as the services do: the scheduler keeps `ahead` plans outstanding (made before
+    the tokens of those ahead of them are back) and learns each plan's tokens and steps run from its "event",
+    which the runner hands over once the plan's last step is on the host. The runner may end any plan at a step
+    boundary and skip a plan of decode steps (may_skip), as the worker does when prompts wait behind it.
+    arrivals: loop iteration -> request ids added then. Returns the tokens per request and the plans skipped."""
+    from collections import deque
+    sched, runner = engine.scheduler, engine.runner
+    out, events, queue = {}, [], deque()
+    unanswered, skipped, i = 0, 0, 0
+    while sched.has_unfinished() or queue or unanswered or any(k >= i for k in arrivals):
+        for rid in arrivals.get(i, []):
+            engine.add_request(rid, prompts[int(rid[1:])], params)
+        i += 1
+        for plan, steps, results in events:
+            sched.cut(plan, steps)
+            for result in results:
+                for seq in sched.update(result):
+                    out[seq.request_id] = list(seq.output_token_ids)
+        unanswered -= len(events)
+        events.clear()
+        while unanswered < ahead:
+            plan = sched.schedule()
+            if plan.is_empty and not plan.freed_seq_ids:
+                break
+            queue.append(plan)
+            unanswered += not plan.is_empty              # a plan that only frees gets no event
+        if not queue:
+            runner.flush()
+            continue
+        plan, results = queue.popleft(), []
+        done = None if plan.is_empty else (lambda steps, plan=plan, res=results: events.append((plan, steps, res)))
+        runner.execute(plan, results.append, done, should_stop=should_stop, may_skip=True)
+        skipped += bool(plan.num_scheduled_tokens) and runner.steps_run == 0
+    return out, skipped
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+def test_plans_ahead_cut_and_skipped_keep_greedy_outputs(llama_reference, steps):
+    """Two plans outstanding, as between the scheduler and worker services, with prompts arriving while others
+    decode, plans cut at random step boundaries and plans of decode steps skipped whole (the worker does so when a
+    plan that admits prompts waits behind one), preemption forced and prompts chunked: the same tokens, and every
+    block back in the pool at the end."""
+    import random
+    path, prompts, expected = llama_reference
+    engine = LLM(str(path), progress=False, num_scheduler_steps=steps, num_blocks=16, block_size=16,
+                 max_num_batched_tokens=64).engine
+    coin = random.Random(3)
+    arrivals = {0: ["r0", "r1", "r2"], 3: ["r3"], 5: ["r4", "r5"], 9: ["r6"], 14: ["r7"]}
+    out, skipped = run_plans_ahead(engine, arrivals, prompts, greedy(), lambda: coin.random() < 0.3)
+    assert [out[f"r{i}"] for i in range(len(prompts))] == expected
+    assert skipped > 3 and engine.scheduler.num_preemptions > 0
+    assert engine.stats().kv.num_used_blocks == 0
+
+
 @pytest.mark.parametrize("asynchronous", [True, False])
 def test_prompts_arriving_mid_decode_keep_seeded_penalized_samples(llama_reference, asynchronous):
     """A mixed step (a new prompt beside running decodes) is built while the GPU still samples the decodes'

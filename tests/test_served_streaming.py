@@ -62,8 +62,8 @@ def test_request_arriving_mid_plan_gets_its_first_token_before_that_plan_ends(st
     token m + slack.
 
     With step-boundary admission, B goes out at once in a third plan, the worker ends the running plan at the next
-    step, runs the queued plan's first step, then B's prompt: B's first token comes about three steps after B
-    reaches the worker, well before A's token `end`. Without it, B waits for the running plan to end and for the
+    step, skips the queued plan of decode steps, then runs B's prompt: B's first token comes about two steps after
+    B reaches the worker, well before A's token `end`. Without it, B waits for the running plan to end and for the
     queued one: its first token comes after A's token end + K (a worker that does not cut plans) or end + 1 (a
     scheduler that keeps two plans outstanding: B's plan is made when the running plan's event comes back, and
     cuts the queued one after its first step). Either way after A's token `end`.

@@ -1,0 +1,95 @@
+"""Where the worker's model loop spends its time, logged every few seconds while it works (a diagnostic, off by
+default: PAGESTREAM_STEP_STATS=<seconds between lines>).
+
+Each line covers one window of wall time: how busy the GPU was (CUDA events around every step, as the offline
+benchmark's GPU-busy figure), the steps by kind with their mean GPU time and the GPU idle before them (from the
+previous step's end to their start), the plans run (cut at a step boundary, or skipped whole), and the model
+loop's waits: for a plan while the GPU had nothing left (the scheduler or Redis was late: the GPU idles), and
+for a plan while the last step still ran (harmless: the plan comes before the GPU needs it, or the step is
+processed when the GPU is done).
+
+    PAGESTREAM_STEP_STATS=2 pagestream serve ...     # lines "step stats: ..." in the worker's log
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+log = logging.getLogger("pagestream.worker")
+
+ENV = "PAGESTREAM_STEP_STATS"
+PREFIX = "step stats:"
+
+
+class StepStats:
+    def __init__(self, runner, every_s: float):
+        self.runner, self.every_s = runner, every_s
+        runner.measure_gpu_time()
+        self.on_gpu = runner.step_timers is not None
+        self._prev_end = None                      # the last counted step's end event
+        self._reset(time.perf_counter())
+
+    @classmethod
+    def from_env(cls, runner) -> "StepStats | None":
+        value = os.environ.get(ENV)
+        return cls(runner, float(value)) if value else None
+
+    def _reset(self, now: float) -> None:
+        self.window_start = now
+        self.plans = self.cut = self.skipped = self.flushes = 0
+        self.waits_idle = self.waits_busy = 0
+        self.wait_idle_s = self.wait_busy_s = 0.0
+
+    def plan_ran(self, num_steps: int, steps_run: int) -> None:
+        self.plans += 1
+        self.skipped += steps_run == 0
+        self.cut += 0 < steps_run < num_steps
+
+    def waited(self, seconds: float, gpu_busy: bool, got_plan: bool) -> None:
+        """A wait of the model loop for the inbox; only those a plan ended count (not idle time with no work)."""
+        if not got_plan:
+            return
+        if gpu_busy:
+            self.waits_busy += 1
+            self.wait_busy_s += seconds
+        else:
+            self.waits_idle += 1
+            self.wait_idle_s += seconds
+
+    def flushed(self) -> None:
+        self.flushes += 1
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if now - self.window_start < self.every_s:
+            return
+        kinds = {True: [0, 0.0, 0.0], False: [0, 0.0, 0.0]}     # eager? -> [steps, GPU s, idle before s]
+        if self.on_gpu:
+            timers = self.runner.step_timers
+            done = 0
+            while done < len(timers) and timers[done][1].query():
+                done += 1
+            for start, end, eager, _ in timers[:done]:
+                k = kinds[eager]
+                k[0] += 1
+                k[1] += start.elapsed_time(end) / 1000
+                if self._prev_end is not None:
+                    k[2] += max(0.0, self._prev_end.elapsed_time(start) / 1000)
+                self._prev_end = end
+            del timers[:done]
+        if self.plans or kinds[True][0] or kinds[False][0]:
+            wall = now - self.window_start
+            busy = (kinds[True][1] + kinds[False][1]) / wall
+            parts = [f"{wall:.1f} s", f"GPU busy {busy:.1%}" if self.on_gpu else "no GPU timing"]
+            for name, eager in (("decode", False), ("eager", True)):
+                n, gpu, idle = kinds[eager]
+                if n:
+                    parts.append(f"{n} {name} steps {1000 * gpu / n:.2f} ms each, GPU idle before them "
+                                 f"{1000 * idle:.1f} ms ({1000 * idle / n:.2f} each)")
+            parts.append(f"{self.plans} plans ({self.cut} cut, {self.skipped} skipped)")
+            parts.append(f"waited for a plan with the GPU idle {self.waits_idle}x {1000 * self.wait_idle_s:.1f} ms, "
+                         f"with a step on it {self.waits_busy}x {1000 * self.wait_busy_s:.1f} ms; "
+                         f"{self.flushes} steps processed with no plan waiting")
+            log.info("%s %s", PREFIX, "; ".join(parts))
+        self._reset(now)
