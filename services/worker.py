@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from schemas.limits import Limits
 from schemas.messages import PlanMessage, StepEvent, WorkerInfo
 from services.publisher import write_frame
 from services.runtime import Heartbeat, setup_logging, stop_event
-from services.transport import Transport, Trimmer, instance_id, partition_of
+from services.transport import REDIS_URL_ENV, Transport, Trimmer, instance_id, partition_of
 
 log = logging.getLogger("pagestream.worker")
 
@@ -100,8 +101,10 @@ class WorkerService:
         self.limits = Limits.of(info)
         self.transport.redis.set(self.names.worker_info(self.worker), encode(info))
         Heartbeat(self.transport, self.names.alive("worker", self.worker), self.epoch, stop).start()
-        publisher = subprocess.Popen([sys.executable, "-m", "services.publisher", "--redis-url", self.transport.url,
-                                      "--prefix", self.names.prefix, "--worker", self.worker], stdin=subprocess.PIPE)
+        # The Redis URL (it may hold a password) in the environment, not on the command line.
+        publisher = subprocess.Popen([sys.executable, "-m", "services.publisher", "--prefix", self.names.prefix,
+                                      "--worker", self.worker], stdin=subprocess.PIPE,
+                                     env={**os.environ, REDIS_URL_ENV: self.transport.url})
         threads = [threading.Thread(target=self._feed, args=(publisher, stop), name="pipe writer", daemon=True),
                    threading.Thread(target=self._read_plans, args=(stop,), name="plan reader", daemon=True)]
         for thread in threads:
