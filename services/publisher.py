@@ -14,6 +14,11 @@ Frames (msgpack arrays; a 4-byte little-endian length before each), in the order
 A sequence's owner is added before its first step and dropped after its last, so every token finds its request.
 The process ends at the end of its input (the worker stopped or died), after publishing what it holds.
 
+Redis gone, a batch is sent again (with backoff) until Redis takes it, and nothing after it goes first: the
+tokens keep their order. A transaction that ran but whose reply was lost is sent twice; the detokenizers drop
+tokens at positions they have handled, the scheduler events for plans it has heard of. Once its input has ended,
+it gives up on a Redis still gone after FINAL_PUBLISH_S (nobody waits for those tokens: the worker is gone).
+
     python -m services.publisher [--redis-url URL] --prefix ps --worker w0     (the worker starts it; the URL
                                                                                defaults to $PAGESTREAM_REDIS_URL)
 """
@@ -27,6 +32,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 from typing import BinaryIO, Iterator
 
 import msgpack
@@ -34,12 +40,13 @@ import msgpack
 from schemas.codec import encode
 from schemas.messages import StepTokens, TokenLogprobsWire
 from services.runtime import setup_logging
-from services.transport import REDIS_URL_ENV, Transport, Trimmer
+from services.transport import REDIS_DOWN, REDIS_URL_ENV, RedisOutage, Transport, Trimmer
 
 log = logging.getLogger("pagestream.publisher")
 
 GROUP = "worker"                   # the plan stream's consumer group (the worker's)
 BATCH = 64                         # frames sent in one round trip at most
+FINAL_PUBLISH_S = 5.0              # how long the last batch waits for a Redis that is gone (the worker waits 10 s)
 _LENGTH = struct.Struct("<I")
 
 
@@ -66,6 +73,7 @@ class Publisher:
         # The streams this process writes: what their readers have acknowledged is trimmed (MAXLEN alone would
         # keep up to its count of entries, whatever their size).
         self.trim = Trimmer(transport, [self.events])
+        self.outage = RedisOutage("publisher")
 
     def run(self, frames: Iterator[list]) -> None:
         waiting: queue.Queue = queue.Queue()
@@ -83,19 +91,42 @@ class Publisher:
                     batch.append(waiting.get_nowait())
                 except queue.Empty:
                     break
-            pipe = self.transport.pipeline()
+            writes: list[tuple[str, bytes, bytes | None]] = []
             try:
                 for frame in batch:
                     if frame is not None:
-                        self._apply(frame, pipe)
-                pipe.execute()
+                        self._apply(frame, writes)
+                self._send(writes, last=batch[-1] is None)
             except Exception:
                 log.exception("publishing failed")
             self.trim()
             if batch[-1] is None:
                 return
 
-    def _apply(self, frame: list, pipe) -> None:
+    def _send(self, writes: list[tuple[str, bytes, bytes | None]], last: bool) -> None:
+        """The batch's writes in one transaction, sent again while Redis is gone (built anew each time: a
+        pipeline is emptied by its execute). `last`: the input has ended, give up after FINAL_PUBLISH_S."""
+        while True:
+            pipe = self.transport.pipeline()
+            for stream, payload, acknowledged in writes:
+                self.transport.publish(stream, payload, pipe)
+                if acknowledged is not None:
+                    self.transport.ack(self.plans, GROUP, [acknowledged], pipe)
+            try:
+                pipe.execute()
+            except REDIS_DOWN as e:
+                delay = self.outage.failed(e)
+                if last and self.outage.down_for > FINAL_PUBLISH_S:
+                    log.error("Redis is still gone: dropping the last %d messages", len(writes))
+                    return
+                time.sleep(delay)
+                continue
+            self.outage.recovered()
+            return
+
+    def _apply(self, frame: list, writes: list) -> None:
+        """Apply one frame: owners change here, steps and events become writes (stream, payload, the plan entry
+        the write acknowledges or None)."""
         kind = frame[0]
         if kind == "owners":
             _, added, dropped = frame
@@ -104,17 +135,16 @@ class Publisher:
             for seq_id in dropped:
                 self.owners.pop(seq_id, None)
         elif kind == "step":
-            self._publish_tokens(*frame[1:], pipe)
+            self._publish_tokens(*frame[1:], writes)
         elif kind == "event":
             _, payload, entry_id = frame
-            self.transport.publish(self.events, payload, pipe)
-            self.transport.ack(self.plans, GROUP, [entry_id], pipe)
+            writes.append((self.events, payload, entry_id))
         else:
             raise ValueError(f"unknown frame {kind!r}")
 
     def _publish_tokens(self, step: int, on_host: float, seq_ids: list[int], token_ids: list[int],
                         positions: list[int], finish_reasons: list, stop_reasons: list, logprobs: list | None,
-                        first_stamps: list, pipe) -> None:
+                        first_stamps: list, writes: list) -> None:
         firsts = dict(first_stamps)
         columns: dict[int, StepTokens] = {}
         for i, seq_id in enumerate(seq_ids):
@@ -144,7 +174,7 @@ class Publisher:
             stream = self.names.tokens(partition)
             if stream not in self.trim.streams:          # a partition first written to: trimmed from now on
                 self.trim.streams.append(stream)
-            self.transport.publish(stream, encode(msg), pipe)
+            writes.append((stream, encode(msg), None))
 
 
 def main(argv: list[str] | None = None) -> int:

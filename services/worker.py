@@ -12,6 +12,10 @@ It registers its KV pool (WorkerInfo) and beats a heartbeat whose value is its e
 Sequences that end inside a plan (EOS, a stop token, max_tokens) are masked by the runner: their later tokens
 are neither computed nor published.
 
+Redis going away stops no step: the model loop never waits on Redis, the plan reader waits it out and then reads
+its pending plans again (a plan read twice, or sent twice by a scheduler retrying, is dropped by its plan id),
+and the publisher sends each batch again until Redis takes it, in order.
+
 A plan is trusted no further than its schema and its value ranges (PlanMessage.validate, against this worker's
 vocabulary and KV pool) and what the worker holds (plan_problem: the sequences it runs exist, the blocks they
 write are theirs): one that fails is dead-lettered, and the sequences in flight go on as if it never came.
@@ -39,8 +43,8 @@ from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
 from schemas.messages import PlanMessage, StepEvent, WorkerInfo
 from services.publisher import write_frame
-from services.runtime import Heartbeat, setup_logging, stop_event
-from services.transport import REDIS_URL_ENV, Transport, Trimmer, instance_id, partition_of
+from services.runtime import Heartbeat, keep_running, setup_logging, stop_event, until_done
+from services.transport import REDIS_DOWN, REDIS_URL_ENV, Transport, Trimmer, instance_id, partition_of
 
 log = logging.getLogger("pagestream.worker")
 
@@ -87,6 +91,7 @@ class WorkerService:
         self.first_stamps: dict[int, list[float]] = {}     # seq id -> its request's stamps, until its first token
         self.limits: Limits | None = None                  # this worker's vocabulary and KV pool, once loaded
         self.live_scheduler_epoch: str | None = None       # the epoch of the scheduler whose plans are taken
+        self.last_plan: tuple[str, int] | None = None      # (scheduler epoch, plan id) of the last plan taken
 
     def run(self, stop) -> None:
         mc = self.config.model
@@ -99,7 +104,8 @@ class WorkerService:
         info = WorkerInfo(self.worker, self.epoch, r.num_blocks, r.block_size, r.max_model_len, r.args.vocab_size,
                           sorted(eos), r.device.type)
         self.limits = Limits.of(info)
-        self.transport.redis.set(self.names.worker_info(self.worker), encode(info))
+        until_done(stop, lambda: self.transport.redis.set(self.names.worker_info(self.worker), encode(info)),
+                   "registering the worker")
         Heartbeat(self.transport, self.names.alive("worker", self.worker), self.epoch, stop).start()
         # The Redis URL (it may hold a password) in the environment, not on the command line.
         publisher = subprocess.Popen([sys.executable, "-m", "services.publisher", "--prefix", self.names.prefix,
@@ -145,14 +151,10 @@ class WorkerService:
     def _read_plans(self, stop) -> None:
         plans = self.names.plan(self.worker)
         trim = Trimmer(self.transport, [plans])
-        while not stop.is_set():
-            try:
-                entries = self.transport.read([plans], GROUP, self.consumer, count=16, block_ms=100)
-                trim()
-            except Exception:
-                log.exception("reading plans failed; retrying")
-                stop.wait(0.5)
-                continue
+
+        def iteration() -> None:
+            entries = self.transport.read([plans], GROUP, self.consumer, count=16, block_ms=100)
+            trim()
             for entry in entries:
                 try:
                     message = decode(PlanMessage, entry.payload, self.limits)
@@ -160,11 +162,21 @@ class WorkerService:
                     self.transport.dead_letter(plans, GROUP, entry.id, entry.payload, str(e))
                     continue
                 # Made for a worker before this one, or by a scheduler that is not the live one (a new
-                # scheduler epoch drops every sequence held: only the live scheduler may ask that).
-                if message.worker_epoch != self.epoch or not self._from_live_scheduler(message):
+                # scheduler epoch drops every sequence held: only the live scheduler may ask that); or taken
+                # already (read again after Redis went away, or sent twice by a scheduler that retried).
+                if message.worker_epoch != self.epoch or not self._from_live_scheduler(message) or \
+                        self._taken_already(message):
                     self.transport.ack(plans, GROUP, [entry.id])
                     continue
+                self.last_plan = (message.scheduler_epoch, message.plan_id)
                 self.inbox.put(message, entry.id)
+
+        keep_running(stop, iteration, "plan reader", self.transport)
+
+    def _taken_already(self, message: PlanMessage) -> bool:
+        """A scheduler's plan ids only grow: one not above the last taken from that scheduler is a repeat."""
+        return self.last_plan is not None and self.last_plan[0] == message.scheduler_epoch and \
+            message.plan_id <= self.last_plan[1]
 
     def _from_live_scheduler(self, message: PlanMessage) -> bool:
         if message.scheduler_epoch != self.live_scheduler_epoch:          # asked once per scheduler epoch
@@ -228,7 +240,11 @@ class WorkerService:
         plan_started = time.time()
         problem = self.plan_problem(message)
         if problem is not None:
-            self.transport.dead_letter(self.names.plan(self.worker), GROUP, entry_id, encode(message), problem)
+            try:
+                self.transport.dead_letter(self.names.plan(self.worker), GROUP, entry_id, encode(message), problem)
+            except REDIS_DOWN:          # the model loop never waits for Redis: the plan stays pending, unrun
+                log.error("plan %d refused (%s); Redis is gone, so it is not dead-lettered", message.plan_id,
+                          problem)
             return
         if message.scheduler_epoch != self.scheduler_epoch:       # a new scheduler: nothing it knows of is held
             self.runner.seqs.clear()
