@@ -3,7 +3,9 @@
 Shared by the HTTP gateway and the gRPC server. Each gateway instance has its own reply stream; one reader task
 takes every Reply from it and hands each item to its request's queue, dropping repeats by (request, index, seq).
 A watcher follows the scheduler's and the worker's heartbeats: when either dies or restarts, every request
-in flight ends with a clear 503 error instead of hanging.
+in flight ends with a clear 503 error instead of hanging. Redis going away ends nothing at first: the reader
+waits it out and goes on from the last reply it read; but once it has failed to reach Redis for REDIS_LOST_S,
+every request in flight ends with a 503 error (and is aborted upstream once Redis is back).
 """
 from __future__ import annotations
 
@@ -18,15 +20,20 @@ from typing import AsyncIterator
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from schemas.codec import SchemaError, decode, encode
 from schemas.messages import Abort, ErrorInfo, GenerateRequest, Reply, ReplyItem, WorkerInfo
-from services.transport import FIELD, HEARTBEAT_SECONDS, STREAM_MAXLEN, Names
+from services.transport import (FIELD, HEARTBEAT_SECONDS, REDIS_DOWN, STREAM_MAXLEN, Names, RedisOutage,
+                                just_restarted)
 
 log = logging.getLogger("pagestream.pipeline_client")
 
 REDIS_CONNECTIONS = 64
 READY_TTL_S = 1.0               # a readiness answer is reused this long: one probe a second, however many ask
+REDIS_LOST_S = 5.0              # Redis unreachable this long: every request in flight ends with an error
+REPLY_BLOCK_MS = 1000           # the reply reader's XREAD waits this long for new replies
 
 
 class Overloaded(Exception):
@@ -50,9 +57,13 @@ class PipelineClient:
                  gateway_id: str | None = None):
         # Requests wait for a free connection rather than fail when hundreds arrive at once; the reply reader
         # has its own, since its XREAD blocks.
+        # One quick retry: a pooled connection that died with a restarted Redis is replaced at once, not a 503
+        # (a repeated XADD is dropped downstream); a Redis that is gone fails at once (redis-py's default holds a
+        # call for seconds). The reader's socket timeout: a Redis that stops answering is an outage too.
+        retry = Retry(ExponentialWithJitterBackoff(cap=0.05, base=0.01), 1)
         self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            redis_url, max_connections=REDIS_CONNECTIONS, timeout=None))
-        self._reader = aioredis.Redis.from_url(redis_url)
+            redis_url, max_connections=REDIS_CONNECTIONS, timeout=None, retry=retry))
+        self._reader = aioredis.Redis.from_url(redis_url, retry=retry, socket_timeout=REPLY_BLOCK_MS / 1000 + 2)
         self.names = Names(prefix)
         self.worker = worker
         self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:8]}"
@@ -66,19 +77,27 @@ class PipelineClient:
         self._ready_check: asyncio.Task | None = None     # the probe in flight, which every caller awaits
         self.readiness_checks = 0                         # probes sent (in /metrics: that callers share them)
         self.last_reply_id: bytes | None = None          # how far the reply stream was read (its lag, in /metrics)
+        # Set by close(): the background loops end even if their cancellation is lost (redis-py can lose one that
+        # lands as it sends a command: the loop would go on reading for ever).
+        self._closing = False
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        await self._check_liveness()
+        try:
+            await self._check_liveness()
+        except REDIS_DOWN as e:                             # not there yet: the watcher looks again
+            RedisOutage("starting").failed(e)               # (a refused password is raised)
         self._tasks = [asyncio.create_task(self._read_replies(), name="replies"),
                        asyncio.create_task(self._watch(), name="liveness")]
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._tasks + ([self._ready_check] if self._ready_check else []):
             task.cancel()
         await asyncio.gather(*self._tasks, *([self._ready_check] if self._ready_check else []),
                              return_exceptions=True)
-        await self.redis.delete(self.reply_stream)
+        with contextlib.suppress(*REDIS_DOWN):          # Redis gone: the stream stays, trimmed (MAXLEN)
+            await self.redis.delete(self.reply_stream)
         await self.redis.aclose()
         await self._reader.aclose()
 
@@ -185,16 +204,28 @@ class PipelineClient:
 
     # ---- background tasks ----------------------------------------------------------------------------------
     async def _read_replies(self) -> None:
-        last_id = b"$"
-        while True:
+        last_id = b"0-0"          # this gateway's own stream, from its start: a reply sent early is not missed
+        outage = RedisOutage(f"reading {self.reply_stream}")
+        lost: set[str] = set()                              # requests ended because Redis is gone
+        while not self._closing:
             try:
-                streams = await self._reader.xread({self.reply_stream: last_id}, count=256, block=1000)
+                streams = await self._reader.xread({self.reply_stream: last_id}, count=256, block=REPLY_BLOCK_MS)
             except asyncio.CancelledError:
                 raise
+            except REDIS_DOWN as e:
+                delay = outage.failed(e)
+                if outage.down_for >= REDIS_LOST_S:
+                    self._end_lost(lost, outage.down_for)
+                await asyncio.sleep(delay)
+                continue
             except Exception:
                 log.exception("reading %s failed; retrying", self.reply_stream)
                 await asyncio.sleep(0.5)
                 continue
+            outage.recovered()
+            if lost:              # what they hold upstream is freed (the abort of each, best effort)
+                await asyncio.gather(*(self.abort(request_id) for request_id in lost))
+                lost.clear()
             took = time.time()                              # every item's gateway_took stamp
             for _, entries in streams or []:
                 for entry_id, fields in entries:
@@ -209,6 +240,15 @@ class PipelineClient:
                             item.stamps.append(took)
                         self._dispatch(item)
 
+    def _end_lost(self, lost: set[str], seconds: float) -> None:
+        """End every request in flight (once each) with a 503: Redis has been unreachable for `seconds`."""
+        error = ErrorInfo(f"lost the connection to Redis for {seconds:.0f} s while this request was in flight; "
+                          f"please retry", type="service_unavailable", code=503)
+        for request_id, flight in list(self._inflight.items()):
+            if request_id not in lost:
+                lost.add(request_id)
+                flight.queue.put_nowait(ReplyItem(request_id=request_id, error=error))
+
     def _dispatch(self, item: ReplyItem) -> None:
         flight = self._inflight.get(item.request_id)
         if flight is None:                                  # finished, aborted, or another gateway's
@@ -220,18 +260,27 @@ class PipelineClient:
         flight.queue.put_nowait(item)
 
     async def _watch(self) -> None:
-        while True:
+        outage = RedisOutage("watching the heartbeats")
+        while not self._closing:
             await asyncio.sleep(HEARTBEAT_SECONDS / 2)
             try:
                 await self._check_liveness()
             except asyncio.CancelledError:
                 raise
+            except REDIS_DOWN as e:                         # the reader ends requests if this lasts
+                outage.failed(e)
+                continue
             except Exception:
                 log.exception("liveness check failed")
+            outage.recovered()
 
     async def _check_liveness(self) -> None:
         values = await self.redis.mget(self.names.alive("scheduler"), self.names.alive("worker", self.worker))
-        self._epochs = tuple(v.decode() if v else None for v in values)
+        epochs = tuple(v.decode() if v else None for v in values)
+        if None in epochs and epochs != self._epochs and just_restarted(await self.redis.info("server")):
+            # Heartbeats that expired while Redis was down: the services beat again in a moment (not dead).
+            epochs = tuple(old if new is None else new for new, old in zip(epochs, self._epochs))
+        self._epochs = epochs
         for request_id, flight in list(self._inflight.items()):
             if flight.epochs != self._epochs:
                 which = "scheduler" if flight.epochs[0] != self._epochs[0] else "worker"
