@@ -11,6 +11,7 @@ Frames (msgpack arrays; a 4-byte little-endian length before each), in the order
     ["owners", [[seq_id, request_id, index, num_cached_tokens, partition], ...], [dropped seq_id, ...]]
     ["step", step, on_host, seq_ids, token_ids, positions, finish_reasons, stop_reasons, logprobs, first_stamps]
     ["event", encoded StepEvent, plan entry id]
+    ["ack", plan entry id]                          (a plan the worker dropped as a repeat)
 A sequence's owner is added before its first step and dropped after its last, so every token finds its request.
 The process ends at the end of its input (the worker stopped or died), after publishing what it holds.
 
@@ -91,7 +92,7 @@ class Publisher:
                     batch.append(waiting.get_nowait())
                 except queue.Empty:
                     break
-            writes: list[tuple[str, bytes, bytes | None]] = []
+            writes: list[tuple[str | None, bytes | None, bytes | None]] = []
             try:
                 for frame in batch:
                     if frame is not None:
@@ -103,13 +104,14 @@ class Publisher:
             if batch[-1] is None:
                 return
 
-    def _send(self, writes: list[tuple[str, bytes, bytes | None]], last: bool) -> None:
+    def _send(self, writes: list[tuple[str | None, bytes | None, bytes | None]], last: bool) -> None:
         """The batch's writes in one transaction, sent again while Redis is gone (built anew each time: a
         pipeline is emptied by its execute). `last`: the input has ended, give up after FINAL_PUBLISH_S."""
         while True:
             pipe = self.transport.pipeline()
             for stream, payload, acknowledged in writes:
-                self.transport.publish(stream, payload, pipe)
+                if stream is not None:
+                    self.transport.publish(stream, payload, pipe)
                 if acknowledged is not None:
                     self.transport.ack(self.plans, GROUP, [acknowledged], pipe)
             try:
@@ -125,8 +127,8 @@ class Publisher:
             return
 
     def _apply(self, frame: list, writes: list) -> None:
-        """Apply one frame: owners change here, steps and events become writes (stream, payload, the plan entry
-        the write acknowledges or None)."""
+        """Apply one frame: owners change here, steps, events and acks become writes (stream and payload, or None
+        for a bare ack; the plan entry acknowledged with it, or None)."""
         kind = frame[0]
         if kind == "owners":
             _, added, dropped = frame
@@ -139,6 +141,8 @@ class Publisher:
         elif kind == "event":
             _, payload, entry_id = frame
             writes.append((self.events, payload, entry_id))
+        elif kind == "ack":
+            writes.append((None, None, frame[1]))
         else:
             raise ValueError(f"unknown frame {kind!r}")
 

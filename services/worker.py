@@ -13,8 +13,9 @@ Sequences that end inside a plan (EOS, a stop token, max_tokens) are masked by t
 are neither computed nor published.
 
 Redis going away stops no step: the model loop never waits on Redis, the plan reader waits it out and then reads
-its pending plans again (a plan read twice, or sent twice by a scheduler retrying, is dropped by its plan id),
-and the publisher sends each batch again until Redis takes it, in order.
+its pending plans again, and the publisher sends each batch again until Redis takes it, in order. A plan read
+twice that way, or sent twice by a scheduler that retried, is dropped by the model loop: a scheduler's plan ids
+only grow, so one not above the last plan run for that scheduler is a repeat.
 
 A plan is trusted no further than its schema and its value ranges (PlanMessage.validate, against this worker's
 vocabulary and KV pool) and what the worker holds (plan_problem: the sequences it runs exist, the blocks they
@@ -91,7 +92,7 @@ class WorkerService:
         self.first_stamps: dict[int, list[float]] = {}     # seq id -> its request's stamps, until its first token
         self.limits: Limits | None = None                  # this worker's vocabulary and KV pool, once loaded
         self.live_scheduler_epoch: str | None = None       # the epoch of the scheduler whose plans are taken
-        self.last_plan: tuple[str, int] | None = None      # (scheduler epoch, plan id) of the last plan taken
+        self.last_plan_id = -1                             # the last plan run for scheduler_epoch
 
     def run(self, stop) -> None:
         mc = self.config.model
@@ -162,21 +163,13 @@ class WorkerService:
                     self.transport.dead_letter(plans, GROUP, entry.id, entry.payload, str(e))
                     continue
                 # Made for a worker before this one, or by a scheduler that is not the live one (a new
-                # scheduler epoch drops every sequence held: only the live scheduler may ask that); or taken
-                # already (read again after Redis went away, or sent twice by a scheduler that retried).
-                if message.worker_epoch != self.epoch or not self._from_live_scheduler(message) or \
-                        self._taken_already(message):
+                # scheduler epoch drops every sequence held: only the live scheduler may ask that).
+                if message.worker_epoch != self.epoch or not self._from_live_scheduler(message):
                     self.transport.ack(plans, GROUP, [entry.id])
                     continue
-                self.last_plan = (message.scheduler_epoch, message.plan_id)
                 self.inbox.put(message, entry.id)
 
         keep_running(stop, iteration, "plan reader", self.transport)
-
-    def _taken_already(self, message: PlanMessage) -> bool:
-        """A scheduler's plan ids only grow: one not above the last taken from that scheduler is a repeat."""
-        return self.last_plan is not None and self.last_plan[0] == message.scheduler_epoch and \
-            message.plan_id <= self.last_plan[1]
 
     def _from_live_scheduler(self, message: PlanMessage) -> bool:
         if message.scheduler_epoch != self.live_scheduler_epoch:          # asked once per scheduler epoch
@@ -238,6 +231,9 @@ class WorkerService:
 
     def _execute(self, message: PlanMessage, entry_id: bytes) -> None:
         plan_started = time.time()
+        if message.scheduler_epoch == self.scheduler_epoch and message.plan_id <= self.last_plan_id:
+            self.outbox.put(["ack", entry_id])             # a repeat of a plan run already (see the docstring)
+            return
         problem = self.plan_problem(message)
         if problem is not None:
             try:
@@ -253,6 +249,7 @@ class WorkerService:
             self.owners.clear()
             self.first_stamps.clear()
             self.scheduler_epoch = message.scheduler_epoch
+        self.last_plan_id = message.plan_id
         added = []
         for new, rid, index in zip(message.new, message.new_request_ids, message.new_indexes):
             added.append([new.seq_id, rid, index, new.num_computed_tokens, partition_of(rid, self.partitions)])
