@@ -61,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_service(args: argparse.Namespace) -> int:
     if args.redis_url is None:
-        raise SystemExit("a single service needs --redis-url (pagestream serve starts its own Redis)")
+        raise SystemExit("a single service needs --redis-url or $PAGESTREAM_REDIS_URL (pagestream serve starts "
+                         "its own Redis)")
     return service_module(args.service).run(args)
 
 

@@ -13,6 +13,11 @@ stop string, a checkpoint of each completion's state (each token handled, with h
 and the entries' acknowledgement go in one MULTI/EXEC, guarded by WATCH on the partition's lease. So an entry's
 effects happen entirely or not at all, a replica that lost its lease cannot write, and whoever takes over rebuilds
 each completion from its checkpoint by replaying its tokens: no text lost, none sent twice.
+
+Redis going away: whether a batch's transaction ran is then unknown, so the partition's completions are
+rebuilt from their checkpoints, and once Redis is back its pending entries are read again (tokens already
+handled are dropped by position, as are the repeats a publisher that retried sends). A lease this replica
+still holds is taken again at once, even after it forgot it.
 """
 from __future__ import annotations
 
@@ -30,8 +35,8 @@ from engine.tokenizer import load_tokenizer
 from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
 from schemas.messages import Abort, Reply, ReplyItem, RequestMeta, StepTokens
-from services.runtime import Heartbeat, setup_logging, stop_event
-from services.transport import HEARTBEAT_TTL_MS, Entry, Transport, instance_id, partition_of
+from services.runtime import Heartbeat, keep_running, setup_logging, stop_event
+from services.transport import HEARTBEAT_TTL_MS, REDIS_DOWN, Entry, Transport, instance_id, partition_of
 
 log = logging.getLogger("pagestream.detokenizer")
 
@@ -41,6 +46,9 @@ FINISHED_TTL_S = 600               # a finished completion's marker: late tokens
 
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# Free, or still this replica's (which may have forgotten it when Redis went away): take it.
+_ACQUIRE = ("if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end "
+            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0")
 
 
 @dataclass
@@ -73,24 +81,31 @@ class DetokenizerService:
         self._rebalance_at = 0.0
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
+        self._acquire = self.redis.register_script(_ACQUIRE)
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self, stop) -> None:
         Heartbeat(self.transport, self.names.alive("detokenizer", self.consumer), self.consumer, stop).start()
         log.info("detokenizer %s: %d partitions shared among replicas", self.consumer, self.partitions)
-        while not stop.is_set():
+
+        def iteration() -> None:
             self._rebalance()
             if not self.owned:
                 stop.wait(0.1)
-                continue
+                return
             streams = [self.names.tokens(p) for p in sorted(self.owned)]
             batches: dict[int, list[Entry]] = {}
             for entry in self.transport.read(streams, GROUP, self.consumer, count=64, block_ms=50):
                 batches.setdefault(int(entry.stream.rsplit(":", 1)[1]), []).append(entry)
             for partition, entries in batches.items():
                 self._handle_safely(partition, entries)
+
+        keep_running(stop, iteration, "detokenizer", self.transport)
         for partition in list(self.owned):
-            self._give_up(partition)
+            try:
+                self._give_up(partition)
+            except REDIS_DOWN:                           # its lease expires instead
+                pass
 
     def _handle_safely(self, partition: int, entries: list[Entry]) -> None:
         if partition not in self.owned:
@@ -100,6 +115,11 @@ class DetokenizerService:
         except LeaseLost:
             log.warning("lost the lease of partition %d", partition)
             self._forget(partition)
+        except REDIS_DOWN:
+            # Whether the transaction ran is unknown: rebuild the completions from the checkpoints, and wait for
+            # Redis (the loop does; the entries, still pending unless it ran, are read again then).
+            self._forget_requests(partition)
+            raise
         except redis.RedisError:
             # Nothing was applied (the transaction did not run): hand the partition back; its pending entries
             # are retried, from the checkpoints, by the next owner.
@@ -240,8 +260,8 @@ class DetokenizerService:
             if len(self.owned) >= share:
                 break
             partition = (offset + k) % self.partitions
-            if partition not in self.owned and self.redis.set(self.names.partition_lease(partition), self.consumer,
-                                                              nx=True, px=HEARTBEAT_TTL_MS):
+            if partition not in self.owned and self._acquire(keys=[self.names.partition_lease(partition)],
+                                                             args=[self.consumer, HEARTBEAT_TTL_MS]):
                 self._take_over(partition)
 
     def _take_over(self, partition: int) -> None:

@@ -4,31 +4,40 @@ Starts a redis-server (the one on PATH, else the binary the PyPI package redisli
 given, then every service as its own process (`pagestream service NAME`, what the containers run): the worker,
 the scheduler, N tokenizers, M detokenizers and the gateways. Every port it needs (the API's, gRPC's when
 --grpc-port is given, the embedded Redis's) is checked before anything starts, so a port in use is one clear error
-naming the flag. From its first second it supervises: a service that dies is started again (its peers see it go
-and come back through the heartbeats), and Ctrl-C or SIGTERM stops everything, services first, Redis last, even
-while the services are still loading the model.
+naming the flag.
+
+From its first second it supervises: a process that dies is started again, at most once a second. That holds
+for the embedded redis-server too: it comes back on the same port, with the same password and its append-only
+file (services/redis_server.py), so streams, consumer groups and pending entries are as they were; meanwhile the
+services wait it out (runtime.keep_running) rather than exit. A service's peers see it go and come back through
+the heartbeats. The Redis URL, which holds the embedded Redis's password, reaches the services in their
+environment (REDIS_URL_ENV), never on a command line. On Linux every process serve starts gets SIGTERM when serve
+dies, even by SIGKILL (PR_SET_PDEATHSIG), so none outlives it. Ctrl-C or SIGTERM stops everything, services first,
+Redis last, even while the services are still loading the model.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 
-import redis
-
-from services.transport import redis_server_binary
+from services.redis_server import RedisServer
+from services.transport import REDIS_URL_ENV
 
 log = logging.getLogger("pagestream.serve")
 
 SERVE_ONLY = {"tokenizers", "detokenizers", "gateways", "redis_port"}     # serve's own flags, not passed on
+NOT_ON_ARGV = {"redis_url"}      # passed on in the environment: a URL may hold a password, and ps shows argv
 RESTART_DELAY_S = 1.0            # a service is started at most once in this long, however fast it dies
 STOP_GRACE_S = 15.0              # what services get to finish the requests they hold, once serving
 # Before the stack first answers /health/ready no request is in flight, and a service still loading the model may
@@ -36,6 +45,8 @@ STOP_GRACE_S = 15.0              # what services get to finish the requests they
 STARTUP_STOP_GRACE_S = 2.0
 SUPERVISE_POLL_S = 0.2
 READY_POLL_S = 0.5
+PR_SET_PDEATHSIG = 1             # prctl(2): the signal a process gets when its parent dies
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
 def free_port() -> int:
@@ -92,29 +103,19 @@ def reserve_grpc_port(host: str, port: int) -> socket.socket:
     return _bind(host, port, "--host/--grpc-port", reuse_port=True)
 
 
-def start_redis(port: int) -> tuple[subprocess.Popen, str]:
-    workdir = tempfile.mkdtemp(prefix="pagestream-redis-")
-    proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir, "--loglevel", "warning"],
-                            stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        for _ in range(100):
-            try:
-                # A Redis that answers but is not ours holds the port (ours then exits): never use it.
-                if client.info("server")["process_id"] != proc.pid:
-                    proc.kill()
-                    raise RuntimeError(f"port {port} belongs to another Redis")
-                return proc, url
-            except redis.ConnectionError:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {proc.returncode}") from None
-                time.sleep(0.05)
-    finally:
-        client.close()
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
+def _die_with(parent: int, sig: int) -> None:
+    """Run in a child of serve between fork and exec: Linux sends the child `sig` when serve dies, however it
+    dies. (It is sent when the thread that forked ends: serve starts every process from its main thread.) If
+    serve died before this ran, nothing would send it: the child exits at once instead."""
+    _prctl(PR_SET_PDEATHSIG, sig)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def dies_with_serve():
+    """A Popen preexec_fn: the process gets SIGTERM when serve dies (None where Linux's prctl is not there).
+    Everything it calls is resolved here, in serve: between fork and exec nothing is imported or logged."""
+    return functools.partial(_die_with, os.getpid(), int(signal.SIGTERM)) if _prctl is not None else None
 
 
 def forward_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: set[str]) -> list[str]:
@@ -144,13 +145,14 @@ class Service:
     name: str
     argv: list[str]
     pass_fds: tuple[int, ...] = ()
+    env: dict[str, str] | None = None                  # None: serve's own
     proc: subprocess.Popen | None = None
     restarts: int = 0
     started_at: float = 0.0
     died_at: float | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, pass_fds=self.pass_fds)
+        self.proc = subprocess.Popen(self.argv, pass_fds=self.pass_fds, env=self.env, preexec_fn=dies_with_serve())
         self.started_at = time.monotonic()
         self.died_at = None
 
@@ -158,14 +160,15 @@ class Service:
 @dataclass
 class Stack:
     services: list[Service] = field(default_factory=list)
-    redis: subprocess.Popen | None = None
+    redis: Service | None = None                       # the embedded redis-server, supervised like the services
+    redis_server: RedisServer | None = None            # its files (removed once it has stopped)
     ready: threading.Event = field(default_factory=threading.Event)        # set once /health/ready answered
 
     def restart_dead(self) -> None:
-        """Start again each service that died, once it has been dead for RESTART_DELAY_S and not sooner than
+        """Start again each process that died, once it has been dead for RESTART_DELAY_S and not sooner than
         RESTART_DELAY_S after its last start: one that dies at once is not restarted in a tight loop."""
         now = time.monotonic()
-        for s in self.services:
+        for s in self.services + ([self.redis] if self.redis else []):
             if s.proc.poll() is None:
                 continue
             if s.died_at is None:
@@ -194,9 +197,15 @@ class Stack:
             except subprocess.TimeoutExpired:
                 s.proc.kill()
                 s.proc.wait()
-        if self.redis is not None:
-            self.redis.terminate()
-            self.redis.wait(timeout=10)
+        if self.redis is not None and self.redis.proc is not None:
+            self.redis.proc.terminate()
+            try:
+                self.redis.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.redis.proc.kill()
+                self.redis.proc.wait()
+        if self.redis_server is not None:
+            self.redis_server.remove()
 
 
 def wait_ready(base_url: str, timeout_s: float = 600, alive=lambda: True) -> bool:
@@ -241,20 +250,25 @@ def serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             check_port_free("127.0.0.1", args.redis_port, "--redis-port")
         if args.redis_url is None:
             try:
-                stack.redis, args.redis_url = start_redis(args.redis_port or free_port())
-            except RuntimeError as e:
+                stack.redis_server = RedisServer(args.redis_port or free_port())
+                stack.redis = Service("redis-server", stack.redis_server.argv)
+                stack.redis.start()
+                stack.redis_server.wait_until_serving(stack.redis.proc)
+            except (RuntimeError, FileNotFoundError) as e:
                 raise SystemExit(f"cannot start the embedded redis-server (--redis-port): {e}") from None
-            log.info("redis-server at %s", args.redis_url)
-        common = forward_argv(parser, args, SERVE_ONLY)
+            args.redis_url = stack.redis_server.url
+            log.info("%s", stack.redis_server)
+        common = forward_argv(parser, args, SERVE_ONLY | NOT_ON_ARGV)
+        env = {**os.environ, REDIS_URL_ENV: args.redis_url}
         command = [sys.executable, "-m", "services.cli", "service"]
         names = ["worker", "scheduler"] + ["tokenizer"] * args.tokenizers + ["detokenizer"] * args.detokenizers
         for name in names:
-            stack.services.append(Service(name, command + [name] + common))
+            stack.services.append(Service(name, command + [name] + common, env=env))
         # Every gateway gets the API's socket (--fd) and, with --grpc-port, serves gRPC on the port reserved above
         # (a gateway started with --fd binds it with SO_REUSEPORT: see reserve_grpc_port).
         for _ in range(args.gateways):
             stack.services.append(Service("gateway", command + ["gateway", *common, "--fd", str(listener.fileno())],
-                                          (listener.fileno(),)))
+                                          (listener.fileno(),), env))
         for service in stack.services:
             if stop.is_set():                   # Ctrl-C while Redis started: start nothing more
                 break

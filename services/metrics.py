@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 from schemas.codec import SchemaError, decode, encode
 from schemas.messages import (DELIVERY_HOPS, DELIVERY_STAMPS, FIRST_TOKEN_HOPS, FIRST_TOKEN_STAMPS, GatewayStats,
                               MetricSeries)
-from services.transport import Names
+from services.transport import REDIS_DOWN, Names, RedisOutage
 
 log = logging.getLogger("pagestream.metrics")
 
@@ -378,13 +378,18 @@ GATEWAY_STATS_TTL_S = 3600        # a gone gateway's counts stay in the sums for
 
 async def publish_gateway_stats(redis, names: Names, gateway: str, metrics: GatewayMetrics) -> None:
     """Every second, this gateway's metrics where its peers read them (runs until cancelled)."""
+    outage = RedisOutage("publishing the gateway's metrics")
     while True:
         try:
             await redis.set(names.gateway_stats(gateway), encode(metrics.snapshot(gateway)), ex=GATEWAY_STATS_TTL_S)
         except asyncio.CancelledError:
             raise
-        except Exception as e:                       # Redis down: the next round tries again
+        except REDIS_DOWN as e:                      # logged once; the next round tries again
+            outage.failed(e)
+        except Exception as e:
             log.warning("could not publish the gateway's metrics: %s", e)
+        else:
+            outage.recovered()
         await asyncio.sleep(GATEWAY_STATS_EVERY_S)
 
 

@@ -3,9 +3,11 @@
 Shared by the HTTP gateway and the gRPC server. Each gateway instance has its own reply stream; one reader task
 takes every Reply from it and hands each item to its request's queue, dropping repeats by (request, index, seq).
 A watcher follows the scheduler's and the worker's heartbeats: when either dies or restarts, every request
-in flight ends with a clear 503 error instead of hanging. The gateway has a heartbeat of its own, by which the
-scheduler knows when to abort a dead gateway's requests; until then another gateway can take one over and
-continue its stream (resume; see services/resumable.py).
+in flight ends with a clear 503 error instead of hanging. Redis going away ends nothing at first: the reader
+waits it out and goes on from the last reply it read; but once it has failed to reach Redis for REDIS_LOST_S,
+every request in flight ends with a 503 error (and is aborted upstream once Redis is back). The gateway has a
+heartbeat of its own, by which the scheduler knows when to abort a dead gateway's requests; until then another
+gateway can take one over and continue its stream (resume; see services/resumable.py).
 """
 from __future__ import annotations
 
@@ -23,11 +25,14 @@ from typing import AsyncIterator
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from schemas.codec import SchemaError, decode, encode
 from schemas.messages import (RESUMED_ELSEWHERE, Abort, ErrorInfo, GenerateRequest, Reply, ReplyItem, Resume,
                               WorkerInfo)
-from services.transport import FIELD, HEARTBEAT_SECONDS, HEARTBEAT_TTL_MS, STREAM_MAXLEN, Names, stream_id
+from services.transport import (FIELD, HEARTBEAT_SECONDS, HEARTBEAT_TTL_MS, REDIS_DOWN, STREAM_MAXLEN, Names,
+                                RedisOutage, just_restarted, stream_id)
 
 log = logging.getLogger("pagestream.pipeline_client")
 
@@ -36,6 +41,8 @@ READY_TTL_S = 1.0               # a readiness answer is reused this long: one pr
 # A resumed request the scheduler no longer holds may still have finished: its last items can be a moment behind
 # the scheduler's answer. Past this, the answer stands.
 RESUME_LINGER_S = 2.0
+REDIS_LOST_S = 5.0              # Redis unreachable this long: every request in flight ends with an error
+REPLY_BLOCK_MS = 1000           # the reply reader's XREAD waits this long for new replies
 
 
 class Overloaded(Exception):
@@ -78,9 +85,13 @@ class PipelineClient:
                  gateway_id: str | None = None):
         # Requests wait for a free connection rather than fail when hundreds arrive at once; the reply reader
         # has its own, since its XREAD blocks.
+        # One quick retry: a pooled connection that died with a restarted Redis is replaced at once, not a 503
+        # (a repeated XADD is dropped downstream); a Redis that is gone fails at once (redis-py's default holds a
+        # call for seconds). The reader's socket timeout: a Redis that stops answering is an outage too.
+        retry = Retry(ExponentialWithJitterBackoff(cap=0.05, base=0.01), 1)
         self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            redis_url, max_connections=REDIS_CONNECTIONS, timeout=None))
-        self._reader = aioredis.Redis.from_url(redis_url)
+            redis_url, max_connections=REDIS_CONNECTIONS, timeout=None, retry=retry))
+        self._reader = aioredis.Redis.from_url(redis_url, retry=retry, socket_timeout=REPLY_BLOCK_MS / 1000 + 2)
         self.redis_url = redis_url
         self.names = Names(prefix)
         self.worker = worker
@@ -96,22 +107,30 @@ class PipelineClient:
         self._ready_check: asyncio.Task | None = None     # the probe in flight, which every caller awaits
         self.readiness_checks = 0                         # probes sent (in /metrics: that callers share them)
         self.last_reply_id: bytes | None = None          # how far the reply stream was read (its lag, in /metrics)
+        # Set by close(): the background loops end even if their cancellation is lost (redis-py can lose one that
+        # lands as it sends a command: the loop would go on reading for ever).
+        self._closing = False
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        await self._check_liveness()
-        await self._heartbeat_once()
+        try:
+            await self._heartbeat_once()
+            await self._check_liveness()
+        except REDIS_DOWN as e:                             # not there yet: the watcher looks again
+            RedisOutage("starting").failed(e)               # (a refused password is raised)
         self._tasks = [asyncio.create_task(self._read_replies(), name="replies"),
                        asyncio.create_task(self._watch(), name="liveness")]
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._tasks + ([self._ready_check] if self._ready_check else []):
             task.cancel()
         await asyncio.gather(*self._tasks, *([self._ready_check] if self._ready_check else []),
                              return_exceptions=True)
         for follower in list(self._followers.values()):
             await follower.close()
-        await self.redis.delete(self.reply_stream, self.names.alive("gateway", self.gateway_id))
+        with contextlib.suppress(*REDIS_DOWN):          # Redis gone: the stream stays, trimmed (MAXLEN)
+            await self.redis.delete(self.reply_stream, self.names.alive("gateway", self.gateway_id))
         await self.redis.aclose()
         await self._reader.aclose()
 
@@ -278,21 +297,42 @@ class PipelineClient:
 
     # ---- background tasks ----------------------------------------------------------------------------------
     async def _read_replies(self) -> None:
-        last_id = b"$"
-        while True:
+        last_id = b"0-0"          # this gateway's own stream, from its start: a reply sent early is not missed
+        outage = RedisOutage(f"reading {self.reply_stream}")
+        lost: set[str] = set()                              # requests ended because Redis is gone
+        while not self._closing:
             try:
-                streams = await self._reader.xread({self.reply_stream: last_id}, count=256, block=1000)
+                streams = await self._reader.xread({self.reply_stream: last_id}, count=256, block=REPLY_BLOCK_MS)
             except asyncio.CancelledError:
                 raise
+            except REDIS_DOWN as e:
+                delay = outage.failed(e)
+                if outage.down_for >= REDIS_LOST_S:
+                    self._end_lost(lost, outage.down_for)
+                await asyncio.sleep(delay)
+                continue
             except Exception:
                 log.exception("reading %s failed; retrying", self.reply_stream)
                 await asyncio.sleep(0.5)
                 continue
+            outage.recovered()
+            if lost:              # what they hold upstream is freed (the abort of each, best effort)
+                await asyncio.gather(*(self.abort(request_id) for request_id in lost))
+                lost.clear()
             took = time.time()                              # every item's gateway_took stamp
             for _, entries in streams or []:
                 for entry_id, fields in entries:
                     last_id = self.last_reply_id = entry_id
                     self._take_entry(entry_id, fields, took)
+
+    def _end_lost(self, lost: set[str], seconds: float) -> None:
+        """End every request in flight (once each) with a 503: Redis has been unreachable for `seconds`."""
+        error = ErrorInfo(f"lost the connection to Redis for {seconds:.0f} s while this request was in flight; "
+                          f"please retry", type="service_unavailable", code=503)
+        for request_id, flight in list(self._inflight.items()):
+            if request_id not in lost:
+                lost.add(request_id)
+                flight.queue.put_nowait(ReplyItem(request_id=request_id, error=error))
 
     def _take_entry(self, entry_id: bytes, fields: dict, took: float, taken_over: set[str] | None = None) -> None:
         """Hand each item of a reply-stream entry to its request. taken_over: the entry is another gateway's,
@@ -360,15 +400,20 @@ class PipelineClient:
         flight.queue.put_nowait(item)
 
     async def _watch(self) -> None:
-        while True:
+        outage = RedisOutage("watching the heartbeats")
+        while not self._closing:
             await asyncio.sleep(HEARTBEAT_SECONDS / 2)
             try:
                 await self._heartbeat_once()
                 await self._check_liveness()
             except asyncio.CancelledError:
                 raise
+            except REDIS_DOWN as e:                         # the reader ends requests if this lasts
+                outage.failed(e)
+                continue
             except Exception:
                 log.exception("liveness check failed")
+            outage.recovered()
 
     async def _heartbeat_once(self) -> None:
         """This gateway is alive (where: host and pid). The scheduler aborts a dead gateway's requests once the
@@ -378,7 +423,11 @@ class PipelineClient:
 
     async def _check_liveness(self) -> None:
         values = await self.redis.mget(self.names.alive("scheduler"), self.names.alive("worker", self.worker))
-        self._epochs = tuple(v.decode() if v else None for v in values)
+        epochs = tuple(v.decode() if v else None for v in values)
+        if None in epochs and epochs != self._epochs and just_restarted(await self.redis.info("server")):
+            # Heartbeats that expired while Redis was down: the services beat again in a moment (not dead).
+            epochs = tuple(old if new is None else new for new, old in zip(epochs, self._epochs))
+        self._epochs = epochs
         for request_id, flight in list(self._inflight.items()):
             if flight.epochs != self._epochs:
                 which = "scheduler" if flight.epochs[0] != self._epochs[0] else "worker"

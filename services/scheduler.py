@@ -11,6 +11,11 @@ Scheduler.cut takes back the rest).
 If the worker dies or restarts (its heartbeat's epoch changes), every request it held is lost: the gateways
 fail them (they watch the same heartbeats) and this service starts over with the new worker's KV pool.
 
+Redis going away stops nothing held here: the loop waits it out (runtime.keep_running), reads its pending
+entries again (a repeated request or abort is dropped, an event for a plan no longer outstanding too), and a plan
+made meanwhile waits in `unsent` until Redis takes it, in order (sent twice, the worker drops the repeat by its
+plan id).
+
 Each request has an owner, the gateway streaming it: first the one that took it, then any that took it over
 (Resume: its client came back there with Last-Event-ID, see services/resumable.py). When an owner's heartbeat is
 gone for the grace period (--resume-grace), its requests nobody took over are aborted; a dead gateway's reply
@@ -26,7 +31,7 @@ import argparse
 import logging
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
@@ -37,7 +42,7 @@ from engine.sequence import FinishReason
 from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
 from schemas.messages import RESUMED_ELSEWHERE, Abort, PlanMessage, Resume, ScheduleRequest, StepEvent
-from services.runtime import Heartbeat, setup_logging, stop_event
+from services.runtime import Heartbeat, keep_running, setup_logging, stop_event
 from services.transport import Entry, Transport, Trimmer, instance_id
 
 log = logging.getLogger("pagestream.scheduler")
@@ -80,6 +85,7 @@ class SchedulerService:
         self.limits: Limits | None = None                      # the worker's vocabulary, KV pool, max_model_len
         self.worker_epoch: str | None = None
         self.outstanding: OrderedDict[int, Plan] = OrderedDict()     # plan id -> plan, in order
+        self.unsent: deque[bytes] = deque()                # plans made but not yet in the worker's stream
         self.next_plan_id = 0
         self.gateways: dict[str, str] = {}                 # request id -> the gateway whose reply stream has it
         self.owners: dict[str, str] = {}                   # request id -> the gateway that took it over, if one did
@@ -101,11 +107,14 @@ class SchedulerService:
         log.info("scheduler %s (epoch %s) for worker %s", self.consumer, self.epoch[:8], self.worker)
         trim = Trimmer(self.transport, streams)
         idle = True
-        while not stop.is_set():
+
+        def iteration() -> None:
+            nonlocal idle
             trim()
             if not self._worker_is_current():
                 self._wait_for_worker(stop)
-                continue
+                return
+            self._send_plans()
             # Don't wait for input when a plan can go out now; otherwise block until something arrives.
             entries = self.transport.read(streams, GROUP, self.consumer, count=512, block_ms=50 if idle else None)
             self._handle(entries)
@@ -115,6 +124,8 @@ class SchedulerService:
             idle = not planned and not entries
             self._publish_stats()
             self._reap()
+
+        keep_running(stop, iteration, "scheduler", self.transport)
 
     def _handle(self, entries: list[Entry]) -> None:
         pipe = self.transport.pipeline()
@@ -152,13 +163,13 @@ class SchedulerService:
             raise SchemaError(f"schedule.prompt: {e}") from None
         if rid in self.seen or rid in self.aborted or (request.epoch and request.epoch != self.epoch):
             return                 # a repeat, aborted before it got here, or sent before this scheduler started
-        self.seen.add(rid)
         try:
             self.scheduler.add_request(rid, ids, request.params, self.input_processor.seed(request.params),
                                        request.priority)
-        except ValueError as e:                                # a valid request this pool cannot take
+        except ValueError as e:    # a valid request this pool cannot take (not seen: read again, answered again)
             self.transport.reply_error(request.gateway, rid, str(e), pipe)
             return
+        self.seen.add(rid)
         self.gateways[rid] = request.gateway
         self.stamps[rid] = [request.arrival, request.tokenizer_took, took]
 
@@ -276,11 +287,20 @@ class SchedulerService:
             scheduled_seq_ids=list(plan.num_scheduled_tokens), scheduled_tokens=list(plan.num_scheduled_tokens.values()),
             forks=plan.forks, fork_indexes=[c.index for c in children], block_copies=plan.block_copies,
             freed_seq_ids=plan.freed_seq_ids, new_stamps=new_stamps)
-        self.transport.publish(self.names.plan(self.worker), encode(message))
         if not plan.is_empty:                                  # an empty plan (only frees) gets no event
             self.outstanding[self.next_plan_id] = plan
         self.next_plan_id += 1
+        self.unsent.append(encode(message))
+        self._send_plans()
         return True
+
+    def _send_plans(self) -> None:
+        """The plans made, to the worker, in order. A plan counts as made (outstanding) before it is sent: if
+        Redis is gone, it waits here until Redis is back (a reply lost after the XADD ran sends it twice; the
+        worker drops the repeat)."""
+        while self.unsent:
+            self.transport.publish(self.names.plan(self.worker), self.unsent[0])
+            self.unsent.popleft()
 
     def _observe_queue_time(self, seconds: float) -> None:
         self.queue_time_sum += seconds
@@ -313,7 +333,9 @@ class SchedulerService:
         if self.scheduler is None:
             return False
         alive = self.transport.redis.get(self.names.alive("worker", self.worker))
-        return alive is not None and alive.decode() == self.worker_epoch
+        if alive is None:          # expired while a restarted Redis was down: the worker beats again in a moment
+            return self.transport.restarted_recently()
+        return alive.decode() == self.worker_epoch
 
     def _wait_for_worker(self, stop) -> None:
         """(Re)start from the live worker's registration: a fresh KV pool, nothing in flight."""
@@ -321,6 +343,7 @@ class SchedulerService:
             log.warning("worker %s is gone or restarted: dropping %d requests", self.worker,
                         len(self.scheduler.requests))
         self.scheduler, self.outstanding = None, OrderedDict()
+        self.unsent.clear()
         self.gateways.clear()
         self.stamps.clear()
         while not stop.is_set():

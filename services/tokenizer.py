@@ -20,7 +20,7 @@ from engine.tokenizer import load_tokenizer
 from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
 from schemas.messages import GenerateRequest, RequestMeta, ScheduleRequest
-from services.runtime import setup_logging, stop_event
+from services.runtime import keep_running, setup_logging, stop_event
 from services.transport import Reclaimer, Transport, Trimmer, instance_id
 
 log = logging.getLogger("pagestream.tokenizer")
@@ -41,10 +41,13 @@ class TokenizerService:
         reclaim = Reclaimer(self.transport, self.names.tokenize, GROUP, self.consumer)
         trim = Trimmer(self.transport, [self.names.tokenize])
         log.info("tokenizer %s ready", self.consumer)
-        while not stop.is_set():
+
+        def iteration() -> None:
             trim()
             for entry in reclaim() + self.transport.read([self.names.tokenize], GROUP, self.consumer, 32, 200):
                 self.handle(entry)
+
+        keep_running(stop, iteration, "tokenizer", self.transport)
 
     def handle(self, entry) -> None:
         took = time.time()

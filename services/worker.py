@@ -13,6 +13,11 @@ It registers its KV pool (WorkerInfo) and beats a heartbeat whose value is its e
 Sequences that end inside a plan (EOS, a stop token, max_tokens) are masked by the runner: their later tokens
 are neither computed nor published.
 
+Redis going away stops no step: the model loop never waits on Redis, the plan reader waits it out and then reads
+its pending plans again, and the publisher sends each batch again until Redis takes it, in order. A plan read
+twice that way, or sent twice by a scheduler that retried, is dropped by the model loop: a scheduler's plan ids
+only grow, so one not above the last plan run for that scheduler is a repeat.
+
 A plan is trusted no further than its schema and its value ranges (PlanMessage.validate, against this worker's
 vocabulary and KV pool) and what the worker holds (plan_problem: the sequences it runs exist, the blocks they
 write are theirs): one that fails is dead-lettered, and the sequences in flight go on as if it never came.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import subprocess
 import sys
@@ -39,9 +45,9 @@ from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
 from schemas.messages import PlanMessage, StepEvent, WorkerInfo
 from services.publisher import write_frame
-from services.runtime import Heartbeat, setup_logging, stop_event
+from services.runtime import Heartbeat, keep_running, setup_logging, stop_event, until_done
 from services.step_stats import StepStats
-from services.transport import Transport, Trimmer, instance_id, partition_of
+from services.transport import REDIS_DOWN, REDIS_URL_ENV, Transport, Trimmer, instance_id, partition_of
 
 log = logging.getLogger("pagestream.worker")
 
@@ -90,6 +96,7 @@ class WorkerService:
         self.limits: Limits | None = None                  # this worker's vocabulary and KV pool, once loaded
         self.live_scheduler_epoch: str | None = None       # the epoch of the scheduler whose plans are taken
         self.stats: StepStats | None = None                # where the model loop's time goes (a diagnostic)
+        self.last_plan_id = -1                             # the last plan run for scheduler_epoch
 
     def run(self, stop) -> None:
         mc = self.config.model
@@ -102,10 +109,13 @@ class WorkerService:
         info = WorkerInfo(self.worker, self.epoch, r.num_blocks, r.block_size, r.max_model_len, r.args.vocab_size,
                           sorted(eos), r.device.type)
         self.limits = Limits.of(info)
-        self.transport.redis.set(self.names.worker_info(self.worker), encode(info))
+        until_done(stop, lambda: self.transport.redis.set(self.names.worker_info(self.worker), encode(info)),
+                   "registering the worker")
         Heartbeat(self.transport, self.names.alive("worker", self.worker), self.epoch, stop).start()
-        publisher = subprocess.Popen([sys.executable, "-m", "services.publisher", "--redis-url", self.transport.url,
-                                      "--prefix", self.names.prefix, "--worker", self.worker], stdin=subprocess.PIPE)
+        # The Redis URL (it may hold a password) in the environment, not on the command line.
+        publisher = subprocess.Popen([sys.executable, "-m", "services.publisher", "--prefix", self.names.prefix,
+                                      "--worker", self.worker], stdin=subprocess.PIPE,
+                                     env={**os.environ, REDIS_URL_ENV: self.transport.url})
         threads = [threading.Thread(target=self._feed, args=(publisher, stop), name="pipe writer", daemon=True),
                    threading.Thread(target=self._read_plans, args=(stop,), name="plan reader", daemon=True)]
         for thread in threads:
@@ -156,14 +166,10 @@ class WorkerService:
     def _read_plans(self, stop) -> None:
         plans = self.names.plan(self.worker)
         trim = Trimmer(self.transport, [plans])
-        while not stop.is_set():
-            try:
-                entries = self.transport.read([plans], GROUP, self.consumer, count=16, block_ms=100)
-                trim()
-            except Exception:
-                log.exception("reading plans failed; retrying")
-                stop.wait(0.5)
-                continue
+
+        def iteration() -> None:
+            entries = self.transport.read([plans], GROUP, self.consumer, count=16, block_ms=100)
+            trim()
             for entry in entries:
                 try:
                     message = decode(PlanMessage, entry.payload, self.limits)
@@ -176,6 +182,8 @@ class WorkerService:
                     self.transport.ack(plans, GROUP, [entry.id])
                     continue
                 self.inbox.put(message, entry.id)
+
+        keep_running(stop, iteration, "plan reader", self.transport)
 
     def _from_live_scheduler(self, message: PlanMessage) -> bool:
         if message.scheduler_epoch != self.live_scheduler_epoch:          # asked once per scheduler epoch
@@ -237,9 +245,16 @@ class WorkerService:
 
     def _execute(self, message: PlanMessage, entry_id: bytes) -> None:
         plan_started = time.time()
+        if message.scheduler_epoch == self.scheduler_epoch and message.plan_id <= self.last_plan_id:
+            self.outbox.put(["ack", entry_id])             # a repeat of a plan run already (see the docstring)
+            return
         problem = self.plan_problem(message)
         if problem is not None:
-            self.transport.dead_letter(self.names.plan(self.worker), GROUP, entry_id, encode(message), problem)
+            try:
+                self.transport.dead_letter(self.names.plan(self.worker), GROUP, entry_id, encode(message), problem)
+            except REDIS_DOWN:          # the model loop never waits for Redis: the plan stays pending, unrun
+                log.error("plan %d refused (%s); Redis is gone, so it is not dead-lettered", message.plan_id,
+                          problem)
             return
         if message.scheduler_epoch != self.scheduler_epoch:       # a new scheduler: nothing it knows of is held
             self.runner.seqs.clear()
@@ -248,6 +263,7 @@ class WorkerService:
             self.owners.clear()
             self.first_stamps.clear()
             self.scheduler_epoch = message.scheduler_epoch
+        self.last_plan_id = message.plan_id
         added = []
         for new, rid, index in zip(message.new, message.new_request_ids, message.new_indexes):
             added.append([new.seq_id, rid, index, new.num_computed_tokens, partition_of(rid, self.partitions)])

