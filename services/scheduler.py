@@ -93,7 +93,7 @@ class SchedulerService:
         self.gone_since: dict[str, float] = {}             # gateway -> when its heartbeat was first seen missing
         self._reap_at = self._list_streams_at = 0.0
         self.reply_streams: set[str] = set()               # the gateways with a reply stream, as last listed
-        self.last_written: dict[str, float] = {}           # gateway -> when a request in flight last wrote to its stream
+        self.last_written: dict[str, float] = {}           # gateway -> when a request in flight last wrote to it
         self.stamps: dict[str, list[float]] = {}           # request id -> its stamps, until admitted
         self.seen, self.aborted = _Bounded(), _Bounded()
         self.queue_time_counts = [0] * (len(QUEUE_TIME_BUCKETS) + 1)

@@ -4,11 +4,12 @@ so a failure can be run again), a couple of seconds apart: requests are in every
 last ones arrive after the last kill.
 
 The clients behave as a client of resumable streams does: one whose connection breaks sends its request again
-with Last-Event-ID (services/resumable.py), or without when it broke before the first event. Every request must end within BOUND_S of its start, either with
-exactly its undisturbed text or with an error (an error event, or an error status to a resumption); the server
-must be ready again within READY_S of the last kill, and the requests sent after that complete (a test where
-everything failed would prove nothing); no service may be restarted more than once per kill of it
-(serve starts a process at most once a second, so a restart loop would show), and Redis's memory stays bounded."""
+with Last-Event-ID (services/resumable.py), or without when it broke before the first event. Every request must
+end within BOUND_S of its start, either with exactly its undisturbed text or with an error (an error event, or an
+error status to a resumption); the server must be ready again within READY_S of the last kill, and the requests
+sent after that complete (a test where everything failed would prove nothing); no service may be restarted more
+than once per kill of it (serve starts a process at most once a second, so a restart loop would show), and
+Redis's memory stays bounded."""
 from __future__ import annotations
 
 import asyncio

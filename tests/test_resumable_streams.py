@@ -166,6 +166,53 @@ def test_replay_then_follow_gives_each_item_once_in_order(redis_url):
     asyncio.run(scenario())
 
 
+def test_resumed_events_are_only_those_past_each_choices_cursor(redis_url):
+    """Through the gateway's HTTP app: a stream of n=2 choices resumed from cursor 2.1 shows choice 0's items
+    from seq 2 and choice 1's from seq 1, no role chunks, each event's id advancing that choice's cursor, and a
+    usage chunk counting every token (the replay fed the builder all of them), with the id that says done."""
+    from services.gateway import GatewaySettings, build_app
+
+    names = Names(f"cursor{os.getpid()}")
+    r = redis.Redis.from_url(redis_url)
+    r.set(names.alive("scheduler"), "s")
+    r.set(names.alive("worker", "w0"), "w")
+    response_id = "chatcmpl-gw-0a1b2c3d-5-" + "ab" * 16
+    origin = names.reply("gw-0a1b2c3d")
+    since = None
+    for index, seq, last in [(0, 0, False), (1, 0, False), (0, 1, False), (1, 1, False), (0, 2, False),
+                             (1, 2, True), (0, 3, True)]:
+        item = ReplyItem(request_id=response_id, index=index, seq=seq, text=f"{'ab'[index]}{seq}", token_ids=[7],
+                         finish_reason="length" if last else None, prompt_tokens=5 if seq == 0 else 0)
+        entry = r.xadd(origin, {FIELD: encode(Reply([item]))}).decode()
+        since = since or entry
+
+    async def resume() -> list[tuple[str, dict]]:
+        client = PipelineClient(redis_url, names.prefix)
+        await client.start()
+        try:
+            app = build_app(client, GatewaySettings("m", "m"))
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True,
+                        "stream_options": {"include_usage": True}}
+                response = await http.post("/v1/chat/completions", json=body,
+                                           headers={"Last-Event-ID": f"{response_id}/{since}/2.1"})
+            assert response.status_code == 200, response.text
+            events = []
+            for block in response.text.split("\n\n"):
+                fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+                if fields.get("data", "[DONE]") != "[DONE]":
+                    events.append((fields.get("id"), json.loads(fields["data"])))
+            return events
+        finally:
+            await client.close()
+
+    events = asyncio.run(resume())
+    shown = [(c["choices"][0]["index"], c["choices"][0]["delta"].get("content")) for _, c in events if c["choices"]]
+    assert shown == [(1, "b1"), (0, "a2"), (1, "b2"), (0, "a3")]                   # in the stream's order
+    assert [i.rsplit("/", 1)[1] for i, _ in events] == ["2.2", "3.2", "3.3", "4.3", "done"]
+    assert events[-1][1]["usage"]["completion_tokens"] == 7 and events[-1][1]["usage"]["prompt_tokens"] == 5
+
+
 # ---- through `pagestream serve` ------------------------------------------------------------------------------------
 def test_stream_goes_on_after_its_gateway_is_killed(stack):
     undisturbed = read_events(stack, body(40))
