@@ -31,7 +31,8 @@ from conftest import start_stack, stop_stack
 MODEL = "smollm2-135m-instruct"
 NUM_REQUESTS = 200
 MAX_TOKENS = 16
-BOUND_S = 150.0                  # no request takes longer than this from its start, whatever was killed
+BOUND_S = 240.0                  # no request takes longer than this from its start, whatever was killed (a loaded
+                                 # 2-core CI machine runs the whole test in about 170 s; alone, 50)
 READY_S = 15.0                   # the server answers /health/ready again this soon after the last kill
 KILL_EVERY_S = 2.5
 FIRST_KILL_S = 3.0
