@@ -271,17 +271,16 @@ class Api:
                       else parse_completion(body, self.settings.limits, self.settings.token_text))
             last_event_id = request.headers.get("last-event-id")
             if last_event_id is not None:
-                return await self._resume(request, parsed, last_event_id, start)
+                return await self._resume(request, parsed, last_event_id)
         except ProtocolError as e:
             return self._refuse(e.status, e.body(), {"Connection": "close"} if e.status == 413 else None)
         except ClientDisconnect:
             return self._refuse(CLIENT_GONE, error_body("the client disconnected", CLIENT_GONE))
         response_id = self.client.new_request_id("chatcmpl" if chat else "cmpl")
-        requests = parsed.generate_requests(response_id, arrival)
-        stream = merge([self.client.generate(r) for r in requests])
+        stream = merge([self.client.generate(r) for r in parsed.generate_requests(response_id, arrival)])
         return await self._respond(request, parsed, response_id, stream, _Timing(self.metrics, start))
 
-    async def _resume(self, request: Request, parsed: ParsedRequest, last_event_id: str, start: float) -> Response:
+    async def _resume(self, request: Request, parsed: ParsedRequest, last_event_id: str) -> Response:
         """The same request again, with the id of the last event its client got: the rest of that stream."""
         try:
             event = parse_event_id(last_event_id)
@@ -296,8 +295,8 @@ class Api:
                                 f"request makes {num_choices}", param="Last-Event-ID")
         if event.cursor is None:                             # the client had it all but the end
             return EventStream(_just_done())
-        request_ids = [r.request_id for r in parsed.generate_requests(event.response_id, 0.0)]
-        stream = merge([self.client.resume(event.gateway, rid, parsed.params.n, event.since) for rid in request_ids])
+        stream = merge([self.client.resume(event.gateway, rid, parsed.params.n, event.since)
+                        for rid in parsed.request_ids(event.response_id)])
         position = StreamPosition(event.response_id, event.since, num_choices, seen=event.cursor)
         return await self._respond(request, parsed, event.response_id, stream, _Untimed(), position)
 
@@ -319,8 +318,7 @@ class Api:
         builder = ResponseBuilder(parsed, response_id, int(time.time()), self.settings.token_text)
         if parsed.stream:
             if position is None:
-                since = self.client.first_reply_entry([r.request_id for r in parsed.generate_requests(
-                    response_id, 0.0)])
+                since = self.client.first_reply_entry(parsed.request_ids(response_id))
                 position = StreamPosition(response_id, since or "0-0", len(builder.choices))
             return EventStream(self._events(builder, timing, position, first, stream))
         try:

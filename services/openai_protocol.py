@@ -191,9 +191,12 @@ class ParsedRequest:
 
         if self.chat:
             return [request(request_id, messages=self.messages)]
-        ids = [request_id] if len(self.prompts) == 1 else [f"{request_id}-{i}" for i in range(len(self.prompts))]
         return [request(rid, prompt=p) if isinstance(p, str) else request(rid, prompt_token_ids=p)
-                for rid, p in zip(ids, self.prompts)]
+                for rid, p in zip(self.request_ids(request_id), self.prompts)]
+
+    def request_ids(self, request_id: str) -> list[str]:
+        """The pipeline requests' ids (see generate_requests)."""
+        return [request_id] if self.num_prompts == 1 else [f"{request_id}-{i}" for i in range(self.num_prompts)]
 
 
 def _common(body: dict, limits: Limits, *, max_tokens: int | None, logprobs: int | None) -> dict:

@@ -161,22 +161,13 @@ class PipelineClient:
         payload = encode(request)
         decode(GenerateRequest, payload)     # the schema's limits, checked here: a tokenizer could not answer it
         flight = _InFlight(asyncio.Queue(), self._epochs, open_indexes=request.params.n)
-        self._inflight[request.request_id] = flight
-        done = False
-        try:
-            try:
-                await self.redis.xadd(self.names.tokenize, {FIELD: payload}, maxlen=STREAM_MAXLEN, approximate=True)
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                done = True                                   # nothing was sent: nothing to abort
-                raise Unavailable(f"cannot reach Redis: {e}") from None
-            while not done:
-                item: ReplyItem = await flight.queue.get()
-                done = flight.ends(item)
+
+        async def send() -> None:
+            await self.redis.xadd(self.names.tokenize, {FIELD: payload}, maxlen=STREAM_MAXLEN, approximate=True)
+
+        async with contextlib.aclosing(self._items(request.request_id, flight, send)) as items:
+            async for item in items:
                 yield item
-        finally:
-            self._let_go(request.request_id, flight)
-            if not done:
-                await self.abort(request.request_id)
 
     async def resume(self, origin: str, request_id: str, n: int, since: str) -> AsyncIterator[ReplyItem]:
         """Take over a request that gateway `origin` started (its client came back with Last-Event-ID) and yield
@@ -192,20 +183,36 @@ class PipelineClient:
         try:
             if not await self.redis.exists(origin_stream):
                 raise StreamGone(f"no stream {request_id} to resume: it ended, or was never started")
-        except (redis.ConnectionError, redis.TimeoutError) as e:
+        except REDIS_DOWN as e:
             raise Unavailable(f"cannot reach Redis: {e}") from None
         previous = self._inflight.get(request_id)
         if previous is not None:            # an earlier connection to this gateway, broken unnoticed: it lets go
             previous.queue.put_nowait(_resumed_elsewhere(request_id))
         flight = _InFlight(asyncio.Queue(), self._epochs, open_indexes=n, resumed=True)
+
+        async def send() -> None:
+            await self.redis.xadd(self.names.resume, {FIELD: encode(Resume(request_id, self.gateway_id))},
+                                  maxlen=STREAM_MAXLEN, approximate=True)
+            await self._follow(origin_stream, since, request_id)
+
+        try:
+            async with contextlib.aclosing(self._items(request_id, flight, send)) as items:
+                async for item in items:
+                    yield item
+        finally:
+            self._unfollow(origin_stream, request_id)
+
+    async def _items(self, request_id: str, flight: _InFlight, send) -> AsyncIterator[ReplyItem]:
+        """What generate and resume share: the flight registered, send() to start the request, then its items
+        until it ends. Leaving early aborts the request; Redis gone during send() is Unavailable (taken as
+        nothing started: nothing to abort). A resumed request's 404 (the scheduler no longer holds it) waits
+        RESUME_LINGER_S for items that may still end it (see resume)."""
         self._inflight[request_id] = flight
         done = False
         try:
             try:
-                await self.redis.xadd(self.names.resume, {FIELD: encode(Resume(request_id, self.gateway_id))},
-                                      maxlen=STREAM_MAXLEN, approximate=True)
-                await self._follow(origin_stream, since, request_id)
-            except (redis.ConnectionError, redis.TimeoutError) as e:
+                await send()
+            except REDIS_DOWN as e:
                 done = True
                 raise Unavailable(f"cannot reach Redis: {e}") from None
             lost: ReplyItem | None = None       # the scheduler's answer that it no longer holds the request
@@ -217,13 +224,12 @@ class PipelineClient:
                         item = await asyncio.wait_for(flight.queue.get(), RESUME_LINGER_S)
                     except TimeoutError:
                         item = lost
-                if lost is None and item.error is not None and item.error.code == 404:
+                if flight.resumed and lost is None and item.error is not None and item.error.code == 404:
                     lost = item
                     continue
                 done = flight.ends(item)
                 yield item
         finally:
-            self._unfollow(origin_stream, request_id)
             self._let_go(request_id, flight)
             if not done:
                 await self.abort(request_id)

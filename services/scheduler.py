@@ -247,12 +247,10 @@ class SchedulerService:
         expired = {g for g, seconds in gone.items() if seconds >= self.resume_grace_s}
         orphans = [rid for rid, owner in owners.items() if owner in expired]
         for rid in orphans:
-            self.aborted.add(rid)
-            self.scheduler.abort_request(rid)
+            self._on_abort(Abort(rid))
         if orphans:
             log.warning("aborted %d requests of gateways gone for %.0f s (%s): nobody resumed them", len(orphans),
                         self.resume_grace_s, ", ".join(sorted({owners[r] for r in orphans})))
-            self._forget_finished()
         for gateway in set(self.gateways.values()):
             self.last_written[gateway] = now
         stale = [g for g in self.reply_streams if gone.get(g, 0.0) >= self.resume_grace_s

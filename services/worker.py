@@ -132,7 +132,7 @@ class WorkerService:
                 if stats:
                     stats.flushed()
                 continue
-            waiting = time.perf_counter()
+            waiting = time.perf_counter() if stats else 0.0
             item = self.inbox.get(timeout=PENDING_POLL_S if pending else 0.1)
             if stats:
                 stats.waited(time.perf_counter() - waiting, pending, item is not None)
