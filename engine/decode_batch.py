@@ -40,8 +40,11 @@ class DecodeBatch:
              input_ids: torch.Tensor | list[int]) -> None:
         """Rows for the next step: sequence seq_ids[b] computes input_ids[b] (a device tensor from the step
         before, or host ids) at positions[b], then takes steps_left[b] more steps."""
-        n, bs, mb = len(seq_ids), self.block_size, self.max_blocks
-        assert n <= self.max_batch and all(len(t) <= mb for t in tables)
+        n, bs = len(seq_ids), self.block_size
+        # Only the columns some row uses travel: the device table is max_model_len / block_size wide (8,192
+        # columns for a 128k context), and staging all of them cost milliseconds a plan, with the GPU idle.
+        mb = max((len(t) for t in tables), default=1)
+        assert n <= self.max_batch and mb <= self.max_blocks
         self.seq_ids, self.positions_host, self.steps_left_host = list(seq_ids), list(positions), list(steps_left)
         # One staging buffer on the host: [positions | seq_lens | slots | steps_left | block tables] as int64.
         # A new one each time: the host runs ahead of the GPU, and a reused buffer could be overwritten before
@@ -61,7 +64,8 @@ class DecodeBatch:
         self.seq_lens[:n] = d[1].to(torch.int32)
         self.slot_mapping[:n] = d[2]
         self.steps_left[:n] = d[3].to(torch.int32)
-        self.block_tables[:n] = device_stage[4 * n:].view(n, mb).to(torch.int32)
+        self.block_tables[:n, :mb] = device_stage[4 * n:].view(n, mb).to(torch.int32)
+        self.block_tables[:n, mb:] = 0          # a filled device tensor: no host work
         self.input_ids[:n] = input_ids if isinstance(input_ids, torch.Tensor) else \
             to_device(input_ids, torch.int64, self.device)
         # Padding rows: nothing to attend to, nothing to write.

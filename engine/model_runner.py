@@ -151,7 +151,7 @@ class ModelRunner:
         hidden = self._forward_prefill(chunks)
         rows = min(sc.max_num_seqs, hidden.shape[0])
         logits = self.model.compute_logits(hidden[:rows])
-        self.sampler(logits, SamplingBatch.from_rows([SamplingRow(_PROFILE_PARAMS, 0, [0], [])] * rows,
+        self.sampler(logits, SamplingBatch.from_rows([SamplingRow(_PROFILE_PARAMS, 0, [0], 1)] * rows,
                                                      self.args.vocab_size, (), self.device))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
@@ -434,7 +434,7 @@ _PROFILE_PARAMS = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=
 
 
 def _sampling_row(seq: WorkerSequence) -> SamplingRow:
-    return SamplingRow(seq.params, seq.seed, seq.token_ids[:seq.num_prompt_tokens], seq.token_ids[seq.num_prompt_tokens:])
+    return SamplingRow(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens)
 
 
 

@@ -80,8 +80,21 @@ def _fused_uniform():
 class SamplingRow:                 # one row of the batch: one sequence that samples a token this step
     params: SamplingParams
     seed: int                      # the request's seed, or one drawn by the engine for unseeded requests
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]  # tokens generated so far (the RNG counter is their number)
+    token_ids: Sequence[int]       # the prompt, then the tokens generated so far (the RNG counter is their number)
+    num_prompt_tokens: int
+
+    # Slices on demand: only some stages read the tokens, and a batch is built for every plan.
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> Sequence[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> Sequence[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 @dataclass
@@ -135,7 +148,7 @@ class SamplingBatch:               # device tensors for a batch, built once per 
             top_p=_tensor([p.top_p for p in params], device),
             min_p=_tensor([p.min_p for p in params], device),
             seeds=_tensor([_int64(r.seed) for r in rows], device, torch.int64),
-            steps=_tensor([len(r.output_token_ids) for r in rows], device, torch.int64),
+            steps=_tensor([r.num_output_tokens for r in rows], device, torch.int64),
             all_greedy=all(greedy),
             all_random=not any(greedy),
             max_top_k=max(used_top_k, default=0),
@@ -194,7 +207,7 @@ def _held_tokens(rows: list[SamplingRow], vocab_size: int, eos_token_ids: Collec
     # (with ignore_eos, EOS does not end the sequence, so there is nothing to hold back).
     triples = []
     for b, r in enumerate(rows):
-        if len(r.output_token_ids) < r.params.min_tokens:
+        if r.num_output_tokens < r.params.min_tokens:
             held = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(eos_token_ids))
             triples += [(b, t, r.params.min_tokens) for t in sorted(held) if t < vocab_size]
     if not triples:

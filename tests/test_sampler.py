@@ -18,7 +18,7 @@ sampler = Sampler()
 
 
 def row(seed: int = 0, prompt=(), output=(), **params) -> SamplingRow:
-    return SamplingRow(SamplingParams(**params), seed, list(prompt), list(output))
+    return SamplingRow(SamplingParams(**params), seed, list(prompt) + list(output), len(prompt))
 
 
 def batch_of(rows: list[SamplingRow], vocab_size: int) -> SamplingBatch:
@@ -153,7 +153,7 @@ def test_advance_matches_a_batch_rebuilt_from_rows():
         logits[:, [EOS, 4]] += 5        # tempting stop tokens: min_tokens must hold them back, then let go
         token_ids = sampler(logits, batch).token_ids
         batch.advance(token_ids)
-        rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, [*r.output_token_ids, t])
+        rows = [SamplingRow(r.params, r.seed, [*r.token_ids, t], r.num_prompt_tokens)
                 for r, t in zip(rows, token_ids.tolist())]
         rebuilt = batch_of(rows, vocab)
         assert torch.equal(batch.steps, rebuilt.steps)
@@ -245,10 +245,10 @@ def test_empirical_distribution_matches_softmax(groups, vary):
     logits, n = [2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2], 8_000
     params = [SamplingParams(**g) for g in groups]
     if vary == "seed":
-        rows = [SamplingRow(params[i % len(params)], i, [], []) for i in range(n)]
+        rows = [SamplingRow(params[i % len(params)], i, [], 0) for i in range(n)]
     else:   # 16 seeds x 500 steps: successive steps of one sequence must be independent draws too
         outputs = [[0] * step for step in range(500)]
-        rows = [SamplingRow(params[i % len(params)], 12345 + i // 500, [], outputs[i % 500]) for i in range(n)]
+        rows = [SamplingRow(params[i % len(params)], 12345 + i // 500, outputs[i % 500], 0) for i in range(n)]
     token_ids = sample(torch.tensor([logits]).expand(n, 8), rows).token_ids
     for g, p in enumerate(params):
         counts = torch.bincount(token_ids[g::len(params)], minlength=8).tolist()
