@@ -54,6 +54,10 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """Each id's entry in the vocabulary (byte-level BPE shows a leading space as "Ġ")."""
+        return self.hf.convert_ids_to_tokens(token_ids)
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use a completion prompt")
