@@ -151,7 +151,10 @@ class SamplingBatch:               # device tensors for a batch, built once per 
         top_k = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]
         used_top_k = [k for k in top_k if k < vocab_size]
         # best_of ranks its completions by their tokens' logprobs: those rows need them even if not asked
-        asked = [p.logprobs or 0 for p in params if p.logprobs is not None or p.ranks_by_logprob]
+        asked = [p.logprobs or 0 for p in params
+                 if p.logprobs is not None or (p.best_of is not None and p.best_of > p.n)]
+        # One look at every row for the three masking stages, which few requests use.
+        masks = any(p.allowed_token_ids is not None or p.bad_words_token_ids or p.logit_bias for p in params)
         return cls(
             vocab_size=vocab_size,
             greedy=_tensor(greedy, device, torch.bool),
@@ -169,9 +172,9 @@ class SamplingBatch:               # device tensors for a batch, built once per 
             penalties=_penalties(rows, vocab_size, device),
             held=_held_tokens(rows, vocab_size, eos_token_ids, device),
             max_logprobs=max(asked, default=None),
-            disallowed=_disallowed(params, vocab_size, device),
-            bad_words=_bad_words(rows, vocab_size, device),
-            logit_bias=_logit_bias(params, vocab_size, device),
+            disallowed=_disallowed(params, vocab_size, device) if masks else None,
+            bad_words=_bad_words(rows, vocab_size, device) if masks else None,
+            logit_bias=_logit_bias(params, vocab_size, device) if masks else None,
         )
 
     def advance(self, token_ids: torch.Tensor, rows: torch.Tensor | None = None) -> None:

@@ -769,7 +769,7 @@ def openapi_schema(limits: Limits, api_keys: bool, metrics_keys: bool) -> dict:
         "add_special_tokens": {"type": "boolean", "description": "default: true with prompt, false with messages"},
         "add_generation_prompt": {"type": "boolean"},
         "return_token_strs": {"type": "boolean"},
-    }, "description": "prompt or messages"}
+    }, "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}], "description": "prompt or messages"}
     detokenize = {"type": "object", "required": ["tokens"], "properties": {
         "model": sampling["model"], "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}}}
     generation = {"200": _json_response("the completion; with stream: true, server-sent events (text/event-stream) "

@@ -173,14 +173,13 @@ class Publisher:
             msg.stop_reasons.append(stop_reasons[i])
             msg.num_cached_tokens.append(cached)
             msg.first_stamps.append(firsts.get(seq_id, []))
-            msg.prompt_logprobs.append(prompts.get(seq_id))
+            if prompts:
+                msg.prompt_logprobs.append(prompts.get(seq_id))
             if logprobs is not None:
                 msg.logprobs.append(TokenLogprobsWire(*logprobs[i]))
         for partition, msg in columns.items():
             if not firsts:
                 msg.first_stamps = []
-            if not prompts:
-                msg.prompt_logprobs = []
             stream = self.names.tokens(partition)
             if stream not in self.trim.streams:          # a partition first written to: trimmed from now on
                 self.trim.streams.append(stream)
