@@ -202,7 +202,7 @@ def test_prompt_logprobs_and_echo_served(client, llm, reference):
     ids = llm.tokenizer.encode(LONG_PROMPT)
     want = reference(ids)
     r = completion(client, LONG_PROMPT, max_tokens=2, extra_body={"prompt_logprobs": 2})
-    shaped = r.model_extra.get("prompt_logprobs") or r.choices[0].model_extra["prompt_logprobs"]
+    shaped = r.choices[0].model_extra["prompt_logprobs"]
     assert shaped[0] is None and len(shaped) == len(ids)
     for i, entry in enumerate(shaped[1:], start=1):
         assert entry[str(ids[i])]["logprob"] == pytest.approx(want[i - 1, ids[i]].item(), abs=2e-3)
@@ -210,6 +210,14 @@ def test_prompt_logprobs_and_echo_served(client, llm, reference):
         top = want[i - 1].topk(2)
         ranked = {t: v for t, v in entry.items() if v["rank"] <= 2}
         assert sorted(v["logprob"] for v in ranked.values()) == pytest.approx(sorted(top.values.tolist()), abs=2e-3)
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    chat_ids = llm.engine.input_processor.process(SamplingParams(), messages=messages)
+    chat_want = reference(chat_ids)
+    assert [None if e is None else e[str(t)]["logprob"] for e, t in zip(chat.model_extra["prompt_logprobs"],
+                                                                         chat_ids)] == pytest.approx(
+        [None] + [chat_want[i - 1, chat_ids[i]].item() for i in range(1, len(chat_ids))], abs=2e-3)
     # echo with logprobs: the echoed prompt's tokens carry their logprobs (the first none), then the completion's
     for stream in (False, True):
         kwargs = dict(echo=True, logprobs=1, max_tokens=3)
