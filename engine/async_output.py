@@ -58,6 +58,15 @@ class StepOutputs:
         # Asynchronous: process the steps before this one (this one is queued behind them on the GPU).
         self._settle(1 if self.asynchronous else 0)
 
+    def to_host(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Device tensors on their way to host memory, behind the step being computed: they may be read once a
+        step pushed after this call has been processed (its copy is queued behind theirs)."""
+        if self.copy_stream is None:
+            return tensors
+        self.copy_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.copy_stream):
+            return [_to_host(t) for t in tensors]
+
     def push_done(self, callback: Callable[[], None]) -> None:
         """Run callback once every step pushed so far has been processed (a plan's end)."""
         self.pending.append(callback)

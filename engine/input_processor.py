@@ -32,15 +32,9 @@ class InputProcessor:
     def process(self, params: SamplingParams, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                 messages: Conversation | None = None, add_generation_prompt: bool = True) -> list[int]:
         """The prompt token ids of a request given as messages (through the chat template), else as token ids,
-        else as text. Raises ValueError, with a message fit for the client, if the request cannot be served."""
-        if messages is not None:
-            ids = self._encode_chat(messages, add_generation_prompt)
-        elif prompt_token_ids is not None:
-            ids = list(prompt_token_ids)
-        elif prompt is not None:
-            ids = self._require_tokenizer().encode(prompt)
-        else:
-            raise ValueError("a prompt or messages is required")
+        else as text. Raises ValueError, with a message fit for the client, if the request cannot be served.
+        Fills in params.bad_words_token_ids (the tokenizer is here)."""
+        ids = self.tokenize(prompt, prompt_token_ids, messages, add_generation_prompt=add_generation_prompt)
         if not ids:
             raise ValueError("the prompt is empty")
         # Tokenized prompts too: a tokenizer larger than the model's vocabulary must not reach the embedding.
@@ -53,18 +47,54 @@ class InputProcessor:
             raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                              f"requested {len(ids) + completion} tokens ({len(ids)} in the prompt, {completion} "
                              f"for the completion). Please reduce the prompt or max_tokens.")
+        if params.bad_words and params.bad_words_token_ids is None:
+            params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
+        for name, used in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ()),
+                           ("allowed_token_ids", params.allowed_token_ids or ()),
+                           ("bad_words", [t for w in params.bad_words_token_ids or () for t in w])):
+            bad = [t for t in used if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"{name}: token ids must be in [0, {self.vocab_size}) (the model's vocabulary), "
+                                 f"got {bad[:5]}")
         return ids
+
+    def tokenize(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                 messages: Conversation | None = None, add_special_tokens: bool | None = None,
+                 add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's token ids, as a request would have them (process() and the /tokenize endpoint).
+        add_special_tokens None: as for a request (text: the tokenizer's BOS and the like; a rendered chat
+        template already holds its own)."""
+        if messages is not None:
+            return self._encode_chat(messages, add_generation_prompt, bool(add_special_tokens))
+        if prompt_token_ids is not None:
+            return list(prompt_token_ids)
+        if prompt is not None:
+            return self._require_tokenizer().encode(prompt, add_special_tokens is not False)
+        raise ValueError("a prompt or messages is required")
+
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word as the tokens it is generated as: on its own, and after a space (as vLLM does; a word
+        usually follows one)."""
+        tokenizer = self._require_tokenizer()
+        sequences: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return sequences
 
     def seed(self, params: SamplingParams) -> int:
         """The request's sampling seed: its own, else the next draw of this processor's generator (so unseeded
         requests are reproducible from the engine's seed and their order of arrival)."""
         return params.seed if params.seed is not None else self._rng.getrandbits(63)
 
-    def _encode_chat(self, messages: Conversation, add_generation_prompt: bool) -> list[int]:
+    def _encode_chat(self, messages: Conversation, add_generation_prompt: bool,
+                     add_special_tokens: bool = False) -> list[int]:
         if not messages:
             raise ValueError("messages must not be empty")
         try:
-            return self._require_tokenizer().encode_chat(messages, add_generation_prompt)
+            return self._require_tokenizer().encode_chat(messages, add_generation_prompt, add_special_tokens)
         except jinja2.TemplateError as e:           # e.g. a template that insists on alternating roles
             raise ValueError(f"the conversation does not fit the model's chat template: {e}") from None
 

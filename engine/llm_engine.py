@@ -37,6 +37,7 @@ class _Request:
     params: SamplingParams
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    prompt_logprobs: list | None = None
     completions: dict[int, CompletionOutput] = field(default_factory=dict)
     states: dict[int, CompletionState] = field(default_factory=dict)
 
@@ -112,7 +113,8 @@ class LLMEngine:
             finished = request.request_id not in self.scheduler.requests
             if finished:
                 self.requests.pop(request.request_id, None)
-            if finished or stream:
+            # best_of > n: which n are returned is known only at the end (as OpenAI: such results don't stream)
+            if finished or (stream and not request.params.ranks_by_logprob):
                 outputs.append(self._output(request, finished))
         self._touched.clear()
         return outputs
@@ -127,6 +129,9 @@ class LLMEngine:
             if request is None:
                 continue
             self._append(request, seq, seq.token_ids[-1], sampled_logprobs.get(seq.seq_id))
+            prompt_logprobs = result.prompt_logprobs.get(seq.seq_id)
+            if prompt_logprobs is not None and request.prompt_logprobs is None:
+                request.prompt_logprobs = [None, *prompt_logprobs]
             if seq.index == 0:
                 request.metrics.token_times.append(now)
             if request.metrics.first_token_time is None:
@@ -142,8 +147,10 @@ class LLMEngine:
     def _append(self, request: _Request, seq: Sequence, token: int, logprobs) -> None:
         out = request.completions.get(seq.index)
         if out is None:
+            params = request.params
             out = request.completions[seq.index] = CompletionOutput(
-                index=seq.index, logprobs=[] if request.params.logprobs is not None else None)
+                index=seq.index, logprobs=[] if params.logprobs is not None else None,
+                cumulative_logprob=0.0 if params.logprobs is not None or params.ranks_by_logprob else None)
             request.states[seq.index] = self.output_processor.new_completion(request.prompt_token_ids,
                                                                              request.params)
         finish = seq.finish_reason.value if seq.is_finished else None
@@ -154,6 +161,8 @@ class LLMEngine:
         out.delta_token_ids.append(token)
         if out.logprobs is not None and logprobs is not None:
             out.logprobs.append(logprobs)
+        if out.cumulative_logprob is not None and logprobs is not None:
+            out.cumulative_logprob += logprobs.logprob
         out.text += step.text
         out.delta_text += step.text
         out.finish_reason, out.stop_reason = step.finish_reason, step.stop_reason
@@ -161,9 +170,20 @@ class LLMEngine:
     def _output(self, request: _Request, finished: bool) -> RequestOutput:
         completions = [request.completions[i] for i in sorted(request.completions)]
         snapshot = [CompletionOutput(c.index, c.text, list(c.token_ids),
-                                     list(c.logprobs) if c.logprobs is not None else None, c.finish_reason,
-                                     c.stop_reason, c.delta_text, c.delta_token_ids) for c in completions]
+                                     list(c.logprobs) if c.logprobs is not None else None, c.cumulative_logprob,
+                                     c.finish_reason, c.stop_reason, c.delta_text, c.delta_token_ids)
+                    for c in completions]
         for c in completions:               # deltas are per output
             c.delta_text, c.delta_token_ids = "", []
+        if finished and request.params.ranks_by_logprob:
+            snapshot = best_of(snapshot, request.params.n)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, snapshot, finished,
-                             request.num_cached_tokens, request.metrics)
+                             request.num_cached_tokens, request.metrics, prompt_logprobs=request.prompt_logprobs)
+
+
+def best_of(completions: list[CompletionOutput], n: int) -> list[CompletionOutput]:
+    """The n completions of highest cumulative logprob, best first, numbered 0..n-1 (as vLLM V0 chose them)."""
+    best = sorted(completions, key=lambda c: c.cumulative_logprob, reverse=True)[:n]
+    for index, c in enumerate(best):
+        c.index = index
+    return best

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from itertools import chain
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +39,7 @@ from kernels.attention import default_num_splits
 from schemas.sampling_params import SamplingParams
 
 CPU_DEFAULT_KV_GB = 2.0
+PROMPT_LOGPROBS_ROWS = 1024      # prompt positions whose logits [rows, V] are computed at once, for prompt_logprobs
 GPU_RESERVE_BYTES = 1 << 30      # kept free beside the KV pool: CUDA graphs' activations, the sampler's temporaries
 
 
@@ -52,14 +53,22 @@ class WorkerSequence:
     seed: int
     finish: tuple[FinishReason, int | None] | None = None    # ended here (EOS, stop id, length): (reason,
                                                              # stop token), though the scheduler may not know yet
+    # prompt_logprobs, chunk by chunk as the prompt is computed (host tensors, ready once a later step's tokens
+    # are: the same copy stream): (logprob, rank, top ids, top logprobs) of prompt tokens 1, 2, ...
+    prompt_pieces: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
         return self.finish is not None
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Asked for them and not delivered yet (a sequence recomputed after preemption has outputs already)."""
+        return self.params.prompt_logprobs is not None and len(self.token_ids) == self.num_prompt_tokens
+
     def copy(self, seed: int) -> "WorkerSequence":
         return WorkerSequence(list(self.token_ids), self.num_prompt_tokens, self.num_computed_tokens,
-                              list(self.block_ids), self.params, seed)
+                              list(self.block_ids), self.params, seed, prompt_pieces=list(self.prompt_pieces))
 
 
 class ModelRunner:
@@ -322,6 +331,7 @@ class ModelRunner:
                 chunks.append((seq.block_ids, seq.token_ids[start:start + n], start))
             row += n
         hidden = self._forward_prefill(chunks, (flat_rows, step_rows) if flat_rows else None)
+        self._prompt_logprobs(hidden, counts, inflight)
         samplers, row = [], 0
         for seq_id, n in counts.items():
             seq = seqs[seq_id]
@@ -349,6 +359,40 @@ class ModelRunner:
         self.outputs.push(seq_ids, None, out, on_step)
         self._inflight = (seq_ids, None, out.token_ids)
         return seq_ids
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, counts: dict[int, int], inflight: dict[int, int]) -> None:
+        """prompt_logprobs of the prompt tokens this step's chunks predict (position p's logits score token p+1),
+        for the sequences that asked: appended to their prompt_pieces, on their way to the host. Only these rows'
+        logits are computed, PROMPT_LOGPROBS_ROWS at a time."""
+        rows, targets, owners, row = [], [], [], 0
+        for seq_id, n in counts.items():
+            seq = self.seqs[seq_id]
+            start = seq.num_computed_tokens
+            if seq_id not in inflight and seq.wants_prompt_logprobs:
+                m = max(0, min(n, seq.num_prompt_tokens - 1 - start))      # the last prompt token predicts output
+                rows += range(row, row + m)
+                targets += seq.token_ids[start + 1:start + 1 + m]
+                owners.append((seq, m))
+            row += n
+        if not rows:
+            return
+        k = max(seq.params.prompt_logprobs for seq, _ in owners)
+        vocab = self.args.vocab_size
+        parts = []
+        for first in range(0, len(rows), PROMPT_LOGPROBS_ROWS):
+            index = to_device(rows[first:first + PROMPT_LOGPROBS_ROWS], torch.int64, self.device)
+            target = to_device(targets[first:first + PROMPT_LOGPROBS_ROWS], torch.int64, self.device)
+            logprobs = self.model.compute_logits(hidden[index])[:, :vocab].float().log_softmax(dim=-1)  # [m, V]
+            chosen = logprobs.gather(1, target[:, None])                                              # [m, 1]
+            top_logprobs, top_ids = logprobs.topk(k, dim=-1)
+            parts.append((chosen.squeeze(1), (logprobs > chosen).sum(dim=-1) + 1, top_ids, top_logprobs))
+        columns = [torch.cat(column) for column in zip(*parts)] if len(parts) > 1 else list(parts[0])
+        at = 0
+        for seq, m in owners:
+            if m:
+                piece = [c[at:at + m] for c in columns]
+                seq.prompt_pieces.append(tuple(self.outputs.to_host(piece)))
+            at += m
 
     def _forward_prefill(self, chunks: list[tuple[list[int], list[int], int]],
                          from_device: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
@@ -399,6 +443,9 @@ class ModelRunner:
             if logprobs is not None:
                 lp = logprobs[i]
                 result.logprobs.append(TokenLogprobs(lp.logprob, lp.top[:seq.params.logprobs or 0]))
+            if seq.params.prompt_logprobs is not None and len(seq.token_ids) == seq.num_prompt_tokens + 1:
+                result.prompt_logprobs[seq_id] = _prompt_entries(seq.prompt_pieces, seq.params.prompt_logprobs)
+                seq.prompt_pieces = []
         return result
 
     def _start_timer(self):
@@ -431,6 +478,15 @@ class ModelRunner:
 
 
 _PROFILE_PARAMS = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=5)
+
+
+def _prompt_entries(pieces: list[tuple[torch.Tensor, ...]], k: int) -> list[TokenLogprobs]:
+    entries = []
+    for chosen, ranks, top_ids, top_logprobs in pieces:
+        for lp, rank, ids, lps in zip(chosen.tolist(), ranks.tolist(), top_ids[:, :k].tolist(),
+                                      top_logprobs[:, :k].tolist()):
+            entries.append(TokenLogprobs(lp, list(zip(ids, lps)), rank))
+    return entries
 
 
 def _sampling_row(seq: WorkerSequence) -> SamplingRow:

@@ -16,6 +16,7 @@ class CompletionOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None      # aligned with token_ids when logprobs were asked
+    cumulative_logprob: float | None = None          # sum of the tokens' logprobs (with logprobs or best_of)
     finish_reason: str | None = None                 # "stop", "length", "abort" once finished
     stop_reason: int | str | None = None             # the stop token id or stop string that hit
     delta_text: str = ""
@@ -45,3 +46,5 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0                       # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
+    # With prompt_logprobs: aligned with prompt_token_ids, None for the first token (nothing predicts it)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

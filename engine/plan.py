@@ -40,8 +40,9 @@ class Plan:
 
 @dataclass
 class TokenLogprobs:
-    logprob: float                                   # of the sampled token
+    logprob: float                                   # of the sampled token (or of the prompt token)
     top: list[tuple[int, float]]                     # (token id, logprob), best first
+    rank: int | None = None                          # prompt tokens: 1 + the tokens more likely than it
 
 
 @dataclass
@@ -50,3 +51,6 @@ class StepResult:
     seq_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None      # aligned with seq_ids when any sequence asked
+    # With a sequence's first token, when its request asked for prompt_logprobs: the logprobs of its prompt's
+    # tokens after the first (seq id -> one entry per token)
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)

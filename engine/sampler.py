@@ -1,4 +1,5 @@
-"""Batched sampling on the device: penalties, min_tokens, greedy, temperature, top-k, top-p, min-p, logprobs.
+"""Batched sampling on the device: allowed tokens, bad words, logit bias, penalties, min_tokens, greedy, temperature,
+top-k, top-p, min-p, logprobs.
 
 Every stage is a few tensor ops over the whole batch [B, V]; stages no row needs are skipped. Randomness is a
 counter-based hash of (row seed, row step, token id), so a seeded row draws the same token whatever it is
@@ -114,6 +115,26 @@ class HeldTokens:                  # min_tokens: token_ids[i] of rows[i] is mask
 
 
 @dataclass
+class LogitBias:                   # logit_bias: values[i] is added to logit token_ids[i] of row rows[i]
+    rows: torch.Tensor             # [N] int64
+    token_ids: torch.Tensor        # [N] int64
+    values: torch.Tensor           # [N] float32
+
+
+@dataclass
+class BadWords:
+    """bad_words: word i bans token last[i] of row rows[i] when that row's last generated tokens are the word's
+    prefix. Prefixes are right-aligned in [N, M] (M: the longest prefix in the batch), `care` marking their
+    tokens; a one-token word cares about nothing, so it is always banned. recent [B, M] holds each row's last M
+    generated tokens (-1 before the first), advanced on the device with the batch."""
+    rows: torch.Tensor             # [N] int64
+    last: torch.Tensor             # [N] int64
+    prefixes: torch.Tensor         # [N, M] int64
+    care: torch.Tensor             # [N, M] bool
+    recent: torch.Tensor           # [B, M] int64
+
+
+@dataclass
 class SamplingBatch:               # device tensors for a batch, built once per step (or advanced on the device)
     vocab_size: int
     greedy: torch.Tensor           # [B] bool
@@ -131,6 +152,9 @@ class SamplingBatch:               # device tensors for a batch, built once per 
     penalties: Penalties | None
     held: HeldTokens | None
     max_logprobs: int | None       # None when no row asked for logprobs
+    disallowed: torch.Tensor | None = None    # [B, V] bool: outside a row's allowed_token_ids
+    bad_words: BadWords | None = None
+    logit_bias: LogitBias | None = None
 
     @classmethod
     def from_rows(cls, rows: list[SamplingRow], vocab_size: int, eos_token_ids: Collection[int],
@@ -139,7 +163,11 @@ class SamplingBatch:               # device tensors for a batch, built once per 
         greedy = [p.greedy for p in params]
         top_k = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]
         used_top_k = [k for k in top_k if k < vocab_size]
-        asked = [p.logprobs for p in params if p.logprobs is not None]
+        # best_of ranks its completions by their tokens' logprobs: those rows need them even if not asked
+        asked = [p.logprobs or 0 for p in params
+                 if p.logprobs is not None or (p.best_of is not None and p.best_of > p.n)]
+        # One look at every row for the three masking stages, which few requests use.
+        masks = any(p.allowed_token_ids is not None or p.bad_words_token_ids or p.logit_bias for p in params)
         return cls(
             vocab_size=vocab_size,
             greedy=_tensor(greedy, device, torch.bool),
@@ -157,12 +185,19 @@ class SamplingBatch:               # device tensors for a batch, built once per 
             penalties=_penalties(rows, vocab_size, device),
             held=_held_tokens(rows, vocab_size, eos_token_ids, device),
             max_logprobs=max(asked, default=None),
+            disallowed=_disallowed(params, vocab_size, device) if masks else None,
+            bad_words=_bad_words(rows, vocab_size, device) if masks else None,
+            logit_bias=_logit_bias(params, vocab_size, device) if masks else None,
         )
 
     def advance(self, token_ids: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Append tokens [B] to every row (or to the rows where the bool mask `rows` is set), on the device:
         multi-step decoding needs no CPU trip."""
         index = (torch.arange(len(token_ids), device=token_ids.device), token_ids)       # one token a row
+        if self.bad_words is not None:
+            recent = self.bad_words.recent
+            shifted = torch.cat([recent[:, 1:], token_ids[:, None]], dim=1)
+            recent.copy_(shifted if rows is None else torch.where(rows[:, None], shifted, recent))
         if rows is None:
             self.steps += 1
             if self.penalties is not None:
@@ -213,6 +248,58 @@ def _held_tokens(rows: list[SamplingRow], vocab_size: int, eos_token_ids: Collec
     if not triples:
         return None
     return HeldTokens(*(_tensor(list(column), device, torch.int64) for column in zip(*triples)))
+
+
+def _disallowed(params: list[SamplingParams], vocab_size: int, device: torch.device | str) -> torch.Tensor | None:
+    restricted = [b for b, p in enumerate(params) if p.allowed_token_ids is not None]
+    if not restricted:
+        return None
+    pairs = [(b, t) for b in restricted for t in params[b].allowed_token_ids if t < vocab_size]
+    mask = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
+    mask[_tensor(restricted, device, torch.int64)] = True
+    rows, tokens = (_tensor(list(column), device, torch.int64) for column in zip(*pairs)) if pairs else \
+        (_tensor([], device, torch.int64),) * 2
+    return mask.index_put_((rows, tokens), mask.new_zeros(()))
+
+
+def _bad_words(rows: list[SamplingRow], vocab_size: int, device: torch.device | str) -> BadWords | None:
+    words = [(b, w) for b, r in enumerate(rows) for w in r.params.bad_words_token_ids or () if w[-1] < vocab_size]
+    if not words:
+        return None
+    m = max(1, max(len(w) - 1 for _, w in words))           # at least one column: torch keeps shapes simple
+    prefixes = [[-1] * (m - len(w) + 1) + w[:-1] for _, w in words]
+    care = [[False] * (m - len(w) + 1) + [True] * (len(w) - 1) for _, w in words]
+    recent = [([-1] * m + list(r.output_token_ids[-m:]))[-m:] for r in rows]
+    return BadWords(_tensor([b for b, _ in words], device, torch.int64),
+                    _tensor([w[-1] for _, w in words], device, torch.int64),
+                    _tensor(prefixes, device, torch.int64), _tensor(care, device, torch.bool),
+                    _tensor(recent, device, torch.int64))
+
+
+def _logit_bias(params: list[SamplingParams], vocab_size: int, device: torch.device | str) -> LogitBias | None:
+    triples = [(b, t, v) for b, p in enumerate(params) for t, v in (p.logit_bias or {}).items() if t < vocab_size]
+    if not triples:
+        return None
+    rows, tokens, values = zip(*triples)
+    return LogitBias(_tensor(list(rows), device, torch.int64), _tensor(list(tokens), device, torch.int64),
+                     _tensor(list(values), device))
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, disallowed: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(disallowed, float("-inf"))
+
+
+def apply_bad_words(logits: torch.Tensor, bad: BadWords) -> torch.Tensor:
+    """-inf on each word's last token where the row just generated the rest of the word; reads `recent` on the
+    device, so multi-step decoding needs no host trip."""
+    match = ((bad.recent[bad.rows] == bad.prefixes) | ~bad.care).all(dim=-1)          # [N]
+    ban = torch.zeros_like(match, dtype=logits.dtype).masked_fill(match, float("-inf"))
+    # accumulate: several words may end in the same token of a row (-inf + 0 stays -inf)
+    return logits.index_put((bad.rows, bad.last), ban, accumulate=True)
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: LogitBias) -> torch.Tensor:
+    return logits.index_put((bias.rows, bias.token_ids), bias.values, accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
@@ -285,6 +372,13 @@ class Sampler:
         logits = logits[:, :batch.vocab_size].float()                   # [B, V]
         # Logprobs are the model's own (vLLM's default): before penalties and temperature.
         raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs is not None else None
+        # As vLLM: allowed tokens, bad words, logit bias, then penalties.
+        if batch.disallowed is not None:
+            logits = apply_allowed_token_ids(logits, batch.disallowed)
+        if batch.bad_words is not None:
+            logits = apply_bad_words(logits, batch.bad_words)
+        if batch.logit_bias is not None:
+            logits = apply_logit_bias(logits, batch.logit_bias)
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
         if batch.held is not None:

@@ -64,7 +64,7 @@ class Scheduler:
                        token_ids=list(prompt_token_ids), num_prompt_tokens=len(prompt_token_ids), params=params,
                        seed=seed, arrival=self._next_arrival,
                        priority=priority if self.config.policy == "priority" else 0,
-                       num_pending_forks=params.n - 1)
+                       num_pending_forks=params.num_sequences - 1)
         self._next_arrival += 1
         self.requests[request_id] = [seq]
         self._seqs[seq.seq_id] = seq
@@ -77,8 +77,10 @@ class Scheduler:
         n = len(prompt_token_ids)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        if params.num_sequences > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} (best_of={params.num_sequences}) exceeds "
+                             f"max_num_seqs={self.config.max_num_seqs}" if params.best_of else
+                             f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         # The most KV this request can hold (every token but the last sampled one). A preempted sequence is
         # recomputed whole, so that must fit the pool, and one step when prompts cannot be chunked.
         final = min(n + params.max_tokens, self.max_model_len) if params.max_tokens else self.max_model_len
@@ -168,7 +170,10 @@ class Scheduler:
                 break
             if not self._has_seats_for(seq):
                 break
-            cached = self.block_manager.find_cached_prefix(seq)
+            # prompt_logprobs need every prompt position's logits: a prompt that wants them is computed whole,
+            # none of it taken from the prefix cache (vLLM recomputes too)
+            wants_prompt_logprobs = seq.params.prompt_logprobs is not None and not seq.num_output_tokens
+            cached = [] if wants_prompt_logprobs else self.block_manager.find_cached_prefix(seq)
             uncomputed = seq.num_tokens - len(cached) * self.block_manager.block_size
             if uncomputed > budget and not self.config.enable_chunked_prefill:
                 break

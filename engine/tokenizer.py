@@ -48,21 +48,26 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """Each id's entry in the vocabulary (byte-level BPE shows a leading space as "Ġ")."""
+        return self.hf.convert_ids_to_tokens(token_ids)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use a completion prompt")
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    add_special_tokens: bool = False) -> list[int]:
         # The rendered template already holds its special tokens (BOS included where the model wants one).
         text = self.render_chat(messages, add_generation_prompt)
-        return self.hf.encode(text, add_special_tokens=False)
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
 
 def load_tokenizer(files: ModelFiles, option: str | None = None, progress: bool = False) -> Tokenizer | None:

@@ -81,7 +81,14 @@ def check_params(path: str, params, limits: Limits, lengths: bool = True) -> Non
                  presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                  repetition_penalty=params.repetition_penalty)
     check_range(f"{path}.n", params.n, 1, MAX_COMPLETIONS)
+    check_range(f"{path}.best_of", params.num_sequences, 1, MAX_COMPLETIONS)
     check_ids(f"{path}.stop_token_ids", params.stop_token_ids, limits.vocab_size)
+    check_ids(f"{path}.logit_bias", list(params.logit_bias or ()), limits.vocab_size)
+    check_ids(f"{path}.allowed_token_ids", params.allowed_token_ids or [], limits.vocab_size)
+    for word in params.bad_words_token_ids or ():
+        check_ids(f"{path}.bad_words_token_ids", word, limits.vocab_size)
+    if params.logit_bias is not None:
+        check_finite(path, **{f"logit_bias[{t}]": b for t, b in params.logit_bias.items()})
     if lengths:
         if params.max_tokens is not None:
             check_range(f"{path}.max_tokens", params.max_tokens, 1, limits.max_model_len)

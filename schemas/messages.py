@@ -241,6 +241,24 @@ class TokenLogprobsWire:
     top_logprobs: list[float]
 
 
+@dataclass
+class PromptLogprobsWire:
+    """A prompt's logprobs (prompt_logprobs, or echo with logprobs), sent with each completion's first token."""
+    token_ids: list[int]                                      # the prompt
+    logprobs: list[TokenLogprobsWire]                         # of token_ids[1:]: nothing predicts the first
+    ranks: list[int]                                          # aligned with logprobs: 1 + the tokens likelier
+
+    def validate(self, path: str, limits: Limits) -> None:
+        check_range(f"{path}.token_ids length", len(self.token_ids), 1, limits.max_model_len)
+        check_ids(f"{path}.token_ids", self.token_ids, limits.vocab_size)
+        check_range(f"{path}.logprobs length", len(self.logprobs), len(self.token_ids) - 1, len(self.token_ids) - 1)
+        check_aligned(path, logprobs=self.logprobs, ranks=self.ranks)
+        check_ids(f"{path}.ranks", [r - 1 for r in self.ranks], limits.vocab_size)
+        for i, lp in enumerate(self.logprobs):
+            check_aligned(f"{path}.logprobs[{i}]", top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+            check_ids(f"{path}.logprobs[{i}].top_token_ids", lp.top_token_ids, limits.vocab_size)
+
+
 @message("step_tokens")
 @dataclass
 class StepTokens:
@@ -258,11 +276,14 @@ class StepTokens:
     # Aligned (or empty: none of the step's tokens is a first): a request's first token carries its stamps
     # from arrival to plan_started.
     first_stamps: list[list[float]] = field(default_factory=list)
+    # Aligned (or empty: no request of the step asked): a first token of a request that asked carries its
+    # prompt's logprobs.
+    prompt_logprobs: list[PromptLogprobsWire | None] = field(default_factory=list)
 
     def validate(self, limits: Limits) -> None:
         columns = dict(request_ids=self.request_ids, indexes=self.indexes, positions=self.positions,
                        token_ids=self.token_ids, finish_reasons=self.finish_reasons, stop_reasons=self.stop_reasons)
-        for name in ("logprobs", "num_cached_tokens", "first_stamps"):
+        for name in ("logprobs", "num_cached_tokens", "first_stamps", "prompt_logprobs"):
             if getattr(self, name):
                 columns[name] = getattr(self, name)
         check_aligned("step_tokens", **columns)
@@ -275,6 +296,9 @@ class StepTokens:
         for i, lp in enumerate(self.logprobs or []):
             check_aligned(f"step_tokens.logprobs[{i}]", top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
             check_ids(f"step_tokens.logprobs[{i}].top_token_ids", lp.top_token_ids, limits.vocab_size)
+        for i, prompt in enumerate(self.prompt_logprobs):
+            if prompt is not None:
+                prompt.validate(f"step_tokens.prompt_logprobs[{i}]", limits)
 
 
 @dataclass
@@ -303,6 +327,7 @@ class ReplyItem:
     cached_tokens: int = 0
     error: ErrorInfo | None = None
     stamps: list[float] = field(default_factory=list)       # FIRST_TOKEN_STAMPS or DELIVERY_STAMPS so far
+    prompt_logprobs: PromptLogprobsWire | None = None         # with the first item, where the request asked
 
 
 @message("reply")

@@ -188,6 +188,7 @@ class DetokenizerService:
             self.transport.publish(self.names.abort, encode(Abort(rid, index, "stop", out.stop_reason)), pipe)
         item = ReplyItem(request_id=rid, index=index, seq=c.next_seq, text=out.text, token_ids=[token],
                          logprobs=[msg.logprobs[i]] if msg.logprobs is not None else None,
+                         prompt_logprobs=msg.prompt_logprobs[i] if msg.prompt_logprobs else None,
                          finish_reason=out.finish_reason, stop_reason=out.stop_reason,
                          prompt_tokens=c.meta.num_prompt_tokens, cached_tokens=msg.num_cached_tokens[i])
         c.next_seq += 1
@@ -208,7 +209,7 @@ class DetokenizerService:
         pipe.set(self.names.detok_state(rid, index), 1, ex=FINISHED_TTL_S)     # late tokens are dropped
         request = self.requests[rid]
         request.done.add(index)
-        if len(request.done) >= c.meta.params.n:         # the whole request is over: drop what it kept
+        if len(request.done) >= c.meta.params.num_sequences:     # the whole request is over: drop what it kept
             pipe.delete(self.names.request_meta(rid), self.names.detok_done(rid))
             del self.requests[rid]
         else:

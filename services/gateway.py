@@ -44,7 +44,8 @@ from services.metrics import (CONTENT_TYPE, Counter, Gauge, GatewayMetrics, Pipe
 from services.openai_protocol import (ERROR_TYPES, MODEL_NOT_FOUND, SSE_DONE, Limits, ParsedRequest, ProtocolError,
                                       ResponseBuilder,
                                       TokenText, decode_json_body, error_body, model_card, models_list,
-                                      openapi_schema, parse_chat, parse_completion, pipeline_error_body, sse)
+                                      openapi_schema, parse_chat, parse_completion, parse_detokenize, parse_tokenize,
+                                      pipeline_error_body, sse)
 from services.pipeline_client import Overloaded, PipelineClient, StreamGone, Unavailable
 from services.resumable import StreamPosition, parse_event_id
 
@@ -83,6 +84,8 @@ class GatewaySettings:
     max_model_len: int | None = None
     sampling_defaults: dict[str, float] = field(default_factory=dict)   # for the fields a request leaves out
     token_text: TokenText = field(default_factory=TokenText)    # token strings for logprobs
+    # The tokenizer services' input path, for /tokenize and /detokenize (None: the model has no tokenizer here)
+    input_processor: Any = None                                 # engine.input_processor.InputProcessor
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     http: HttpLimits = field(default_factory=HttpLimits)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -398,6 +401,55 @@ class Api:
         self.metrics.generation_tokens.inc(builder.completion_tokens)
         self.metrics.prompt_tokens.inc(sum(builder.prompt_tokens))
 
+    # -- tokens --
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's /tokenize: the prompt's token ids as a completion (or, with messages, a chat request) gets them,
+        through the same input processor as the tokenizer services."""
+        async def answer() -> dict:
+            parsed = parse_tokenize(await self._body(request), self.settings.limits)
+            processor = self._input_processor()
+            ids = await asyncio.to_thread(processor.tokenize, parsed.prompt, None, parsed.messages,
+                                          parsed.add_special_tokens, parsed.add_generation_prompt)
+            result = {"count": len(ids), "max_model_len": await self._max_model_len() or processor.max_model_len,
+                      "tokens": ids}
+            if parsed.return_token_strs:
+                result["token_strs"] = processor.tokenizer.token_strings(ids)
+            return result
+        return await self._token_endpoint(answer)
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's /detokenize: token ids back to text (special tokens included)."""
+        async def answer() -> dict:
+            ids = parse_detokenize(await self._body(request), self.settings.limits)
+            processor = self._input_processor()
+            bad = [t for t in ids if t >= processor.vocab_size]
+            if bad:
+                raise ProtocolError(f"tokens must be in [0, {processor.vocab_size}) (the model's vocabulary), got "
+                                    f"{bad[:5]}", param="tokens")
+            text = await asyncio.to_thread(processor.tokenizer.decode, ids, False)
+            return {"prompt": text}
+        return await self._token_endpoint(answer)
+
+    async def _body(self, request: Request) -> dict:
+        return decode_json_body(await read_body(request, self.settings.max_body_bytes))
+
+    def _input_processor(self):
+        processor = self.settings.input_processor
+        if processor is None or processor.tokenizer is None:
+            raise ProtocolError("this server has no tokenizer for its model (dummy weights without --tokenizer, or "
+                                "--tokenizer none)")
+        return processor
+
+    async def _token_endpoint(self, answer) -> Response:
+        try:
+            return JSONResponse(await answer())
+        except ProtocolError as e:
+            return _error_response(e.status, e.body(), {"Connection": "close"} if e.status == 413 else None)
+        except ValueError as e:                     # the input processor's refusals (a chat template's, say)
+            return _error_response(400, error_body(str(e), 400))
+        except ClientDisconnect:
+            return _error_response(CLIENT_GONE, error_body("the client disconnected", CLIENT_GONE))
+
     # -- everything else --
     async def _max_model_len(self) -> int | None:
         """The context length the engine serves: the worker's, as it registered it (from --max-model-len or the
@@ -460,7 +512,7 @@ class ApiKeyAuth:
 
     def _keys(self, path: str) -> list[bytes]:
         """The keys that open path; none: it is open."""
-        if path.startswith("/v1/") or path == "/openapi.json":
+        if path.startswith("/v1/") or path in ("/openapi.json", "/tokenize", "/detokenize"):
             return self.api_keys
         if path == "/metrics":
             return self.metrics_keys
@@ -527,6 +579,8 @@ def build_app(client: PipelineClient, settings: GatewaySettings) -> Starlette:
     routes = [
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/tokenize", api.tokenize, methods=["POST"]),
+        Route("/detokenize", api.detokenize, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model:path}", api.model, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
@@ -643,29 +697,33 @@ def _model_files(model: str, load_format: str):
         return None
 
 
-def _token_text(files, tokenizer: str | None) -> TokenText:
-    """The model's tokenizer, for the token strings of logprobs (and echo of token prompts); without one,
-    tokens show as token_id:<id>."""
+def _tokenizer(files, tokenizer: str | None):
+    """The model's tokenizer (engine.tokenizer), for the token strings of logprobs, echo of token prompts and
+    /tokenize; None without one (logprobs then show tokens as token_id:<id>)."""
     from engine.tokenizer import load_tokenizer
     try:
-        loaded = load_tokenizer(files, tokenizer) if files is not None else None
-        if loaded is not None:
-            return TokenText(loaded)
+        return load_tokenizer(files, tokenizer) if files is not None else None
     except (ValueError, OSError) as e:
         log.warning("no tokenizer for %s (%s): logprobs show token ids", files.name, e)
-    return TokenText()
+    return None
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
-    from engine.model_files import sampling_defaults
+    from engine.input_processor import InputProcessor
+    from engine.model_files import resolve_max_model_len, sampling_defaults
     files = _model_files(args.model, args.load_format)
+    tokenizer = _tokenizer(files, args.tokenizer)
+    # As the tokenizer services build theirs (services/tokenizer.py): /tokenize sees what a request would.
+    processor = None if files is None else InputProcessor(
+        tokenizer, resolve_max_model_len(files.config, args.max_model_len), files.config["vocab_size"])
     return GatewaySettings(served_model_name=args.served_model_name or args.model, model=args.model,
                            api_keys=list(args.api_key), metrics_keys=list(args.metrics_key), max_n=args.max_n,
                            max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len,
                            http=HttpLimits(args.timeout_header, args.timeout_keep_alive, args.limit_concurrency,
                                            args.max_header_bytes),
                            sampling_defaults=sampling_defaults(files) if files is not None else {},
-                           token_text=_token_text(files, args.tokenizer))
+                           token_text=TokenText(tokenizer) if tokenizer is not None else TokenText(),
+                           input_processor=processor)
 
 
 class _Server(uvicorn.Server):

@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from schemas.messages import ChatMessage, ErrorInfo, GenerateRequest, ReplyItem, TokenLogprobsWire
-from schemas.sampling_params import SamplingParams
+from schemas.messages import ChatMessage, ErrorInfo, GenerateRequest, PromptLogprobsWire, ReplyItem, TokenLogprobsWire
+from schemas.sampling_params import MAX_LOGIT_BIAS, SamplingParams
 
 Prompt = str | list[int]
 
@@ -137,8 +137,7 @@ def _stop(body: dict) -> list[str]:
 
 
 # Features that, ignored, would silently change the answer: refuse them instead.
-_UNSUPPORTED = ("logit_bias", "tools", "functions", "suffix", "prompt_logprobs", "guided_json", "guided_regex",
-                "guided_choice", "guided_grammar")
+_UNSUPPORTED = ("tools", "functions", "suffix", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 def _reject_unsupported(body: dict) -> None:
@@ -148,9 +147,35 @@ def _reject_unsupported(body: dict) -> None:
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise ProtocolError("response_format: only {\"type\": \"text\"} is supported", param="response_format")
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != 1 and best_of != body.get("n", 1):
-        raise ProtocolError("best_of is not supported by this server", param="best_of")
+
+
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's logit_bias: an object mapping token ids (as strings: JSON keys) to biases in [-100, 100]."""
+    value = _field(body, "logit_bias", dict)
+    if value is None:
+        return None
+    bias = {}
+    for key, b in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise ProtocolError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+        token = int(key)
+        _check_int64(token, "logit_bias")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS:
+            raise ProtocolError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                f"got {b!r} for token {key}", param="logit_bias")
+        bias[token] = float(b)
+    return bias
+
+
+def _strings(body: dict, name: str) -> list[str]:
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise ProtocolError(f"{name} must be a list of strings", param=name)
+    for s in value:
+        _check_text(s, name)
+    return value
 
 
 @dataclass
@@ -217,10 +242,21 @@ def _common(body: dict, limits: Limits, *, max_tokens: int | None, logprobs: int
         raise ProtocolError(f"max_tokens ({max_tokens}) exceeds the model's context length "
                             f"({limits.max_model_len})", param="max_tokens")
     stop_token_ids = _token_ids(body.get("stop_token_ids") or [], "stop_token_ids")
+    allowed = body.get("allowed_token_ids")
+    allowed = None if allowed is None else _token_ids(allowed, "allowed_token_ids")
+    best_of = _field(body, "best_of", int)
+    if best_of is not None and best_of > limits.max_n:
+        raise ProtocolError(f"best_of must be at most {limits.max_n}, got {best_of}", param="best_of")
+    if stream and best_of is not None and best_of > n:
+        raise ProtocolError("best_of > n cannot be streamed: which completions are returned is known only at the "
+                            "end", param="best_of")
+    prompt_logprobs = _field(body, "prompt_logprobs", int)
+    if stream and prompt_logprobs is not None:
+        raise ProtocolError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
     default = limits.sampling_defaults
     try:
         params = SamplingParams(
-            n=n, temperature=_field(body, "temperature", float, default.get("temperature", 1.0)),
+            n=n, best_of=best_of, temperature=_field(body, "temperature", float, default.get("temperature", 1.0)),
             top_p=_field(body, "top_p", float, default.get("top_p", 1.0)),
             top_k=_field(body, "top_k", int, int(default.get("top_k", 0))),
             min_p=_field(body, "min_p", float, default.get("min_p", 0.0)),
@@ -230,8 +266,10 @@ def _common(body: dict, limits: Limits, *, max_tokens: int | None, logprobs: int
             max_tokens=max_tokens,
             min_tokens=_field(body, "min_tokens", int, 0), stop=_stop(body), stop_token_ids=stop_token_ids,
             ignore_eos=_field(body, "ignore_eos", bool, False), logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
-            skip_special_tokens=_field(body, "skip_special_tokens", bool, True))
+            skip_special_tokens=_field(body, "skip_special_tokens", bool, True),
+            logit_bias=_logit_bias(body), allowed_token_ids=allowed, bad_words=_strings(body, "bad_words"))
     except ValueError as e:
         raise ProtocolError(str(e)) from None
     return dict(model=model, params=params, stream=stream, include_usage=include_usage,
@@ -268,9 +306,9 @@ def parse_completion(body: dict, limits: Limits, token_text: TokenText | None = 
     prompts = _prompts(body.get("prompt"))
     echo = None
     if _field(body, "echo", bool, False):
-        if logprobs is not None:
-            raise ProtocolError("echo with logprobs is not supported (it needs the prompt's logprobs)",
-                                param="echo")
+        if logprobs is not None:        # the echoed prompt's tokens carry their logprobs too
+            params = common["params"]
+            params.prompt_logprobs = max(params.prompt_logprobs or 0, logprobs)
         if any(not isinstance(p, str) for p in prompts) and (token_text is None or not token_text.can_decode):
             raise ProtocolError("echo of token-id prompts needs the model's tokenizer, which this server lacks",
                                 param="echo")
@@ -329,6 +367,49 @@ def parse_chat(body: dict, limits: Limits) -> ParsedRequest:
                          add_generation_prompt=_field(body, "add_generation_prompt", bool, True), **common)
 
 
+# ---- /tokenize and /detokenize (vLLM's) -------------------------------------------------------------------------
+@dataclass
+class TokenizeRequest:
+    prompt: str | None = None
+    messages: list[dict] | None = None          # through the chat template, as a chat request's
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+def _check_model(body: dict, limits: Limits) -> None:
+    model = _field(body, "model", str, limits.served_model_name)
+    if model != limits.served_model_name:
+        raise ProtocolError(f"The model `{model}` does not exist.", status=404, param="model", type=MODEL_NOT_FOUND)
+
+
+def parse_tokenize(body: dict, limits: Limits) -> TokenizeRequest:
+    """POST /tokenize: a prompt, or chat messages, tokenized as a completion or chat request would be. As vLLM:
+    special tokens (BOS) are added to a prompt, not to a rendered chat template, which holds its own."""
+    _check_model(body, limits)
+    return_token_strs = _field(body, "return_token_strs", bool, False)
+    if body.get("messages") is not None:
+        if body.get("prompt") is not None:
+            raise ProtocolError("give either prompt or messages, not both", param="prompt")
+        messages = [{"role": m.role, "content": m.content} for m in _messages(body["messages"])]
+        return TokenizeRequest(messages=messages, add_special_tokens=_field(body, "add_special_tokens", bool, False),
+                               add_generation_prompt=_field(body, "add_generation_prompt", bool, True),
+                               return_token_strs=return_token_strs)
+    prompt = _field(body, "prompt", str)
+    if prompt is None:
+        raise ProtocolError("prompt (a string) or messages is required", param="prompt")
+    return TokenizeRequest(prompt=prompt, add_special_tokens=_field(body, "add_special_tokens", bool, True),
+                           return_token_strs=return_token_strs)
+
+
+def parse_detokenize(body: dict, limits: Limits) -> list[int]:
+    """POST /detokenize: the token ids to turn back into text."""
+    _check_model(body, limits)
+    if body.get("tokens") is None:
+        raise ProtocolError("tokens (a list of token ids) is required", param="tokens")
+    return _token_ids(body["tokens"], "tokens")
+
+
 # ---- token strings, for logprobs -------------------------------------------------------------------------------
 class Detokenizer(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
@@ -359,10 +440,10 @@ class TokenText:
 
 
 def completion_logprobs(token_ids: list[int], entries: list[TokenLogprobsWire], token_text: TokenText,
-                        text_offset: int) -> dict:
+                        text_offset: int, top_n: int | None = None) -> dict:
     """The legacy completions shape for some tokens of a choice; text_offset: where the first one starts in the
     choice's text. top_logprobs maps token text -> logprob and always holds the sampled token too, so it has up
-    to k+1 entries (as OpenAI documents)."""
+    to k+1 entries (as OpenAI documents); top_n: at most that many alternatives of each entry's."""
     tokens = [token_text(t) for t in token_ids]
     offsets = []
     for token in tokens:
@@ -370,11 +451,25 @@ def completion_logprobs(token_ids: list[int], entries: list[TokenLogprobsWire], 
         text_offset += len(token)
     top = []
     for token, entry in zip(tokens, entries):
-        alternatives = {token_text(t): lp for t, lp in zip(entry.top_token_ids, entry.top_logprobs)}
+        alternatives = {token_text(t): lp for t, lp in zip(entry.top_token_ids[:top_n], entry.top_logprobs[:top_n])}
         alternatives.setdefault(token, entry.logprob)
         top.append(alternatives)
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
             "text_offset": offsets}
+
+
+def prompt_logprobs(prompt: PromptLogprobsWire | None, token_text: TokenText, top_n: int) -> list[dict | None]:
+    """vLLM's prompt_logprobs: per prompt token, null for the first, else {token id: {logprob, rank,
+    decoded_token}} for the token itself and the top_n most likely in its place."""
+    if prompt is None:
+        return []
+    shaped: list[dict | None] = [None]
+    for token, entry, rank in zip(prompt.token_ids[1:], prompt.logprobs, prompt.ranks):
+        top = {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": token_text(t)}
+               for r, (t, lp) in enumerate(zip(entry.top_token_ids[:top_n], entry.top_logprobs[:top_n]))}
+        top.setdefault(str(token), {"logprob": entry.logprob, "rank": rank, "decoded_token": token_text(token)})
+        shaped.append(top)
+    return shaped
 
 
 def _chat_token(text: str, logprob: float) -> dict:
@@ -416,19 +511,24 @@ class _Choice:
     echo: str | None = None                                   # the prompt, until the choice's first text
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    cumulative_logprob: float = 0.0                           # best_of: the n returned score highest
 
 
 class ResponseBuilder:
     """Turns one API request's ReplyItems into its stream chunks, or into its whole response.
 
     A choice's index is prompt_index * n + the item's index. An item whose text is empty (bytes held back by
-    the detokenizer) makes no chunk, unless it ends its choice or carries requested logprobs."""
+    the detokenizer) makes no chunk, unless it ends its choice or carries requested logprobs. With best_of > n
+    (never streamed) best_of choices per prompt are collected, and the response holds the n of highest
+    cumulative logprob."""
 
     def __init__(self, request: ParsedRequest, response_id: str, created: int, token_text: TokenText):
         self.request, self.response_id = request, response_id
-        self.n = request.params.n
+        self.n = request.params.num_sequences          # completions generated per prompt
         self.top_logprobs = request.params.logprobs
         self.token_text = token_text
+        self.echo_logprobs = request.echo is not None and self.top_logprobs is not None
+        self.prompt_logprobs: list[PromptLogprobsWire | None] = [None] * request.num_prompts
         self.choices = [_Choice() for _ in range(request.num_prompts * self.n)]
         if request.echo is not None:
             for i, choice in enumerate(self.choices):
@@ -461,12 +561,20 @@ class ResponseBuilder:
             self.prompt_tokens[prompt_index] = item.prompt_tokens
             self.cached_tokens[prompt_index] = item.cached_tokens
         self.completion_tokens += len(item.token_ids)
-        text = item.text
+        if item.prompt_logprobs is not None:
+            self.prompt_logprobs[prompt_index] = item.prompt_logprobs
+        if item.logprobs:
+            choice.cumulative_logprob += sum(e.logprob for e in item.logprobs)
+        text, echoed = item.text, None
         if choice.echo is not None:
             text, choice.echo = choice.echo + text, None
+            if self.echo_logprobs and item.prompt_logprobs is not None:
+                echoed = self._echo_logprobs(choice, item.prompt_logprobs)
         if item.finish_reason is not None:
             choice.finish_reason, choice.stop_reason = item.finish_reason, item.stop_reason
         logprobs = self._logprobs(choice, item)
+        if echoed is not None:
+            logprobs = echoed if logprobs is None else {k: echoed[k] + logprobs[k] for k in echoed}
         if not self.request.stream:
             choice.parts.append(text)
             if logprobs is not None:
@@ -494,6 +602,15 @@ class ResponseBuilder:
             choice.text_offset = shaped["text_offset"][-1] + len(shaped["tokens"][-1])
         return shaped
 
+    def _echo_logprobs(self, choice: _Choice, prompt: PromptLogprobsWire) -> dict:
+        """The legacy completions shape for the echoed prompt's tokens: the first has no logprob (null)."""
+        shaped = completion_logprobs(prompt.token_ids[1:], prompt.logprobs, self.token_text, 0, self.top_logprobs)
+        first = self.token_text(prompt.token_ids[0])
+        offsets = [choice.text_offset] + [choice.text_offset + len(first) + o for o in shaped["text_offset"]]
+        choice.text_offset = offsets[-1] + len(shaped["tokens"][-1] if shaped["tokens"] else first)
+        return {"tokens": [first] + shaped["tokens"], "token_logprobs": [None] + shaped["token_logprobs"],
+                "top_logprobs": [None] + shaped["top_logprobs"], "text_offset": offsets}
+
     @staticmethod
     def _keep_logprobs(choice: _Choice, logprobs: dict | list) -> None:
         if choice.logprobs is None:
@@ -510,20 +627,36 @@ class ResponseBuilder:
     def usage_chunk(self) -> dict:
         return {**self._head, "choices": [], "usage": self.usage()}
 
+    def _returned(self) -> list[tuple[int, _Choice]]:
+        """(prompt index, choice) of the choices the response holds: all, or the best n of each prompt's
+        best_of by cumulative logprob (vLLM V0's choice), best first."""
+        returned, n = self.request.params.n, self.n
+        if returned == n:
+            return [(i // n, c) for i, c in enumerate(self.choices)]
+        return [(p, c) for p in range(self.request.num_prompts)
+                for c in sorted(self.choices[p * n:(p + 1) * n], key=lambda c: c.cumulative_logprob,
+                                reverse=True)[:returned]]
+
     def response(self) -> dict:
         """The non-streaming body, once every choice finished."""
         choices = []
-        for index, c in enumerate(self.choices):
+        k = self.request.params.prompt_logprobs
+        for index, (prompt_index, c) in enumerate(self._returned()):
             text = "".join(c.parts)
             if self.request.chat:
                 entry = {"index": index, "message": {"role": "assistant", "content": text},
                          "logprobs": None if c.logprobs is None else {"content": c.logprobs}}
             else:
                 entry = {"index": index, "text": text, "logprobs": c.logprobs}
+                if k is not None:
+                    entry["prompt_logprobs"] = prompt_logprobs(self.prompt_logprobs[prompt_index], self.token_text, k)
             entry["finish_reason"] = c.finish_reason
             entry["stop_reason"] = c.stop_reason
             choices.append(entry)
-        return {**self._head, "choices": choices, "usage": self.usage()}
+        body = {**self._head, "choices": choices, "usage": self.usage()}
+        if self.request.chat and k is not None:
+            body["prompt_logprobs"] = prompt_logprobs(self.prompt_logprobs[0], self.token_text, k)
+        return body
 
 
 def models_list(name: str, root: str, created: int, max_model_len: int | None) -> dict:
@@ -573,6 +706,17 @@ def _sampling_fields(limits: Limits) -> dict:
         "skip_special_tokens": {"type": "boolean"},
         "priority": {"type": "integer", "description": "lower is served first"},
         "user": {"type": "string"},
+        "best_of": {"type": "integer", "minimum": 1, "maximum": limits.max_n, "nullable": True,
+                    "description": "at least n: the n of highest cumulative logprob are returned; not with stream "
+                                   "when above n"},
+        "logit_bias": {"type": "object", "nullable": True, "description": "token id -> bias added to its logit",
+                       "additionalProperties": {"type": "number", "minimum": -MAX_LOGIT_BIAS,
+                                                "maximum": MAX_LOGIT_BIAS}},
+        "allowed_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1,
+                              "nullable": True, "description": "only these tokens may be sampled"},
+        "bad_words": {"type": "array", "items": {"type": "string"}, "description": "words never generated"},
+        "prompt_logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "nullable": True,
+                            "description": "each prompt token's logprob and the top k; not with stream"},
     }
 
 
@@ -605,7 +749,8 @@ def openapi_schema(limits: Limits, api_keys: bool, metrics_keys: bool) -> dict:
         "prompt": _one_of({"type": "string", "minLength": 1},
                           {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
                           _TOKEN_IDS, {"type": "array", "items": _TOKEN_IDS, "minItems": 1}),
-        "echo": {"type": "boolean", "description": "not with logprobs"},
+        "echo": {"type": "boolean", "description": "the prompt before the completion (with logprobs: the prompt's "
+                                                "tokens' too)"},
         "logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "nullable": True},
     }}
     chat = {"type": "object", "required": ["messages"], "properties": {
@@ -617,6 +762,16 @@ def openapi_schema(limits: Limits, api_keys: bool, metrics_keys: bool) -> dict:
                          "description": "only with logprobs: true"},
         "add_generation_prompt": {"type": "boolean"},
     }}
+    tokenize = {"type": "object", "properties": {
+        "model": sampling["model"],
+        "prompt": {"type": "string"},
+        "messages": {"type": "array", "items": message, "minItems": 1},
+        "add_special_tokens": {"type": "boolean", "description": "default: true with prompt, false with messages"},
+        "add_generation_prompt": {"type": "boolean"},
+        "return_token_strs": {"type": "boolean"},
+    }, "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}], "description": "prompt or messages"}
+    detokenize = {"type": "object", "required": ["tokens"], "properties": {
+        "model": sampling["model"], "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}}}
     generation = {"200": _json_response("the completion; with stream: true, server-sent events (text/event-stream) "
                                         "of chunks ending with data: [DONE]"), **_ERRORS}
     plain = {"200": {"description": "ok", "content": {"text/plain": {"schema": {"type": "string"}}}}}
@@ -633,6 +788,12 @@ def openapi_schema(limits: Limits, api_keys: bool, metrics_keys: bool) -> dict:
             "/v1/chat/completions": {"post": {"operationId": "createChatCompletion", "security": bearer,
                                               "parameters": resume, "requestBody": _json_body(chat),
                                               "responses": generation}},
+            "/tokenize": {"post": {"operationId": "tokenize", "security": bearer, "requestBody": _json_body(tokenize),
+                                   "responses": {"200": _json_response("count, max_model_len, tokens (and "
+                                                                       "token_strs)"), **_ERRORS}}},
+            "/detokenize": {"post": {"operationId": "detokenize", "security": bearer,
+                                     "requestBody": _json_body(detokenize),
+                                     "responses": {"200": _json_response("prompt: the text"), **_ERRORS}}},
             "/v1/models": {"get": {"operationId": "listModels", "security": bearer,
                                    "responses": {"200": _json_response("the served model"), "401": _ERRORS["401"]}}},
             "/v1/models/{model}": {"get": {

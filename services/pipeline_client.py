@@ -160,7 +160,7 @@ class PipelineClient:
         request.epoch = self._epochs[0] or ""
         payload = encode(request)
         decode(GenerateRequest, payload)     # the schema's limits, checked here: a tokenizer could not answer it
-        flight = _InFlight(asyncio.Queue(), self._epochs, open_indexes=request.params.n)
+        flight = _InFlight(asyncio.Queue(), self._epochs, open_indexes=request.params.num_sequences)
 
         async def send() -> None:
             await self.redis.xadd(self.names.tokenize, {FIELD: payload}, maxlen=STREAM_MAXLEN, approximate=True)

@@ -9,7 +9,8 @@ makes the trips bigger rather than the lag longer.
 
 Frames (msgpack arrays; a 4-byte little-endian length before each), in the order the model loop made them:
     ["owners", [[seq_id, request_id, index, num_cached_tokens, partition], ...], [dropped seq_id, ...]]
-    ["step", step, on_host, seq_ids, token_ids, positions, finish_reasons, stop_reasons, logprobs, first_stamps]
+    ["step", step, on_host, seq_ids, token_ids, positions, finish_reasons, stop_reasons, logprobs, first_stamps,
+     prompt_logprobs]                               (prompt_logprobs: [[seq_id, prompt ids, entries, ranks], ...])
     ["event", encoded StepEvent, plan entry id]
     ["ack", plan entry id]                          (a plan the worker dropped as a repeat)
 A sequence's owner is added before its first step and dropped after its last, so every token finds its request.
@@ -39,7 +40,7 @@ from typing import BinaryIO, Iterator
 import msgpack
 
 from schemas.codec import encode
-from schemas.messages import StepTokens, TokenLogprobsWire
+from schemas.messages import PromptLogprobsWire, StepTokens, TokenLogprobsWire
 from services.runtime import setup_logging
 from services.transport import REDIS_DOWN, REDIS_URL_ENV, RedisOutage, Transport, Trimmer
 
@@ -148,8 +149,10 @@ class Publisher:
 
     def _publish_tokens(self, step: int, on_host: float, seq_ids: list[int], token_ids: list[int],
                         positions: list[int], finish_reasons: list, stop_reasons: list, logprobs: list | None,
-                        first_stamps: list, writes: list) -> None:
+                        first_stamps: list, prompt_logprobs: list, writes: list) -> None:
         firsts = dict(first_stamps)
+        prompts = {seq_id: PromptLogprobsWire(ids, [TokenLogprobsWire(*e) for e in entries], ranks)
+                   for seq_id, ids, entries, ranks in prompt_logprobs}
         columns: dict[int, StepTokens] = {}
         for i, seq_id in enumerate(seq_ids):
             owner = self.owners.get(seq_id)
@@ -170,6 +173,8 @@ class Publisher:
             msg.stop_reasons.append(stop_reasons[i])
             msg.num_cached_tokens.append(cached)
             msg.first_stamps.append(firsts.get(seq_id, []))
+            if prompts:
+                msg.prompt_logprobs.append(prompts.get(seq_id))
             if logprobs is not None:
                 msg.logprobs.append(TokenLogprobsWire(*logprobs[i]))
         for partition, msg in columns.items():

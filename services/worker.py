@@ -294,9 +294,12 @@ class WorkerService:
                         firsts.append([s, self.first_stamps.pop(s)])
             logprobs = None if result.logprobs is None else [
                 [lp.logprob, [t for t, _ in lp.top], [v for _, v in lp.top]] for lp in result.logprobs]
+            prompt_logprobs = [[s, seqs[s].token_ids[:seqs[s].num_prompt_tokens],
+                                [[lp.logprob, [t for t, _ in lp.top], [v for _, v in lp.top]] for lp in entries],
+                                [lp.rank for lp in entries]] for s, entries in result.prompt_logprobs.items()]
             self.outbox.put(["step", self.step, on_host, result.seq_ids, result.token_ids, positions,
                              [f[0].value if f else None for f in finishes], [f[1] if f else None for f in finishes],
-                             logprobs, firsts])
+                             logprobs, firsts, prompt_logprobs])
             self.step += 1
             for s, t in zip(result.seq_ids, result.token_ids):
                 sampled.setdefault(s, []).append(t)

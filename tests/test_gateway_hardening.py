@@ -251,8 +251,9 @@ def bound(body) -> None:
             body[name] = FUZZ_MAX_TOKENS
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = FUZZ_MAX_TOKENS
-    if isinstance(body.get("n"), int) and not isinstance(body["n"], bool) and body["n"] > FUZZ_MAX_SEQUENCES:
-        body["n"] = FUZZ_MAX_SEQUENCES
+    for name in ("n", "best_of"):
+        if isinstance(body.get(name), int) and not isinstance(body[name], bool) and body[name] > FUZZ_MAX_SEQUENCES:
+            body[name] = FUZZ_MAX_SEQUENCES
     for name in ("prompt", "messages"):
         if isinstance(body.get(name), list):
             body[name] = body[name][:FUZZ_MAX_SEQUENCES]
@@ -264,7 +265,7 @@ def test_openapi_schema_matches_the_routes(stack):
                     timeout=30).json()
     assert doc["openapi"].startswith("3.") and set(doc["paths"]) == {
         "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model}", "/health", "/health/ready",
-        "/metrics"}
+        "/metrics", "/tokenize", "/detokenize"}
     completion = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert completion["properties"]["model"]["enum"] == ["smollm2-135m-instruct"]
     assert completion["properties"]["max_tokens"]["maximum"] == 2048                  # the served context length

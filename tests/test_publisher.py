@@ -27,9 +27,9 @@ def frames_for(worker_plan_id: bytes) -> list[list]:
     return [
         ["owners", [[1, a, 0, 16, partition_of(a, PARTITIONS)], [2, b, 0, 0, partition_of(b, PARTITIONS)]], []],
         ["step", 0, 100.0, [1, 2], [11, 21], [0, 0], [None, "stop"], [None, None], None,
-         [[1, [1.0, 2.0, 3.0, 4.0, 5.0]]]],
+         [[1, [1.0, 2.0, 3.0, 4.0, 5.0]]], []],
         ["owners", [], [2]],                                      # b ended: its owner goes after its last token
-        ["step", 1, 100.5, [1, 2], [12, 99], [1, 1], [None, None], [None, None], None, []],
+        ["step", 1, 100.5, [1, 2], [12, 99], [1, 1], [None, None], [None, None], None, [], []],
         ["event", encode(event), worker_plan_id],
     ]
 

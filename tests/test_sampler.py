@@ -301,3 +301,91 @@ def test_compiled_uniform_gives_the_eager_bits():
         steps = torch.randint(0, 10_000, (batch,), device=device)
         counters = _counters(128_256, torch.device(device))
         assert torch.equal(compiled(seeds, steps, counters), _uniform(seeds, steps, counters))
+
+
+# ---- logit_bias, allowed_token_ids, bad_words -------------------------------------------------------------------
+
+def ref_masked(logits: list[float], r: SamplingRow) -> list[float]:
+    """allowed_token_ids, then bad words (a word's last token, where the output ends with the rest of it), then
+    logit_bias: what the sampler applies before penalties."""
+    p, out = r.params, list(logits)
+    if p.allowed_token_ids is not None:
+        out = [x if v in p.allowed_token_ids else -math.inf for v, x in enumerate(out)]
+    output = list(r.output_token_ids)
+    for word in p.bad_words_token_ids or ():
+        if len(word) == 1 or output[len(output) - len(word) + 1:] == word[:-1] and len(output) >= len(word) - 1:
+            out[word[-1]] = -math.inf
+    for t, b in (p.logit_bias or {}).items():
+        out[t] += b
+    return out
+
+
+masked_rows = st.builds(
+    lambda seed, output, allowed, words, bias, greedy: row(
+        seed, output=output, allowed_token_ids=allowed, bad_words_token_ids=words, logit_bias=bias,
+        temperature=0.0 if greedy else 1.0),
+    st.integers(0, 2**64), st.lists(st.integers(0, 11), max_size=6),
+    st.one_of(st.none(), st.lists(st.integers(0, 11), min_size=4, max_size=8)),
+    st.one_of(st.none(), st.lists(st.lists(st.integers(0, 11), min_size=1, max_size=3), max_size=4)),
+    st.one_of(st.none(), st.dictionaries(st.integers(0, 11), st.floats(-100, 100), max_size=4)),
+    st.booleans())
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.lists(masked_rows, min_size=1, max_size=6), logits_seed=st.integers(0, 2**32 - 1))
+def test_allowed_bad_words_and_logit_bias_match_reference(rows, logits_seed):
+    logits = torch.randn(len(rows), 12, generator=torch.Generator().manual_seed(logits_seed)) * 3
+    batch = batch_of(rows, 12)
+    reference = [ref_masked(lr, r) for lr, r in zip(logits.tolist(), rows)]
+    token_ids = sampler(logits, batch).token_ids.tolist()
+    for t, ref, r in zip(token_ids, reference, rows):
+        if max(ref) == -math.inf:
+            continue                      # every token banned: nothing is right
+        assert ref[t] > -math.inf         # never a banned or disallowed token, greedy or not
+        if r.params.greedy:
+            assert ref[t] >= max(ref) - 1e-4
+
+
+def test_logit_bias_decides_greedy_and_random_rows():
+    logits = torch.randn(1, 50).expand(400, 50)
+    top = int(logits[0].argmax())
+    banned = sample(logits, [row(seed, logit_bias={top: -100}, temperature=0.0 if seed % 2 else 1.0)
+                             for seed in range(400)]).token_ids
+    assert top not in banned.tolist()
+    forced = sample(logits, [row(seed, logit_bias={7: 100}, temperature=0.0 if seed % 2 else 1.0)
+                             for seed in range(400)]).token_ids
+    assert set(forced.tolist()) == {7}
+    assert set(sample(logits, [row(seed) for seed in range(400)]).token_ids.tolist()) != {7}   # not by chance
+
+
+def test_allowed_token_ids_restrict_sampling():
+    logits = torch.randn(1, 50).expand(500, 50)
+    allowed = [3, 11, 40]
+    out = sample(logits, [row(seed, allowed_token_ids=allowed, temperature=2.0) for seed in range(500)])
+    assert set(out.token_ids.tolist()) == set(allowed)            # all of them, and nothing else
+    greedy = sample(logits[:1], [row(allowed_token_ids=allowed, temperature=0.0)]).token_ids.item()
+    assert greedy == max(allowed, key=lambda t: logits[0, t])
+
+
+def test_bad_words_advance_on_the_device():
+    # Multi-step decoding advances `recent` on the device, for every row or the masked ones: it must equal the
+    # batch rebuilt from the rows' new outputs.
+    rng, vocab = random.Random(5), 16
+    words = [[4], [5, 6], [7, 8, 9], [5, 9]]
+    rows = [row(rng.getrandbits(64), output=[rng.randrange(vocab) for _ in range(rng.randrange(4))],
+                bad_words_token_ids=words, temperature=rng.choice([0.0, 1.0])) for _ in range(6)]
+    batch = batch_of(rows, vocab)
+    for step in range(6):
+        token_ids = torch.tensor([rng.choice([5, 7, 8, 6, 9, 1]) for _ in rows])
+        mask = torch.tensor([rng.random() < 0.7 for _ in rows]) if step % 2 else None
+        batch.advance(token_ids, mask)
+        rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids,
+                            [*r.output_token_ids, t] if mask is None or m else list(r.output_token_ids))
+                for r, t, m in zip(rows, token_ids.tolist(), (mask if mask is not None else [True] * 6))]
+        rebuilt = batch_of(rows, vocab)
+        assert torch.equal(batch.bad_words.recent, rebuilt.bad_words.recent)
+        logits = torch.randn(len(rows), vocab)
+        logits[:, [4, 6, 9]] += 4        # the banned tokens tempt
+        sampled = sampler(logits, batch).token_ids.tolist()
+        for t, r in zip(sampled, rows):
+            assert ref_masked([0.0] * vocab, r)[t] > -math.inf
