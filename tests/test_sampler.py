@@ -379,8 +379,8 @@ def test_bad_words_advance_on_the_device():
         token_ids = torch.tensor([rng.choice([5, 7, 8, 6, 9, 1]) for _ in rows])
         mask = torch.tensor([rng.random() < 0.7 for _ in rows]) if step % 2 else None
         batch.advance(token_ids, mask)
-        rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids,
-                            [*r.output_token_ids, t] if mask is None or m else list(r.output_token_ids))
+        rows = [SamplingRow(r.params, r.seed, [*r.token_ids, t] if mask is None or m else list(r.token_ids),
+                            r.num_prompt_tokens)
                 for r, t, m in zip(rows, token_ids.tolist(), (mask if mask is not None else [True] * 6))]
         rebuilt = batch_of(rows, vocab)
         assert torch.equal(batch.bad_words.recent, rebuilt.bad_words.recent)
