@@ -118,11 +118,6 @@ class SamplingParams:
         """Whether the n returned are chosen among more (best_of > n): each sampled token's logprob is needed."""
         return self.num_sequences > self.n
 
-    def token_ids_used(self) -> list[int]:
-        """Every token id these parameters name, for the checks against the model's vocabulary."""
-        ids = list(self.stop_token_ids) + list(self.logit_bias or ()) + list(self.allowed_token_ids or ())
-        return ids + [t for word in self.bad_words_token_ids or () for t in word]
-
 
 def _token_key(key) -> int:
     """A logit_bias key: an integer, or the decimal string JSON makes of one."""

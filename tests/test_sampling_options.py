@@ -227,8 +227,10 @@ def test_prompt_logprobs_and_echo_served(client, llm, reference):
             logprobs = {k: sum((getattr(c.choices[0].logprobs, k) for c in chunks if c.choices[0].logprobs), [])
                         for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
         else:
-            choice = completion(client, LONG_PROMPT, **kwargs).choices[0]
-            text, logprobs = choice.text, choice.logprobs.model_dump()
+            choices = completion(client, LONG_PROMPT, n=2, **kwargs).choices
+            text, logprobs = choices[0].text, choices[0].logprobs.model_dump()
+            echoed = {k: v[:len(ids)] for k, v in logprobs.items()}
+            assert {k: v[:len(ids)] for k, v in choices[1].logprobs.model_dump().items()} == echoed   # each choice
         assert text.startswith(LONG_PROMPT)
         tokens = logprobs["tokens"]
         assert len(tokens) == len(ids) + 3
