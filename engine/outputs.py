@@ -20,6 +20,7 @@ class CompletionOutput:
     stop_reason: int | str | None = None             # the stop token id or stop string that hit
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float | None = None          # beam search: the beam's, as its score counts it
 
     @property
     def finished(self) -> bool:
@@ -45,3 +46,21 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0                       # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
+    kv_blocks_saved: int = 0                         # beam search: the most KV blocks its beams shared at once
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam, as vLLM's: tokens are the prompt's and the generated ones; text is the generated text."""
+    tokens: list[int]
+    text: str
+    cum_logprob: float
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """LLM.beam_search's answer for one prompt: its beams, best first."""
+    sequences: list[BeamSearchSequence]
+    kv_blocks_saved: int = 0                         # the most KV blocks the beams shared at once
