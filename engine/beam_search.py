@@ -56,15 +56,17 @@ class Continuation:
 class BeamSearchResult:
     """A finished search, for the engine or the scheduler service to hand to its client."""
     request_id: str
-    beams: list[Beam]              # best first, at most beam_width
+    beams: list[Beam]              # best first: the n the request returns
     kv_blocks_saved: int           # the most KV blocks the beams shared at once, against independent sequences
 
 
 class BeamGroup:
     """One beam search request, as the Scheduler keeps it."""
 
-    def __init__(self, params: BeamSearchParams, eos_token_ids: frozenset[int], max_model_len: int):
-        self.params, self.eos_token_ids, self.max_model_len = params, eos_token_ids, max_model_len
+    def __init__(self, params: BeamSearchParams, num_returned: int, eos_token_ids: frozenset[int],
+                 max_model_len: int):
+        self.params, self.num_returned = params, num_returned
+        self.eos_token_ids, self.max_model_len = eos_token_ids, max_model_len
         self.beams: list[Sequence] = []                         # live, best first
         self.cum_logprobs: dict[int, float] = {}                # live seq id -> cumulative logprob
         self.candidates: dict[int, list[tuple[int, float]]] = {}   # seq id -> its last step's (token, logprob)
@@ -107,7 +109,7 @@ class BeamGroup:
         beams = self.completed + [Beam(c.parent.token_ids + [c.token_id], c.parent.num_prompt_tokens, c.cum_logprob,
                                        c.score, FinishReason.LENGTH) for c in last]
         beams.sort(key=lambda b: b.score, reverse=True)
-        return BeamSearchResult(request_id, beams[:self.params.beam_width], self.peak_kv_blocks_saved)
+        return BeamSearchResult(request_id, beams[:self.num_returned], self.peak_kv_blocks_saved)
 
     def observe_blocks(self) -> None:
         """How many KV blocks the live beams share now: what independent sequences would hold more."""

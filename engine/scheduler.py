@@ -71,7 +71,7 @@ class Scheduler:
         """Queue a request (a beam search with beam_search: params.n is how many of its beams it returns);
         raises ValueError (and queues nothing) if it can never be served."""
         self.check_request(request_id, prompt_token_ids, params, beam_search)
-        forks = params.n - 1
+        forks, returned = params.n - 1, params.n
         if beam_search is not None:
             # Its beams ask the sampler for their candidates: the top 2 x beam_width logprobs.
             params, forks = replace(params, n=1, logprobs=beam_search.num_candidates), 0
@@ -83,7 +83,8 @@ class Scheduler:
         self._next_arrival += 1
         self.requests[request_id] = [seq]
         if beam_search is not None:
-            group = self.beam_groups[request_id] = BeamGroup(beam_search, self.eos_token_ids, self.max_model_len)
+            group = self.beam_groups[request_id] = BeamGroup(beam_search, returned, self.eos_token_ids,
+                                                                  self.max_model_len)
             group.beams, group.cum_logprobs = [seq], {seq.seq_id: 0.0}
         self._seqs[seq.seq_id] = seq
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
