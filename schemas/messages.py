@@ -227,7 +227,8 @@ class StepEvent:
             check_aligned(f"step_event.beam_candidates[{i}]", top_token_ids=candidates.top_token_ids,
                           top_logprobs=candidates.top_logprobs)
             check_ids(f"step_event.beam_candidates[{i}].top_token_ids", candidates.top_token_ids, limits.vocab_size)
-            check_finite(f"step_event.beam_candidates[{i}]", **{str(k): v for k, v in enumerate(candidates.top_logprobs)})
+            check_finite(f"step_event.beam_candidates[{i}]",
+                         **{str(k): v for k, v in enumerate(candidates.top_logprobs)})
 
 
 @message("worker_info")

@@ -229,7 +229,7 @@ class SchedulerService:
 
     def _publish_beams(self, search: BeamSearchResult) -> None:
         """A finished beam search's best n beams, to the request's detokenizer partition as any tokens: the beams'
-        tokens are known only here, and only now (streamed, each beam's text comes at the end, whole)."""
+        tokens are known only here, and only now (streamed, a client gets every beam's chunks once it ends)."""
         rid = search.request_id
         columns = StepTokens(step=0, request_ids=[], indexes=[], positions=[], token_ids=[], finish_reasons=[],
                              stop_reasons=[], num_cached_tokens=[])

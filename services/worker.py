@@ -300,11 +300,14 @@ class WorkerService:
                     beam_steps=message.beam_steps)
         sampled: dict[int, list[int]] = {}
         candidates: dict[int, TokenLogprobsWire] = {}
+        # Asked once a plan, not once a step: plans without beams run as they did before beam search.
+        has_beams = any(self.runner.seqs[s].beam for s in plan.num_scheduled_tokens if s in self.runner.seqs) or \
+            any(n.beam for n in message.new) or bool(message.beam_steps)
 
         def on_step(result: StepResult) -> None:
             on_host = time.time()
             seqs = self.runner.seqs
-            if any(seqs[s].beam for s in result.seq_ids):      # beams go to the scheduler, in the plan's event
+            if has_beams:          # the beams' candidates go to the scheduler, in the plan's event; no token of theirs
                 for i, s in enumerate(result.seq_ids):
                     if seqs[s].beam:
                         top = result.logprobs[i].top
