@@ -168,7 +168,8 @@ def test_other_requests_keep_multi_step_plans(llm, expected):
     want = expected[PROMPTS[0], 2]
     assert [done["beams"].prompt_token_ids + c.token_ids for c in done["beams"].outputs] == [t for t, _ in want]
     assert any(num_steps > 1 and beams for num_steps, beams in steps)       # multi-step with beams in the plan
-    assert all(n == 1 for _, beams in steps for n in beams[1:])             # a beam computes one token a plan
+    assert steps[0][1] == [len(done["beams"].prompt_token_ids)]             # the first plan prefills the prompt
+    assert all(n == 1 for _, beams in steps[1:] for n in beams)             # then a beam computes one token a plan
 
 
 def test_invalid_beam_search_parameters():
