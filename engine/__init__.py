@@ -12,6 +12,7 @@ _EXPORTS = {
     "SamplingParams": "schemas.sampling_params", "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs", "EngineConfig": "engine.config", "ModelConfig": "engine.config",
     "CacheConfig": "engine.config", "SchedulerConfig": "engine.config",
+    "BeamSearchParams": "schemas.beam_search_params", "BeamSearchOutput": "engine.outputs",
 }
 __all__ = list(_EXPORTS)
 

@@ -8,7 +8,8 @@ from tqdm import tqdm
 from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.input_processor import Conversation
 from engine.llm_engine import LLMEngine, Prompt
-from engine.outputs import RequestOutput
+from engine.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from schemas.beam_search_params import BeamSearchParams
 from schemas.sampling_params import SamplingParams
 
 
@@ -27,15 +28,34 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        return self._run(self._add(prompts, params, priority), use_tqdm)
+
+    def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's beam search: per prompt, its beam_width beams best first (tokens, text, cumulative logprob).
+        The beams share their prefix's KV blocks; each output says how many blocks that saved at most."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict))):
+            prompts = [prompts]
+        ids = self._add(prompts, [params.sampling_params()] * len(prompts), None, params)
+        outputs = []
+        for out in self._run(ids, use_tqdm):
+            outputs.append(BeamSearchOutput([BeamSearchSequence(out.prompt_token_ids + c.token_ids, c.text,
+                                                                c.cumulative_logprob, c.finish_reason, c.stop_reason)
+                                             for c in out.outputs], out.kv_blocks_saved))
+        return outputs
+
+    def _add(self, prompts: list[Prompt], params: list[SamplingParams], priority: list[int] | None,
+             beam_search: BeamSearchParams | None = None) -> list[str]:
+        """Queue every prompt, or none (an invalid one raises, and those queued before it are aborted)."""
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params)):
             try:
-                self.engine.add_request(rid, prompt, p, priority[i] if priority else 0)
+                self.engine.add_request(rid, prompt, p, priority[i] if priority else 0, beam_search)
             except Exception:
                 for added in ids[:i]:
                     self.engine.abort_request(added)
                 raise
-        return self._run(ids, use_tqdm)
+        return ids
 
     def chat(self, conversations: Conversation | list[Conversation],
              params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:

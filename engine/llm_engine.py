@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from engine.beam_search import BeamSearchResult
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.input_processor import Conversation, InputProcessor
@@ -24,6 +25,7 @@ from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.scheduler import Scheduler, SchedulerStats
 from engine.sequence import FinishReason, Sequence
 from engine.tokenizer import eos_token_ids, load_tokenizer
+from schemas.beam_search_params import BeamSearchParams
 from schemas.sampling_params import SamplingParams
 
 Prompt = str | list[int] | Conversation          # text, token ids, or messages for the chat template
@@ -38,6 +40,7 @@ class _Request:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     prompt_logprobs: list | None = None
+    kv_blocks_saved: int = 0
     completions: dict[int, CompletionOutput] = field(default_factory=dict)
     states: dict[int, CompletionState] = field(default_factory=dict)
 
@@ -64,16 +67,17 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
-        """Queue a request. Raises ValueError, queuing nothing, if it is invalid."""
-        params = params or SamplingParams()
+                    priority: int = 0, beam_search: BeamSearchParams | None = None) -> None:
+        """Queue a request (a beam search with beam_search, whose params are beam_search.sampling_params()).
+        Raises ValueError, queuing nothing, if it is invalid."""
+        params = params or (beam_search.sampling_params() if beam_search is not None else SamplingParams())
         if isinstance(prompt, str):
             ids = self.input_processor.process(params, prompt=prompt)
         elif prompt and isinstance(prompt[0], dict):
             ids = self.input_processor.process(params, messages=prompt)
         else:
             ids = self.input_processor.process(params, prompt_token_ids=prompt)
-        self.scheduler.add_request(request_id, ids, params, self.input_processor.seed(params), priority)
+        self.scheduler.add_request(request_id, ids, params, self.input_processor.seed(params), priority, beam_search)
         self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
                                              RequestMetrics(arrival_time=time.monotonic()))
 
@@ -140,9 +144,33 @@ class LLMEngine:
             if request.request_id not in self.scheduler.requests:
                 request.metrics.finished_time = now
             self._touched[request.request_id] = request
+        for search in self.scheduler.take_finished_beam_searches():
+            self._finish_beam_search(search, now)
         if self._on_output is not None:
             for output in self._take_outputs(stream=True):
                 self._on_output(output)
+
+    def _finish_beam_search(self, search: BeamSearchResult, now: float) -> None:
+        """A beam search's best params.n beams become its completions, each beam's tokens through the output
+        processor as any completion's."""
+        request = self.requests.get(search.request_id)
+        if request is None:
+            return
+        for index, beam in enumerate(search.beams[:request.params.n]):
+            state = self.output_processor.new_completion(request.prompt_token_ids, request.params)
+            out = request.completions[index] = CompletionOutput(index=index, cumulative_logprob=beam.cum_logprob)
+            tokens = beam.output_token_ids
+            for i, token in enumerate(tokens):
+                last = i == len(tokens) - 1
+                step = state.add_token(token, beam.finish_reason.value if last else None,
+                                       beam.stop_reason if last else None)
+                out.text += step.text
+                out.finish_reason, out.stop_reason = step.finish_reason, step.stop_reason
+            out.token_ids, out.delta_token_ids, out.delta_text = list(tokens), list(tokens), out.text
+        request.kv_blocks_saved = search.kv_blocks_saved
+        request.metrics.first_token_time = request.metrics.first_token_time or now
+        request.metrics.finished_time = now
+        self._touched[request.request_id] = request
 
     def _append(self, request: _Request, seq: Sequence, token: int, logprobs) -> None:
         out = request.completions.get(seq.index)
@@ -178,7 +206,8 @@ class LLMEngine:
         if finished and request.params.ranks_by_logprob:
             snapshot = best_of(snapshot, request.params.n)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, snapshot, finished,
-                             request.num_cached_tokens, request.metrics, prompt_logprobs=request.prompt_logprobs)
+                             request.num_cached_tokens, request.metrics, prompt_logprobs=request.prompt_logprobs,
+                             kv_blocks_saved=request.kv_blocks_saved)
 
 
 def best_of(completions: list[CompletionOutput], n: int) -> list[CompletionOutput]:

@@ -56,6 +56,7 @@ class WorkerSequence:
     # prompt_logprobs, chunk by chunk as the prompt is computed (host tensors, ready once a later step's tokens
     # are: the same copy stream): (logprob, rank, top ids, top logprobs) of prompt tokens 1, 2, ...
     prompt_pieces: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    beam: bool = False             # a beam search's: it proposes candidates, the scheduler chooses (BeamStep)
 
     @property
     def finished(self) -> bool:
@@ -435,9 +436,10 @@ class ModelRunner:
             seq = self.seqs.get(seq_id)
             if seq is None or seq.finished or (active is not None and not active[i]):
                 continue
-            seq.token_ids.append(token)
-            seq.finish = check_stop(seq.params, token, len(seq.token_ids) - seq.num_prompt_tokens,
-                                    len(seq.token_ids), self.eos_token_ids, self.max_model_len)
+            if not seq.beam:
+                seq.token_ids.append(token)
+                seq.finish = check_stop(seq.params, token, len(seq.token_ids) - seq.num_prompt_tokens,
+                                        len(seq.token_ids), self.eos_token_ids, self.max_model_len)
             result.seq_ids.append(seq_id)
             result.token_ids.append(token)
             if logprobs is not None:
@@ -462,12 +464,21 @@ class ModelRunner:
             self.step_timers.append((timer[0], end, eager, timer[1]))
 
     def _apply(self, plan: Plan) -> None:
+        # New beams copy their parents before any parent takes its own next token (or is freed).
+        for step in sorted(plan.beam_steps, key=lambda b: b.seq_id == b.parent_id):
+            parent = self.seqs[step.parent_id]
+            tokens = parent.token_ids[:parent.num_computed_tokens] + [step.token_id]
+            if step.seq_id == step.parent_id:
+                parent.token_ids = tokens
+            else:
+                self.seqs[step.seq_id] = WorkerSequence(tokens, parent.num_prompt_tokens, parent.num_computed_tokens,
+                                                        list(parent.block_ids), parent.params, parent.seed, beam=True)
         for seq_id in plan.freed_seq_ids:
             self.seqs.pop(seq_id, None)
         for new in plan.new:
             self.seqs[new.seq_id] = WorkerSequence(list(new.token_ids), new.num_prompt_tokens,
                                                    new.num_computed_tokens, list(new.block_ids), new.params,
-                                                   new.seed)
+                                                   new.seed, beam=new.beam)
         for run in plan.running:
             table = self.seqs[run.seq_id].block_ids
             del table[run.block_offset:]

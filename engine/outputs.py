@@ -16,7 +16,7 @@ class CompletionOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None      # aligned with token_ids when logprobs were asked
-    cumulative_logprob: float | None = None          # sum of the tokens' logprobs (with logprobs or best_of)
+    cumulative_logprob: float | None = None          # sum of its tokens' logprobs (logprobs, best_of, beams)
     finish_reason: str | None = None                 # "stop", "length", "abort" once finished
     stop_reason: int | str | None = None             # the stop token id or stop string that hit
     delta_text: str = ""
@@ -48,3 +48,21 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     # With prompt_logprobs: aligned with prompt_token_ids, None for the first token (nothing predicts it)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    kv_blocks_saved: int = 0                         # beam search: the most KV blocks its beams shared at once
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam, as vLLM's: tokens are the prompt's and the generated ones; text is the generated text."""
+    tokens: list[int]
+    text: str
+    cum_logprob: float
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """LLM.beam_search's answer for one prompt: its beams, best first."""
+    sequences: list[BeamSearchSequence]
+    kv_blocks_saved: int = 0                         # the most KV blocks the beams shared at once

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schemas.plan import Fork, NewSequence, RunningSequence
+from schemas.plan import BeamStep, Fork, NewSequence, RunningSequence
 
 
 @dataclass
@@ -24,7 +24,9 @@ class Plan:
     num_scheduled_tokens: dict[int, int] = field(default_factory=dict)   # seq id -> tokens computed this step
     forks: list[Fork] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)   # (src, dst), before the forward
-    freed_seq_ids: list[int] = field(default_factory=list)   # finished or preempted: the worker drops them first
+    freed_seq_ids: list[int] = field(default_factory=list)   # finished or preempted: the worker drops them first,
+    # after the beams chosen since the last plan (a new beam copies its parent, which this plan may free).
+    beam_steps: list[BeamStep] = field(default_factory=list)
     # The scheduler's own record, never sent: how many tokens each sequence samples if every step runs. A plan
     # cut short after j steps (the worker stops at a step boundary when new prompts wait) samples min(n, j).
     samples: dict[int, int] = field(default_factory=dict)

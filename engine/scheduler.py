@@ -7,18 +7,24 @@ than the remaining budget is computed in chunks over several steps (chunked pref
 last sequence in service order is preempted: its blocks are freed and it is recomputed later (its full blocks
 usually come back from the prefix cache).
 
+A beam search request is a group of sequences, its beams (engine/beam_search.py): each computes one token per plan
+and proposes candidates, and once all have, update() ranks them, continues, forks and frees beams, and hands the
+plan the beams' new tokens (BeamStep). A group keeps a seat for each of its beam_width beams while any runs.
+
 Pure Python and deterministic: no tensors, no model, no clock.
 """
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from engine.beam_search import BeamGroup, BeamSearchResult, Continuation
 from engine.block_manager import BlockManager, KVCacheStats
 from engine.config import SchedulerConfig
 from engine.plan import Plan, StepResult
 from engine.sequence import FinishReason, Sequence, SequenceStatus, check_stop
-from schemas.plan import Fork, NewSequence, RunningSequence
+from schemas.beam_search_params import BeamSearchParams, check_beam_search
+from schemas.plan import BeamStep, Fork, NewSequence, RunningSequence
 from schemas.sampling_params import SamplingParams
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -31,6 +37,7 @@ class SchedulerStats:
     num_preemptions: int
     kv: KVCacheStats
     kv_slot_waste: float          # unused slots in allocated blocks / allocated slots
+    beam_kv_blocks_saved: int = 0  # KV blocks the running beam searches' beams share now (independent: held more)
 
 
 class Scheduler:
@@ -51,27 +58,40 @@ class Scheduler:
         self.requests: dict[str, list[Sequence]] = {}   # unfinished requests and their sequences
         self._seqs: dict[int, Sequence] = {}
         self._freed: list[int] = []                 # ids the worker must drop at the next plan
+        self.beam_groups: dict[str, BeamGroup] = {}     # the unfinished beam search requests
+        self._beam_steps: list[BeamStep] = []       # beams chosen since the last plan
+        self.finished_beam_searches: list[BeamSearchResult] = []   # for the engine or the service to take
         self._next_seq_id = 0
         self._next_arrival = 0
         self.num_preemptions = 0
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
-                    priority: int = 0) -> Sequence:
-        """Queue a request; raises ValueError (and queues nothing) if it can never be served."""
-        self.check_request(request_id, prompt_token_ids, params)
+                    priority: int = 0, beam_search: BeamSearchParams | None = None) -> Sequence:
+        """Queue a request (a beam search with beam_search: params.n is how many of its beams it returns);
+        raises ValueError (and queues nothing) if it can never be served."""
+        self.check_request(request_id, prompt_token_ids, params, beam_search)
+        forks, returned = params.num_sequences - 1, params.n
+        if beam_search is not None:
+            # Its beams ask the sampler for their candidates: the top 2 x beam_width logprobs.
+            params, forks = replace(params, n=1, best_of=None, logprobs=beam_search.num_candidates), 0
         seq = Sequence(seq_id=self._new_seq_id(), request_id=request_id, index=0,
                        token_ids=list(prompt_token_ids), num_prompt_tokens=len(prompt_token_ids), params=params,
                        seed=seed, arrival=self._next_arrival,
                        priority=priority if self.config.policy == "priority" else 0,
-                       num_pending_forks=params.num_sequences - 1)
+                       num_pending_forks=forks)
         self._next_arrival += 1
         self.requests[request_id] = [seq]
+        if beam_search is not None:
+            group = self.beam_groups[request_id] = BeamGroup(beam_search, returned, self.eos_token_ids,
+                                                                  self.max_model_len)
+            group.beams, group.cum_logprobs = [seq], {seq.seq_id: 0.0}
         self._seqs[seq.seq_id] = seq
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
         return seq
 
-    def check_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                      beam_search: BeamSearchParams | None = None) -> None:
         """What only the scheduler knows. The prompt itself (not empty, in the vocabulary, within max_model_len
         with its max_tokens) was checked by the InputProcessor before it got here."""
         n = len(prompt_token_ids)
@@ -81,6 +101,11 @@ class Scheduler:
             raise ValueError(f"n={params.n} (best_of={params.num_sequences}) exceeds "
                              f"max_num_seqs={self.config.max_num_seqs}" if params.best_of else
                              f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        if beam_search is not None:
+            check_beam_search(params, beam_search)
+            if beam_search.beam_width > self.config.max_num_seqs:
+                raise ValueError(f"beam_width={beam_search.beam_width} exceeds max_num_seqs="
+                                 f"{self.config.max_num_seqs}")
         # The most KV this request can hold (every token but the last sampled one). A preempted sequence is
         # recomputed whole, so that must fit the pool, and one step when prompts cannot be chunked.
         final = min(n + params.max_tokens, self.max_model_len) if params.max_tokens else self.max_model_len
@@ -88,6 +113,14 @@ class Scheduler:
         if final - 1 > capacity:
             raise ValueError(f"the request can grow to {final} tokens ({n} prompt + up to {final - n} generated), "
                              f"more than the KV cache's {capacity} slots hold; lower max_tokens")
+        # A beam waiting for its siblings' candidates holds its blocks: all the beams, unshared, must fit at
+        # once, or a preempted one could wait forever for room.
+        if beam_search is not None:
+            blocks = beam_search.beam_width * -(-(final - 1) // self.block_manager.block_size)
+            if blocks > self.block_manager.num_blocks:
+                raise ValueError(f"beam search of width {beam_search.beam_width} can hold {blocks} KV blocks (each "
+                                 f"beam up to {final} tokens), more than the KV cache's "
+                                 f"{self.block_manager.num_blocks}; lower max_tokens or the beam width")
         if not self.config.enable_chunked_prefill and final - 1 > self.config.max_num_batched_tokens:
             raise ValueError(f"the request can grow to {final} tokens, more than one step of "
                              f"max_num_batched_tokens={self.config.max_num_batched_tokens} recomputes without "
@@ -96,6 +129,7 @@ class Scheduler:
     def abort_request(self, request_id: str) -> list[Sequence]:
         """Finish every sequence of the request; its blocks are free at once. Unknown ids are ignored."""
         seqs = [s for s in self.requests.get(request_id, []) if not s.is_finished]
+        self.beam_groups.pop(request_id, None)
         for seq in seqs:
             self.finish(seq, FinishReason.ABORT)
         return seqs
@@ -142,12 +176,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             left = self._tokens_left(seq)
-            if left <= 0:                                 # its last token is in flight; it ends when that lands
-                i += 1
+            group = self.beam_groups.get(seq.request_id) if self.beam_groups else None
+            if left <= 0 or (group is not None and group.waits(seq)):   # its last token is in flight; it ends
+                i += 1                                                  # when that lands (a beam: it is chosen)
                 continue
             uncomputed = seq.num_tokens + seq.num_inflight - seq.num_computed_tokens
             num_new = min(uncomputed, budget, self.prompt_chunk)
-            extra = min(steps - 1, left - 1) if num_new == uncomputed else 0
+            extra = min(steps - 1, left - 1) if num_new == uncomputed and group is None else 0
             changed = self.block_manager.allocate(seq, num_new + extra)
             while changed is None:
                 victim = self.running[-1]
@@ -178,20 +213,24 @@ class Scheduler:
             if uncomputed > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(uncomputed, budget, self.prompt_chunk)
-            extra = min(steps - 1, self._tokens_left(seq) - 1) if num_new == uncomputed else 0
+            beam = seq.request_id in self.beam_groups
+            extra = min(steps - 1, self._tokens_left(seq) - 1) if num_new == uncomputed and not beam else 0
             if not self.block_manager.admit(seq, cached, num_new + extra):
                 break
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.sort_key)
             plan.new.append(NewSequence(seq.seq_id, list(seq.token_ids), seq.num_prompt_tokens,
-                                        seq.num_computed_tokens, list(seq.block_ids), seq.params, seq.seed))
+                                        seq.num_computed_tokens, list(seq.block_ids), seq.params, seq.seed, beam))
             self._commit(plan, seq, num_new, extra, uncomputed, forking)
             budget -= num_new
 
         for parent in forking:
             self._fork(parent, plan)
         plan.block_copies = self.block_manager.take_pending_copies()
+        plan.beam_steps, self._beam_steps = self._beam_steps, []
+        for group in self.beam_groups.values():
+            group.observe_blocks()
         return plan
 
     def has_prompt_work(self) -> bool:
@@ -207,9 +246,17 @@ class Scheduler:
 
     def _has_seats_for(self, seq: Sequence) -> bool:
         """Whether admitting seq (and the siblings it will fork) keeps the running sequences within
-        max_num_seqs, counting the siblings that running parents will fork when their prompts complete."""
+        max_num_seqs, counting the siblings that running parents will fork when their prompts complete, and the
+        beams that running beam searches may grow to (a search keeps beam_width seats while any beam runs)."""
         promised = sum(s.num_pending_forks for s in self.running)
-        return len(self.running) + promised + 1 + seq.num_pending_forks <= self.config.max_num_seqs
+        need = 1 + seq.num_pending_forks
+        for rid, group in self.beam_groups.items():
+            running = sum(b.status is SequenceStatus.RUNNING for b in group.beams)
+            if running:
+                promised += group.params.beam_width - running
+            if rid == seq.request_id:
+                need = 0 if running else group.params.beam_width
+        return len(self.running) + promised + need <= self.config.max_num_seqs
 
     def cut(self, plan: Plan, steps_run: int) -> None:
         """The worker ran only the first steps_run steps of plan (it stops a plan at a step boundary when a
@@ -227,11 +274,22 @@ class Scheduler:
         """One step's sampled tokens: append them and finish the sequences they stop. Returns the sequences
         that grew. Tokens of sequences finished meanwhile (aborted, stop string) are dropped."""
         grown = []
-        for seq_id, token in zip(result.seq_ids, result.token_ids):
+        proposed: dict[str, BeamGroup] = {}
+        for i, (seq_id, token) in enumerate(zip(result.seq_ids, result.token_ids)):
             seq = self._seqs.get(seq_id)
             if seq is None:
                 continue
             seq.num_inflight = max(0, seq.num_inflight - 1)
+            group = self.beam_groups.get(seq.request_id) if self.beam_groups else None
+            if group is not None:
+                # A beam's sampled token means nothing: its candidates do. A preempted beam proposes again once
+                # it is back (its KV is gone; its candidates would be the same).
+                if seq.status is SequenceStatus.RUNNING:
+                    if result.logprobs is None or result.logprobs[i] is None:
+                        raise ValueError(f"beam {seq_id} sampled without its candidates")
+                    group.candidates[seq_id] = result.logprobs[i].top
+                    proposed[seq.request_id] = group
+                continue
             seq.token_ids.append(token)
             if seq.status is SequenceStatus.RUNNING:
                 self.block_manager.cache_full_blocks(seq, min(seq.num_computed_tokens, seq.num_tokens))
@@ -240,7 +298,14 @@ class Scheduler:
             if stop is not None:
                 self.finish(seq, *stop)
             grown.append(seq)
+        for request_id, group in proposed.items():
+            if group.ready():
+                self._next_beams(request_id, group)
         return grown
+
+    def take_finished_beam_searches(self) -> list[BeamSearchResult]:
+        results, self.finished_beam_searches = self.finished_beam_searches, []
+        return results
 
     # ---- internals -----------------------------------------------------------------------------------------
     def _tokens_left(self, seq: Sequence) -> int:
@@ -280,8 +345,52 @@ class Scheduler:
             plan.samples[child.seq_id] = 1
         parent.num_pending_forks = 0
 
+    def _next_beams(self, request_id: str, group: BeamGroup) -> None:
+        """Every live beam has proposed: rank, then continue, fork and free beams; or end the search."""
+        kept = group.rank()
+        parents = group.beams
+        if not kept or kept[0].reaches_length:
+            self.beam_groups.pop(request_id)
+            self.finished_beam_searches.append(group.result(request_id, kept))
+            for seq in parents:
+                self.finish(seq, FinishReason.LENGTH)
+            return
+        continued: dict[int, Continuation] = {}     # parent -> its best continuation, taken in place
+        beams = []
+        # Forks first: a new beam copies its parent's tokens before the parent's own next token is appended.
+        for c in kept:
+            if c.parent.seq_id not in continued:
+                continued[c.parent.seq_id] = c
+                beams.append(c.parent)
+                continue
+            child = Sequence(seq_id=self._new_seq_id(), request_id=request_id, index=0,
+                             token_ids=c.parent.token_ids + [c.token_id], num_prompt_tokens=c.parent.num_prompt_tokens,
+                             params=c.parent.params, seed=c.parent.seed, arrival=c.parent.arrival,
+                             priority=c.parent.priority, status=SequenceStatus.RUNNING,
+                             num_computed_tokens=c.parent.num_computed_tokens)
+            self.block_manager.fork(c.parent, child)
+            self._seqs[child.seq_id] = child
+            bisect.insort(self.running, child, key=lambda s: s.sort_key)
+            self._beam_steps.append(BeamStep(child.seq_id, c.parent.seq_id, c.token_id))
+            group.cum_logprobs[child.seq_id] = c.cum_logprob
+            beams.append(child)
+        for seq_id, c in continued.items():
+            c.parent.token_ids.append(c.token_id)
+            self._beam_steps.append(BeamStep(seq_id, seq_id, c.token_id))
+            group.cum_logprobs[seq_id] = c.cum_logprob
+        group.beams = beams                         # in the order of their continuations: best first
+        self.requests[request_id] = self.requests[request_id] + [b for b in beams if b not in parents]
+        for seq in parents:
+            if seq.seq_id not in continued:
+                del group.cum_logprobs[seq.seq_id]
+                self.finish(seq, FinishReason.ABORT)
+        self.requests[request_id] = list(group.beams)
+
     def _preempt(self, seq: Sequence, plan: Plan) -> None:
         """Free its blocks; it is recomputed from its tokens when admitted again (once its in-flight ones land)."""
+        group = self.beam_groups.get(seq.request_id) if self.beam_groups else None
+        if group is not None:
+            group.candidates.pop(seq.seq_id, None)
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
@@ -305,4 +414,5 @@ class Scheduler:
         allocated = len(fill) * bs
         waste = 1.0 - sum(fill.values()) / allocated if allocated else 0.0
         return SchedulerStats(len(self.running), len(self.waiting), self.num_preemptions,
-                              self.block_manager.stats(), waste)
+                              self.block_manager.stats(), waste,
+                              sum(g.kv_blocks_saved for g in self.beam_groups.values()))

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from schemas.codec import message
 from schemas.limits import (FINISH_REASONS, MAX_COMPLETIONS, MAX_NUM_STEPS, MAX_SEQ_ID, Limits, check_aligned,
                             check_finite, check_ids, check_params, check_range, fail)
-from schemas.plan import Fork, NewSequence, RunningSequence
+from schemas.beam_search_params import BeamSearchParams, check_beam_search
+from schemas.plan import BeamStep, Fork, NewSequence, RunningSequence
 from schemas.sampling_params import SamplingParams
 
 MAX_PROMPT_TOKENS = 1 << 20
@@ -58,12 +59,14 @@ class GenerateRequest:
     add_generation_prompt: bool = True
     priority: int = 0
     epoch: str = ""                # the scheduler epoch the gateway saw: a restarted scheduler drops older ones
+    beam_search: BeamSearchParams | None = None      # use_beam_search: params.n of its beams are returned
 
     def validate(self, limits: Limits) -> None:
         # Prompt token ids are the client's to get right: the input processor refuses them with a message for
         # the client. What is checked here is what no client of a well-behaved gateway can send.
         check_params("generate.params", self.params, limits, lengths=False)
         check_finite("generate", arrival=self.arrival)
+        check_beam("generate", self.params, self.beam_search)
 
 
 @message("schedule")
@@ -78,12 +81,14 @@ class ScheduleRequest:
     priority: int = 0
     epoch: str = ""
     tokenizer_took: float = 0.0                               # when a tokenizer took the GenerateRequest
+    beam_search: BeamSearchParams | None = None
 
     def validate(self, limits: Limits) -> None:
         # The prompt and the lengths asked for are the input processor's to check: the scheduler runs it again,
         # against its worker, and answers a stray request with the message clients know (one check, not two).
         check_params("schedule.params", self.params, limits, lengths=False)
         check_finite("schedule", arrival=self.arrival, tokenizer_took=self.tokenizer_took)
+        check_beam("schedule", self.params, self.beam_search)
 
 
 @message("request_meta")
@@ -151,6 +156,7 @@ class PlanMessage:
     # Aligned with `new`: the request's stamps so far (arrival, tokenizer_took, scheduler_took, admitted), for
     # the first token's journey; empty for a sequence sent again after preemption.
     new_stamps: list[list[float]] = field(default_factory=list)
+    beam_steps: list[BeamStep] = field(default_factory=list)  # applied first: see engine.plan.Plan
 
     def validate(self, limits: Limits) -> None:
         """What can be checked without the worker's state; the worker checks the rest (which sequences it
@@ -167,6 +173,8 @@ class PlanMessage:
             run.validate(f"plan.running[{i}]", limits)
         for i, fork in enumerate(self.forks):
             fork.validate(f"plan.forks[{i}]", limits)
+        for i, step in enumerate(self.beam_steps):
+            step.validate(f"plan.beam_steps[{i}]", limits)
         check_ids("plan.new_indexes", self.new_indexes, MAX_COMPLETIONS)
         check_ids("plan.fork_indexes", self.fork_indexes, MAX_COMPLETIONS)
         check_ids("plan.scheduled_seq_ids", self.scheduled_seq_ids, MAX_SEQ_ID)
@@ -175,7 +183,8 @@ class PlanMessage:
             check_range("plan.scheduled_tokens", min(self.scheduled_tokens), 1, limits.max_model_len)
             check_range("plan.scheduled_tokens", max(self.scheduled_tokens), 1, limits.max_model_len)
         for name, ids in (("new", [n.seq_id for n in self.new]), ("scheduled_seq_ids", self.scheduled_seq_ids),
-                          ("running", [r.seq_id for r in self.running]), ("forks", [f.child_id for f in self.forks])):
+                          ("running", [r.seq_id for r in self.running]), ("forks", [f.child_id for f in self.forks]),
+                          ("beam_steps", [b.seq_id for b in self.beam_steps])):
             if len(set(ids)) != len(ids):
                 fail(f"plan.{name}", "a sequence appears twice")
         check_ids("plan.block_copies", [b for pair in self.block_copies for b in pair], limits.num_blocks)
@@ -194,6 +203,9 @@ class StepEvent:
     finish_reasons: list[str | None]                          # "stop" / "length" where the worker ended it
     stop_reasons: list[int | None]                            # the stop token id, where one ended it
     num_steps_run: int = 0         # fewer than the plan's num_steps: cut at a step boundary (Scheduler.cut)
+    # Beams (one step a plan): each one's candidates, its top 2 x beam_width tokens (its token_ids mean nothing).
+    beam_seq_ids: list[int] = field(default_factory=list)
+    beam_candidates: list[TokenLogprobsWire] = field(default_factory=list)
 
     def validate(self, limits: Limits) -> None:
         check_range("step_event.plan_id", self.plan_id, 0, MAX_SEQ_ID)
@@ -208,6 +220,15 @@ class StepEvent:
             check_range(f"step_event.token_ids[{i}] length", len(tokens), 0, limits.max_model_len)
             check_ids(f"step_event.token_ids[{i}]", tokens, limits.vocab_size)
         check_finish("step_event", self.finish_reasons, self.stop_reasons, limits)
+        check_aligned("step_event", beam_seq_ids=self.beam_seq_ids, beam_candidates=self.beam_candidates)
+        if not set(self.beam_seq_ids) <= set(self.seq_ids):
+            fail("step_event.beam_seq_ids", "a beam that sampled nothing")
+        for i, candidates in enumerate(self.beam_candidates):
+            check_aligned(f"step_event.beam_candidates[{i}]", top_token_ids=candidates.top_token_ids,
+                          top_logprobs=candidates.top_logprobs)
+            check_ids(f"step_event.beam_candidates[{i}].top_token_ids", candidates.top_token_ids, limits.vocab_size)
+            check_finite(f"step_event.beam_candidates[{i}]",
+                         **{str(k): v for k, v in enumerate(candidates.top_logprobs)})
 
 
 @message("worker_info")
@@ -351,6 +372,14 @@ class GatewayStats:
     answers for all of them (several gateway processes share one port)."""
     gateway: str = field(metadata={"max_len": 256})
     series: list[MetricSeries] = field(metadata={"max_len": 1024})
+
+
+def check_beam(path: str, params: SamplingParams, beam_search: BeamSearchParams | None) -> None:
+    if beam_search is not None:
+        try:
+            check_beam_search(params, beam_search)
+        except ValueError as e:
+            fail(f"{path}.beam_search", str(e))
 
 
 def check_finish(path: str, finish_reasons: list[str | None], stop_reasons: list[int | None], limits: Limits) -> None:

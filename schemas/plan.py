@@ -1,4 +1,5 @@
-"""The parts of a plan that travel to the worker as they are: a new sequence in full, a running one's delta, a fork.
+"""The parts of a plan that travel to the worker as they are: a new sequence in full, a running one's delta, a fork,
+a beam's step.
 
 engine.plan.Plan gathers them into one step for the engine; schemas.messages.PlanMessage carries them between the
 scheduler and the worker services. They are here, beside the other wire types, so that the schemas depend on
@@ -21,6 +22,7 @@ class NewSequence:
     block_ids: list[int]
     params: SamplingParams
     seed: int
+    beam: bool = False                 # a beam of a beam search: the scheduler chooses its tokens (BeamStep)
 
     def validate(self, path: str, limits: Limits) -> None:
         check_range(f"{path}.seq_id", self.seq_id, 0, MAX_SEQ_ID)
@@ -62,3 +64,18 @@ class Fork:
         if self.child_id == self.parent_id:
             fail(path, f"a sequence cannot fork itself ({self.child_id})")
         check_range(f"{path}.seed", self.seed, -(1 << 63), (1 << 64) - 1)
+
+
+@dataclass
+class BeamStep:
+    """A beam search chose `token_id` to continue `parent_id`: before this plan's steps, `seq_id` becomes the
+    parent's computed tokens plus token_id (seq_id == parent_id: the parent itself goes on; else a new beam, which
+    starts from the parent's block table, shared). A beam samples nothing of its own: it proposes candidates."""
+    seq_id: int
+    parent_id: int
+    token_id: int
+
+    def validate(self, path: str, limits: Limits) -> None:
+        check_range(f"{path}.seq_id", self.seq_id, 0, MAX_SEQ_ID)
+        check_range(f"{path}.parent_id", self.parent_id, 0, MAX_SEQ_ID)
+        check_range(f"{path}.token_id", self.token_id, 0, limits.vocab_size - 1)

@@ -257,6 +257,13 @@ SCHEDULER_FIELDS = {
     "prefix_cache_queries": ("pagestream_prefix_cache_queries_total", Counter, "Prefix cache lookups (tokens)."),
     "prefix_cache_hits": ("pagestream_prefix_cache_hits_total", Counter, "Prefix cache hits (tokens)."),
     "prefix_cache_hit_rate": ("pagestream_prefix_cache_hit_rate", Gauge, "Prefix cache hits / queries."),
+    "beam_kv_blocks_saved": ("pagestream_beam_search_kv_blocks_saved", Gauge,
+                             "KV blocks the running beam searches' beams share now (independent sequences would "
+                             "hold this many more)."),
+    "beam_searches": ("pagestream_beam_searches_total", Counter, "Beam searches finished."),
+    "beam_kv_blocks_saved_peak": ("pagestream_beam_search_kv_blocks_saved_peak_total", Counter,
+                                  "Over the finished beam searches, the sum of the most KV blocks each one's "
+                                  "beams shared at once."),
 }
 QUEUE_TIME = ("pagestream_request_queue_time_seconds", "From a request's arrival to its admission by the "
               "scheduler.")

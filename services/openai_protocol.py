@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from schemas.beam_search_params import MAX_BEAM_WIDTH, BeamSearchParams, check_beam_search
 from schemas.messages import ChatMessage, ErrorInfo, GenerateRequest, PromptLogprobsWire, ReplyItem, TokenLogprobsWire
 from schemas.sampling_params import MAX_LOGIT_BIAS, SamplingParams
 
@@ -202,6 +203,7 @@ class ParsedRequest:
     include_usage: bool = False
     echo: list[str] | None = None          # completions with echo: each prompt's text, put before its choices
     priority: int = 0
+    beam_search: BeamSearchParams | None = None     # use_beam_search: params.n of beam_width beams come back
 
     @property
     def num_prompts(self) -> int:
@@ -212,7 +214,7 @@ class ParsedRequest:
         def request(rid: str, **prompt) -> GenerateRequest:
             return GenerateRequest(request_id=rid, gateway="", params=self.params, arrival=arrival,
                                    priority=self.priority, add_generation_prompt=self.add_generation_prompt,
-                                   **prompt)
+                                   beam_search=self.beam_search, **prompt)
 
         if self.chat:
             return [request(request_id, messages=self.messages)]
@@ -247,7 +249,7 @@ def _common(body: dict, limits: Limits, *, max_tokens: int | None, logprobs: int
     best_of = _field(body, "best_of", int)
     if best_of is not None and best_of > limits.max_n:
         raise ProtocolError(f"best_of must be at most {limits.max_n}, got {best_of}", param="best_of")
-    if stream and best_of is not None and best_of > n:
+    if stream and best_of is not None and best_of > n and not body.get("use_beam_search"):
         raise ProtocolError("best_of > n cannot be streamed: which completions are returned is known only at the "
                             "end", param="best_of")
     prompt_logprobs = _field(body, "prompt_logprobs", int)
@@ -273,7 +275,37 @@ def _common(body: dict, limits: Limits, *, max_tokens: int | None, logprobs: int
     except ValueError as e:
         raise ProtocolError(str(e)) from None
     return dict(model=model, params=params, stream=stream, include_usage=include_usage,
-                priority=_field(body, "priority", int, 0))
+                priority=_field(body, "priority", int, 0), beam_search=_beam_search(body, params, n))
+
+
+def _beam_search(body: dict, params: SamplingParams, n: int) -> BeamSearchParams | None:
+    """vLLM's extension use_beam_search: n beams returned of best_of (or n); length_penalty. The sampling
+    fields beam search cannot honour are refused (check_beam_search says which)."""
+    length_penalty = _field(body, "length_penalty", float, 1.0)
+    if not _field(body, "use_beam_search", bool, False):
+        if length_penalty != 1.0:
+            raise ProtocolError("length_penalty needs use_beam_search", param="length_penalty")
+        return None
+    if body.get("temperature") not in (None, 0):
+        raise ProtocolError("temperature must be 0 (or left out) with use_beam_search", param="temperature")
+    width = _field(body, "best_of", int, n)
+    if not 1 <= width <= MAX_BEAM_WIDTH:
+        raise ProtocolError(f"the beam width (best_of, or n) must be in [1, {MAX_BEAM_WIDTH}], got {width}",
+                            param="best_of")
+    if width < n:
+        raise ProtocolError(f"best_of ({width}) must be at least n ({n}) with use_beam_search", param="best_of")
+    params.best_of = None                  # the beam width, not completions to choose among
+    # Beam search ranks the model's own log-probabilities: the model's sampling defaults do not apply to it.
+    params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty = 0.0, 1.0, 0, 0.0, 1.0
+    for name, neutral in {"top_p": (1,), "top_k": (0, -1), "min_p": (0,), "repetition_penalty": (1,)}.items():
+        if body.get(name) is not None and body[name] not in neutral:
+            raise ProtocolError(f"{name} cannot be used with use_beam_search", param=name)
+    beam = BeamSearchParams(width, params.max_tokens, params.ignore_eos, 0.0, length_penalty)
+    try:
+        check_beam_search(params, beam)
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None
+    return beam
 
 
 def _prompts(value: Any) -> list[Prompt]:
@@ -705,6 +737,11 @@ def _sampling_fields(limits: Limits) -> dict:
         "include_stop_str_in_output": {"type": "boolean"},
         "skip_special_tokens": {"type": "boolean"},
         "priority": {"type": "integer", "description": "lower is served first"},
+        "use_beam_search": {"type": "boolean", "description": "vLLM: the best n beams of a beam search of width "
+                            f"best_of (or n, at most {MAX_BEAM_WIDTH}); temperature 0 or left out, no sampling "
+                            "filters, penalties, stop strings or logprobs; streamed, the beams come when it ends"},
+        "length_penalty": {"type": "number", "description": "with use_beam_search: a beam's score is its cumulative "
+                           "logprob / length ** length_penalty"},
         "user": {"type": "string"},
         "best_of": {"type": "integer", "minimum": 1, "maximum": limits.max_n, "nullable": True,
                     "description": "at least n: the n of highest cumulative logprob are returned; not with stream "

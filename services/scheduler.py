@@ -33,17 +33,18 @@ import time
 import uuid
 from collections import OrderedDict, deque
 
+from engine.beam_search import BeamSearchResult
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.input_processor import InputProcessor
-from engine.plan import Plan, StepResult
+from engine.plan import Plan, StepResult, TokenLogprobs
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason
 from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
-from schemas.messages import RESUMED_ELSEWHERE, Abort, PlanMessage, Resume, ScheduleRequest, StepEvent
+from schemas.messages import RESUMED_ELSEWHERE, Abort, PlanMessage, Resume, ScheduleRequest, StepEvent, StepTokens
 from services.runtime import Heartbeat, keep_running, setup_logging, stop_event
-from services.transport import Entry, Transport, Trimmer, instance_id
+from services.transport import Entry, Transport, Trimmer, instance_id, partition_of
 
 log = logging.getLogger("pagestream.scheduler")
 
@@ -74,8 +75,10 @@ class _Bounded(OrderedDict):
 
 class SchedulerService:
     def __init__(self, transport: Transport, config: SchedulerConfig, worker: str, enable_prefix_caching: bool,
-                 seed: int = 0, resume_grace_s: float = 30.0):
+                 seed: int = 0, resume_grace_s: float = 30.0, partitions: int = 8):
         self.transport, self.names = transport, transport.names
+        self.partitions = partitions                       # the detokenizers': finished beam searches go there
+        self.beam_searches = self.beam_kv_blocks_saved_peak = 0
         self.config, self.worker, self.enable_prefix_caching = config, worker, enable_prefix_caching
         self.epoch = uuid.uuid4().hex
         self.consumer = instance_id("scheduler")
@@ -165,7 +168,7 @@ class SchedulerService:
             return                 # a repeat, aborted before it got here, or sent before this scheduler started
         try:
             self.scheduler.add_request(rid, ids, request.params, self.input_processor.seed(request.params),
-                                       request.priority)
+                                       request.priority, request.beam_search)
         except ValueError as e:    # a valid request this pool cannot take (not seen: read again, answered again)
             self.transport.reply_error(request.gateway, rid, str(e), pipe)
             return
@@ -205,13 +208,45 @@ class SchedulerService:
         stray = set(event.seq_ids) - set(plan.num_scheduled_tokens) - {f.child_id for f in plan.forks}
         if stray:
             raise SchemaError(f"step_event: sequences {sorted(stray)[:5]} are not in plan {event.plan_id}")
+        # A beam samples once a plan, and must bring its candidates (checked before anything is applied).
+        candidates = {s: TokenLogprobs(0.0, list(zip(c.top_token_ids, c.top_logprobs)))
+                      for s, c in zip(event.beam_seq_ids, event.beam_candidates)}
+        for seq_id, tokens in zip(event.seq_ids, event.token_ids):
+            seq = self.scheduler.get_sequence(seq_id)
+            group = self.scheduler.beam_groups.get(seq.request_id) if seq is not None else None
+            if group is not None and group.is_beam(seq) and (len(tokens) > 1 or seq_id not in candidates):
+                raise SchemaError(f"step_event: beam {seq_id} must sample once, with its candidates")
         del self.outstanding[event.plan_id]
         self.scheduler.cut(plan, event.num_steps_run)
         steps = max(map(len, event.token_ids), default=0)
         for step in range(steps):
             pairs = [(s, tokens[step]) for s, tokens in zip(event.seq_ids, event.token_ids) if step < len(tokens)]
-            self.scheduler.update(StepResult([s for s, _ in pairs], [t for _, t in pairs]))
+            logprobs = [candidates.get(s) for s, _ in pairs] if candidates and step == 0 else None
+            self.scheduler.update(StepResult([s for s, _ in pairs], [t for _, t in pairs], logprobs))
+        for search in self.scheduler.take_finished_beam_searches():
+            self._publish_beams(search)
         self._forget_finished()
+
+    def _publish_beams(self, search: BeamSearchResult) -> None:
+        """A finished beam search's best n beams, to the request's detokenizer partition as any tokens: the beams'
+        tokens are known only here, and only now (streamed, a client gets every beam's chunks once it ends)."""
+        rid = search.request_id
+        columns = StepTokens(step=0, request_ids=[], indexes=[], positions=[], token_ids=[], finish_reasons=[],
+                             stop_reasons=[], num_cached_tokens=[])
+        for index, beam in enumerate(search.beams):
+            tokens = beam.output_token_ids
+            for position, token in enumerate(tokens):
+                last = position == len(tokens) - 1
+                columns.request_ids.append(rid)
+                columns.indexes.append(index)
+                columns.positions.append(position)
+                columns.token_ids.append(token)
+                columns.finish_reasons.append(beam.finish_reason.value if last else None)
+                columns.stop_reasons.append(beam.stop_reason if last else None)
+                columns.num_cached_tokens.append(0)
+        self.transport.publish(self.names.tokens(partition_of(rid, self.partitions)), encode(columns))
+        self.beam_searches += 1
+        self.beam_kv_blocks_saved_peak += search.kv_blocks_saved
 
     def _forget_finished(self) -> None:
         for rid in [r for r in self.gateways if r not in self.scheduler.requests]:
@@ -266,7 +301,7 @@ class SchedulerService:
     def _plan(self) -> bool:
         """Make and send the next plan; False when there was nothing to send."""
         plan = self.scheduler.schedule()
-        if plan.is_empty and not plan.freed_seq_ids:
+        if plan.is_empty and not plan.freed_seq_ids and not plan.beam_steps:
             return False
         now = time.time()
         seqs = [self.scheduler.get_sequence(n.seq_id) for n in plan.new]
@@ -284,7 +319,7 @@ class SchedulerService:
             new_indexes=[s.index for s in seqs], running=plan.running,
             scheduled_seq_ids=list(plan.num_scheduled_tokens), scheduled_tokens=list(plan.num_scheduled_tokens.values()),
             forks=plan.forks, fork_indexes=[c.index for c in children], block_copies=plan.block_copies,
-            freed_seq_ids=plan.freed_seq_ids, new_stamps=new_stamps)
+            freed_seq_ids=plan.freed_seq_ids, new_stamps=new_stamps, beam_steps=plan.beam_steps)
         if not plan.is_empty:                                  # an empty plan (only frees) gets no event
             self.outstanding[self.next_plan_id] = plan
         self.next_plan_id += 1
@@ -319,7 +354,8 @@ class SchedulerService:
                   "kv_usage": s.kv.usage, "kv_slot_waste": s.kv_slot_waste,
                   "prefix_cache_queries": s.kv.prefix_queries, "prefix_cache_hits": s.kv.prefix_hits,
                   "prefix_cache_hit_rate": s.kv.prefix_hit_rate, "queue_time_sum": self.queue_time_sum,
-                  "queue_time_count": sum(self.queue_time_counts)}
+                  "queue_time_count": sum(self.queue_time_counts), "beam_kv_blocks_saved": s.beam_kv_blocks_saved,
+                  "beam_searches": self.beam_searches, "beam_kv_blocks_saved_peak": self.beam_kv_blocks_saved_peak}
         cumulative = 0
         for bound, count in zip([*QUEUE_TIME_BUCKETS, "+Inf"], self.queue_time_counts):
             cumulative += count
@@ -368,5 +404,5 @@ def run(args: argparse.Namespace) -> int:
     from services.cli import scheduler_config
     transport = Transport(args.redis_url, args.prefix)
     SchedulerService(transport, scheduler_config(args), args.worker_name, args.enable_prefix_caching,
-                     args.seed, args.resume_grace).run(stop_event())
+                     args.seed, args.resume_grace, args.partitions).run(stop_event())
     return 0

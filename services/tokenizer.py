@@ -72,7 +72,8 @@ class TokenizerService:
                                request.params)
             pipe.set(self.names.request_meta(request.request_id), encode(meta), ex=META_TTL_S)
             forward = ScheduleRequest(request.request_id, request.gateway, token_ids, request.params,
-                                      request.arrival, request.priority, request.epoch, tokenizer_took=took)
+                                      request.arrival, request.priority, request.epoch, tokenizer_took=took,
+                                      beam_search=request.beam_search)
             self.transport.publish(self.names.schedule, encode(forward), pipe)
         self.transport.ack(self.names.tokenize, GROUP, [entry.id], pipe)
         pipe.execute()

@@ -43,7 +43,7 @@ from engine.tokenizer import eos_token_ids, load_tokenizer
 from engine.warmup import warm_up
 from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
-from schemas.messages import PlanMessage, StepEvent, WorkerInfo
+from schemas.messages import PlanMessage, StepEvent, TokenLogprobsWire, WorkerInfo
 from services.publisher import write_frame
 from services.runtime import Heartbeat, keep_running, setup_logging, stop_event, until_done
 from services.step_stats import StepStats
@@ -202,20 +202,35 @@ class WorkerService:
         if message.forks and held:
             self.runner.flush()          # as the runner does before forking: every parent token is on the host
         freed = set(message.freed_seq_ids)
-        # seq id -> [computed tokens, blocks in its table, tokens, finished], as they will be when the plan runs:
-        # only the sequences the plan names (a plan of the model loop's hot path: a few of hundreds held).
+        # seq id -> [computed tokens, blocks in its table, tokens, finished, beam], as they will be when the plan
+        # runs: only the sequences the plan names (a plan of the model loop's hot path: a few of hundreds held).
         state: dict[int, list] = {}
 
-        def lookup(seq_id: int) -> list | None:
+        def lookup(seq_id: int, freed: set[int] = freed) -> list | None:
             if seq_id not in state and seq_id in held and seq_id not in freed:
                 q = held[seq_id]
-                state[seq_id] = [q.num_computed_tokens, len(q.block_ids), len(q.token_ids), q.finished]
+                state[seq_id] = [q.num_computed_tokens, len(q.block_ids), len(q.token_ids), q.finished, q.beam]
             return state.get(seq_id)
+
+        # Beam steps come first: a new beam copies its parent (which this plan may free), as the runner does.
+        for step in message.beam_steps:
+            parent = lookup(step.parent_id, set())
+            if parent is None or not parent[4] or parent[0] != parent[2]:
+                return f"beam step {step.seq_id}: {step.parent_id} is not a beam whose candidates are in"
+            if step.seq_id != step.parent_id and lookup(step.seq_id) is not None:
+                return f"beam step {step.seq_id}: a new beam that is already held"
+        for step in message.beam_steps:
+            if step.seq_id != step.parent_id:
+                state[step.seq_id] = list(state[step.parent_id])
+        for step in message.beam_steps:
+            state[step.seq_id][2] = state[step.seq_id][0] + 1
+        for seq_id in freed:
+            state.pop(seq_id, None)
 
         for new in message.new:
             if lookup(new.seq_id) is not None:
                 return f"new sequence {new.seq_id} is already held"
-            state[new.seq_id] = [new.num_computed_tokens, len(new.block_ids), len(new.token_ids), False]
+            state[new.seq_id] = [new.num_computed_tokens, len(new.block_ids), len(new.token_ids), False, new.beam]
         for run in message.running:
             seq = lookup(run.seq_id)
             if seq is None:
@@ -229,7 +244,7 @@ class WorkerService:
             seq = lookup(seq_id)
             if seq is None:
                 return f"scheduled sequence {seq_id} is not held"
-            computed, blocks, _, finished = seq
+            computed, blocks, _, finished, _ = seq
             if not finished and computed + n > min(blocks * block_size, max_len):
                 return (f"sequence {seq_id}: {computed + n} tokens exceed its {blocks} blocks of {block_size} "
                         f"or max_model_len {max_len}")
@@ -266,6 +281,8 @@ class WorkerService:
         self.last_plan_id = message.plan_id
         added = []
         for new, rid, index in zip(message.new, message.new_request_ids, message.new_indexes):
+            if new.beam:           # its tokens are the scheduler's to publish, when the search is over
+                continue
             added.append([new.seq_id, rid, index, new.num_computed_tokens, partition_of(rid, self.partitions)])
             self.owners[new.seq_id] = added[-1]
         for fork, index in zip(message.forks, message.fork_indexes):    # a parent may be new in this plan
@@ -279,12 +296,26 @@ class WorkerService:
                 self.first_stamps[new.seq_id] = stamps + [plan_started]
         plan = Plan(num_steps=message.num_steps, new=message.new, running=message.running,
                     num_scheduled_tokens=dict(zip(message.scheduled_seq_ids, message.scheduled_tokens)),
-                    forks=message.forks, block_copies=message.block_copies, freed_seq_ids=message.freed_seq_ids)
+                    forks=message.forks, block_copies=message.block_copies, freed_seq_ids=message.freed_seq_ids,
+                    beam_steps=message.beam_steps)
         sampled: dict[int, list[int]] = {}
+        candidates: dict[int, TokenLogprobsWire] = {}
+        # Asked once a plan, not once a step: plans without beams run as they did before beam search.
+        has_beams = any(self.runner.seqs[s].beam for s in plan.num_scheduled_tokens if s in self.runner.seqs) or \
+            any(n.beam for n in message.new) or bool(message.beam_steps)
 
         def on_step(result: StepResult) -> None:
             on_host = time.time()
             seqs = self.runner.seqs
+            if has_beams:          # the beams' candidates go to the scheduler, in the plan's event; no token of theirs
+                for i, s in enumerate(result.seq_ids):
+                    if seqs[s].beam:
+                        top = result.logprobs[i].top
+                        candidates[s] = TokenLogprobsWire(0.0, [t for t, _ in top], [v for _, v in top])
+                        sampled[s] = [result.token_ids[i]]
+                keep = [i for i, s in enumerate(result.seq_ids) if not seqs[s].beam]
+                result = StepResult([result.seq_ids[i] for i in keep], [result.token_ids[i] for i in keep],
+                                    None if result.logprobs is None else [result.logprobs[i] for i in keep])
             positions = [len(seqs[s].token_ids) - seqs[s].num_prompt_tokens - 1 for s in result.seq_ids]
             finishes = [seqs[s].finish for s in result.seq_ids]
             firsts = []
@@ -310,7 +341,8 @@ class WorkerService:
             finishes = [self.runner.seqs[s].finish if s in self.runner.seqs else None for s in seq_ids]
             event = StepEvent(message.plan_id, seq_ids, [sampled[s] for s in seq_ids],
                               [f[0].value if f else None for f in finishes], [f[1] if f else None for f in finishes],
-                              num_steps_run=steps_run)
+                              num_steps_run=steps_run, beam_seq_ids=list(candidates),
+                              beam_candidates=list(candidates.values()))
             self.outbox.put(["event", encode(event), entry_id])
 
         # A plan with new prompts waiting ends this one at the next step boundary, or, if this one only decodes,
