@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from schemas.structured_outputs import StructuredOutputsParams
+
 # Temperatures below this are greedy: dividing logits by ~0 would only amplify noise.
 GREEDY_EPSILON = 1e-5
 MAX_LOGPROBS = 20
@@ -31,6 +33,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None            # None: none; k: the sampled token's logprob and the top k
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None   # a JSON schema, regex, choice or grammar the
+                                                                # completion must follow
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,6 +71,8 @@ class SamplingParams:
         check(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids must be non-negative integers")
+        check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+              "structured_outputs must be a StructuredOutputsParams")
 
     @property
     def greedy(self) -> bool:
