@@ -467,7 +467,7 @@ class ModelRunner:
             self.seqs[new.seq_id] = WorkerSequence(list(new.token_ids), new.num_prompt_tokens,
                                                    new.num_computed_tokens, list(new.block_ids), new.params,
                                                    new.seed, grammar=None if spec is None else
-                                                   GrammarState(self.grammars.future(spec)))
+                                                   self.grammars.state(spec))
         for run in plan.running:
             table = self.seqs[run.seq_id].block_ids
             del table[run.block_offset:]

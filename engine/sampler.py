@@ -217,8 +217,8 @@ def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> torch.Tenso
     words = mask.bitmask                                                 # [C, W] int32
     bits = (words[:, :, None] >> _bit_positions(words.device)) & 1      # [C, W, 32]: >> on int32 keeps bit 31
     allowed = bits.view(len(words), -1)[:, :logits.shape[-1]].bool()    # [C, V]
-    rows = logits[mask.rows].masked_fill(~allowed, float("-inf"))
-    return logits.index_put((mask.rows,), rows)
+    rows = logits.index_select(0, mask.rows).masked_fill(~allowed, float("-inf"))
+    return logits.index_copy(0, mask.rows, rows)
 
 
 @cache

@@ -3,7 +3,7 @@
     grammars = Grammars(tokenizer, vocab_size, eos_token_ids)  # xgrammar over the local tokenizer, LRU-cached
     grammars.compile(spec)            # validates: ValueError with xgrammar's message (the client's 400)
     grammars.prefetch(spec)           # compiles in the background (xgrammar releases the GIL)
-    state = GrammarState(grammars.future(spec))     # one per sequence
+    state = grammars.state(spec)                    # one per sequence
     mask = token_bitmask(states, rows, ...)         # engine/sampler.py applies it on the device
 
 Where grammars compile (measured on this machine's CPU, SmolLM2's 49,152-token vocabulary, a nested schema with
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pagestream.structured_output")
 
 MAX_CACHED_GRAMMARS = 256          # ~200 KB each for a 49k vocabulary
+COMPILER_THREADS = 4
 MAX_WHITESPACE = 16                # JSON: whitespace characters between two elements; unbounded, a sampled
                                    # completion can spend all its tokens on newlines
 # xgrammar's messages start with where in its C++ they were raised: "[18:21:34] /project/cpp/x.cc:94: ".
@@ -56,14 +57,16 @@ class Grammars:
     keyed by the spec. Thread-safe: the worker's plan reader prefetches while its model loop takes results."""
 
     def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, eos_token_ids: Collection[int],
-                 max_cached: int = MAX_CACHED_GRAMMARS, threads: int = 2):
+                 max_cached: int = MAX_CACHED_GRAMMARS):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
         self.max_cached = max_cached
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self._lock = threading.Lock()
         self._compiler = None
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="grammar")
+        self._json_safe_row: torch.Tensor | None = None
+        # One compile at a time (xgrammar parallelizes each over COMPILER_THREADS).
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="grammar")
         self.num_compiled = 0          # grammars compiled (not taken from the cache)
 
     @property
@@ -76,6 +79,10 @@ class Grammars:
 
     def prefetch(self, spec: StructuredOutputsParams) -> None:
         self.future(spec)
+
+    def state(self, spec: StructuredOutputsParams) -> GrammarState:
+        """A new sequence's matcher state (its grammar compiles in the background, if it is not cached)."""
+        return GrammarState(self.future(spec), self._json_safe() if spec.kind == "json" and self.available else None)
 
     def future(self, spec: StructuredOutputsParams) -> Future:
         """The spec's compiled grammar, cached or on its way (a failed compile is cached too: it fails again)."""
@@ -131,17 +138,38 @@ class Grammars:
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer.hf, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.eos_token_ids)
                 # Our cache, not xgrammar's: one LRU, keyed by the spec, that prefetches share.
-                self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=COMPILER_THREADS, cache_enabled=False)
+                self._json_safe_row = _without_control_characters(info.decoded_vocab, self.vocab_size)
             return self._compiler
+
+    def _json_safe(self) -> torch.Tensor:
+        self._get_compiler()
+        return self._json_safe_row
+
+
+def _without_control_characters(decoded_vocab: list[bytes], vocab_size: int) -> torch.Tensor:
+    """A bitmask row allowing every token but those whose bytes hold a control character other than newline.
+    xgrammar 0.2.9 lets a JSON string with minLength or maxLength hold raw control characters (a tab, \\x01),
+    which JSON forbids (json.loads refuses them): so JSON-schema rows never sample them. Newline stays, for
+    whitespace between elements, where the grammar allows it and strings do not; tabs and carriage returns are
+    never needed there."""
+    allowed = torch.ones(-(-vocab_size // 32) * 32, dtype=torch.bool)
+    for token, text in enumerate(decoded_vocab[:vocab_size]):
+        if any(b < 0x20 and b != 0x0A for b in text):
+            allowed[token] = False
+    weights = torch.tensor([_bit(i) for i in range(32)], dtype=torch.int64)
+    return ((allowed.view(-1, 32).long() * weights).sum(dim=1)).to(torch.int32)
 
 
 class GrammarState:
     """One sequence's matcher. It has seen the first num_seen output tokens: accepted while the grammar runs;
     once it has ended (EOS accepted), or a token it could not accept came (the sampler never gives one, unless
-    every allowed token was masked by another stage, e.g. EOS held by min_tokens), only EOS is allowed."""
+    every allowed token was masked by another stage, e.g. EOS held by min_tokens), only EOS is allowed.
+    allowed: a bitmask row [ceil(V / 32)] int32 that every bitmask of this state is and-ed with, or None."""
 
-    def __init__(self, grammar: Future):
+    def __init__(self, grammar: Future, allowed=None):
         self.grammar = grammar
+        self.allowed = allowed
         self.num_seen = 0
         self._matcher = None
         self.done = False              # ended, or broken: EOS only from now on
@@ -171,7 +199,7 @@ class GrammarState:
 
     def copy(self) -> GrammarState:
         """A fresh matcher of the same grammar (a fork child: no output yet)."""
-        return GrammarState(self.grammar)
+        return GrammarState(self.grammar, self.allowed)
 
 
 def accept_batch(states: Sequence[GrammarState], tokens: Sequence[int]) -> None:
@@ -204,6 +232,9 @@ def token_bitmask(states: Sequence[GrammarState], rows: Sequence[int], vocab_siz
         if _batch_matcher is None:
             _batch_matcher = _xgrammar().BatchGrammarMatcher()
         _batch_matcher.batch_fill_next_token_bitmask([states[i].matcher for i in live], host, live)
+        for allowed in {id(states[i].allowed): states[i].allowed for i in live
+                        if states[i].allowed is not None}.values():
+            host[[i for i in live if states[i].allowed is allowed]] &= allowed
     return TokenBitmask(to_device(rows, torch.int64, device), host.to(device, non_blocking=True))
 
 

@@ -178,10 +178,10 @@ def run(args: argparse.Namespace) -> int:
              run_engine(llm, requests, args.temperature))]
     if args.json_schema:
         from schemas.structured_outputs import StructuredOutputsParams
-        spec = StructuredOutputsParams(json=json.loads(args.json_schema.read_text()))
-        llm.engine.input_processor.grammars.compile(spec)          # a schema that does not compile stops here
+        schema = StructuredOutputsParams(json=json.loads(args.json_schema.read_text()))
+        llm.engine.input_processor.grammars.compile(schema)        # a schema that does not compile stops here
         runs.append((f"pagestream, JSON schema on every request (k={steps})",
-                     run_engine(llm, requests, args.temperature, spec)))
+                     run_engine(llm, requests, args.temperature, schema)))
     if args.ablation:
         multi = max(steps, 8)
         for name, k, asynchronous in (("single-step, sync output", 1, False), ("multi-step", multi, False),

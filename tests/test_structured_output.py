@@ -168,7 +168,7 @@ def allowed_tokens(mask: TokenBitmask, row: int, vocab_size: int) -> set[int]:
 def test_the_matchers_bitmask_is_every_token_that_continues_a_choice(grammars, default_tokenizer):
     """Reference: a token is allowed where its text extends what was accepted towards one of the choices;
     EOS once a choice is complete; only EOS once the grammar ended."""
-    from engine.structured_output import GrammarState, accept_batch, token_bitmask
+    from engine.structured_output import accept_batch, token_bitmask
     vocab_size = len(default_tokenizer)
     choices = ["yes", "no", "not sure"]
     spec = StructuredOutputsParams(choice=choices)
@@ -180,7 +180,7 @@ def test_the_matchers_bitmask_is_every_token_that_continues_a_choice(grammars, d
             c.startswith(prefix + t) for c in choices)}
         return ok | ({EOS} if prefix in choices else set())
 
-    states = [GrammarState(grammars.future(spec)) for _ in range(3)]
+    states = [grammars.state(spec) for _ in range(3)]
     mask = token_bitmask(states, [0, 1, 2], vocab_size, {EOS}, torch.device("cpu"))
     assert mask.rows.tolist() == [0, 1, 2]
     assert allowed_tokens(mask, 0, vocab_size) == reference("") == allowed_tokens(mask, 2, vocab_size)
@@ -279,3 +279,27 @@ def test_preempted_and_cut_sequences_keep_their_matchers_in_step(caplog):
     for out in done.values():
         assert_valid_json(out.outputs[0], PERSON)
     assert not caplog.records
+
+
+def test_json_rows_never_sample_control_characters_and_rows_keep_their_places(grammars, default_tokenizer):
+    """xgrammar 0.2.9 allows a tab or \\x01 inside a length-bounded JSON string, which JSON forbids: JSON-schema
+    rows are and-ed with a row without them. Rows of other constraints keep xgrammar's mask as it is."""
+    from engine.structured_output import GrammarState, token_bitmask
+    vocab_size = 49152
+    schema = StructuredOutputsParams(json={"type": "object", "properties": {"n": {"type": "string", "maxLength": 9}},
+                                           "required": ["n"]})
+    prefix = default_tokenizer.encode('{"n": "a', add_special_tokens=False)
+    json_state, raw_state = grammars.state(schema), GrammarState(grammars.future(schema))
+    regex_state = grammars.state(StructuredOutputsParams(regex="a[\t ]b"))
+    for state in (json_state, raw_state):
+        state.accept(prefix)
+    regex_state.accept(default_tokenizer.encode("a", add_special_tokens=False))
+    mask = token_bitmask([json_state, regex_state, raw_state], [7, 3, 5], vocab_size, {EOS}, torch.device("cpu"))
+    assert mask.rows.tolist() == [7, 3, 5]
+    tab = default_tokenizer.convert_tokens_to_ids("ĉ")                       # byte-level BPE's "\t"
+    assert default_tokenizer.decode([tab]) == "\t"
+    assert tab in allowed_tokens(mask, 2, vocab_size)                       # xgrammar alone would allow it
+    assert tab in allowed_tokens(mask, 1, vocab_size)                       # and a regex asking for it gets it
+    safe = allowed_tokens(mask, 0, vocab_size)
+    assert safe == {v for v in allowed_tokens(mask, 2, vocab_size)
+                    if not any(c < " " and c != "\n" for c in default_tokenizer.decode([v]))}

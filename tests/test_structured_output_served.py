@@ -47,7 +47,7 @@ SCHEMAS = {
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = start_stack(tmp_path_factory.mktemp("structured"), "--kv-cache-memory-gb", "0.5", grpc=False)
+    s = start_stack(tmp_path_factory.mktemp("structured"), "--kv-cache-memory-gb", "0.5", "--max-n", str(N), grpc=False)
     yield s
     stop_stack(s)
 
