@@ -31,11 +31,10 @@ class StructuredOutputsParams:
     disable_any_whitespace: bool = False   # JSON: no whitespace beyond one space after ':' and ','
 
     def __post_init__(self) -> None:
-        if isinstance(self.json, dict):
-            # Key order is kept: a schema's property order is the order the completion writes them in.
-            self.json = json.dumps(self.json, ensure_ascii=False, separators=(",", ":"))
-        if isinstance(self.structural_tag, dict):
-            self.structural_tag = json.dumps(self.structural_tag, ensure_ascii=False, separators=(",", ":"))
+        # JSON in one canonical text (the cache key): a schema sent as an object or as text, spaced or not, is one
+        # grammar. Key order is kept: a schema's property order is the order the completion writes them in.
+        self.json = _canonical(self.json, "json")
+        self.structural_tag = _canonical(self.structural_tag, "structural_tag")
         if self.choice is not None:
             self.choice = list(self.choice)
         self.validate()
@@ -63,14 +62,8 @@ class StructuredOutputsParams:
         if not isinstance(self.json_object, bool) or not isinstance(self.disable_any_whitespace, bool):
             raise ValueError("structured outputs: json_object and disable_any_whitespace must be booleans")
         for name in ("json", "structural_tag"):
-            text = getattr(self, name)
-            if text is not None:
-                try:
-                    value = json.loads(text)
-                except ValueError as e:
-                    raise ValueError(f"structured outputs: {name} is not valid JSON: {e}") from None
-                if not isinstance(value, (dict, bool)):
-                    raise ValueError(f"structured outputs: {name} must be a JSON object")
+            if getattr(self, name) is not None:
+                _canonical(getattr(self, name), name)
         if self.choice is not None:
             if not 1 <= len(self.choice) <= MAX_CHOICES or \
                     not all(isinstance(c, str) and c for c in self.choice):
@@ -79,6 +72,20 @@ class StructuredOutputsParams:
 
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+def _canonical(value: Any, name: str) -> Any:
+    """A JSON object (or its text) as compact JSON text; anything else as it is, for validate() to refuse."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"structured outputs: {name} is not valid JSON: {e}") from None
+        if not isinstance(value, (dict, bool)):
+            raise ValueError(f"structured outputs: {name} must be a JSON object")
+    if isinstance(value, (dict, bool)):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return value
 
 
 def _given(value: Any) -> bool:

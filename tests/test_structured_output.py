@@ -121,6 +121,34 @@ def test_structured_outputs_travel_in_sampling_params():
         decode(GenerateRequest, msgpack.packb(body))
 
 
+# ---- the API's ways in -------------------------------------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}}},
+     StructuredOutputsParams(json=SCHEMA)),
+    ({"response_format": {"type": "json_object"}}, StructuredOutputsParams(json_object=True)),
+    ({"response_format": {"type": "text"}}, None),
+    ({"structured_outputs": {"regex": "a+", "disable_fallback": True}}, StructuredOutputsParams(regex="a+")),
+    ({"structured_outputs": {"json": json.dumps(SCHEMA), "disable_any_whitespace": True}},
+     StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)),
+    ({"structured_outputs": {"choice": ["x", "y"]}}, StructuredOutputsParams(choice=["x", "y"])),
+    ({"structured_outputs": {"grammar": 'root ::= "a"'}}, StructuredOutputsParams(grammar='root ::= "a"')),
+    ({"guided_json": SCHEMA}, StructuredOutputsParams(json=SCHEMA)),
+    ({"guided_regex": "b+"}, StructuredOutputsParams(regex="b+")),
+    ({"guided_choice": ["p", "q"]}, StructuredOutputsParams(choice=["p", "q"])),
+    ({"guided_grammar": 'root ::= "b"', "guided_decoding_backend": "xgrammar"},
+     StructuredOutputsParams(grammar='root ::= "b"')),
+])
+def test_every_way_in_gives_the_same_spec(fields, expected):
+    from services.openai_protocol import Limits, parse_chat, parse_completion
+    limits = Limits("m")
+    chat = parse_chat({"messages": [{"role": "user", "content": "hi"}], **fields}, limits)
+    completion = parse_completion({"prompt": "hi", **fields}, limits)
+    assert chat.params.structured_outputs == expected == completion.params.structured_outputs
+
+
 # ---- grammars and matchers -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def grammars(default_tokenizer):

@@ -83,9 +83,10 @@ def test_sampled_completions_follow_every_schema(client):
             extra_body={"structured_outputs": {"json": schema, "disable_any_whitespace": True}})
 
     items = list(enumerate(SCHEMAS.items()))
-    with ThreadPoolExecutor(2 * len(items)) as pool:
-        chats = list(pool.map(chat, items))
-        completions = list(pool.map(completion, items[:2]))
+    with ThreadPoolExecutor(len(items) + 1) as pool:
+        chats = pool.map(chat, items)
+        completions = pool.map(completion, items[:1])
+        chats, completions = list(chats), list(completions)
     for response, schema in zip(chats, SCHEMAS.values()):
         assert_all_valid(response.choices, schema)
     for response, schema in zip(completions, SCHEMAS.values()):
@@ -102,9 +103,10 @@ def test_regex_choice_and_json_object(client):
                              extra_body={"structured_outputs": {"choice": ["yes", "no", "it depends"]}})
         legacy = pool.submit(client.completions.create, model=MODEL, prompt="Pick one:", n=N, temperature=1.0,
                              max_tokens=20, extra_body={"guided_choice": ["left", "right"]})
+        # Any JSON object has no bound on its length: greedy, on a question with a short answer.
         streamed = pool.submit(lambda: list(client.chat.completions.create(
-            model=MODEL, messages=ASK, temperature=0.0, max_tokens=200, stream=True,
-            response_format={"type": "json_object"})))
+            model=MODEL, temperature=0.0, max_tokens=60, stream=True, response_format={"type": "json_object"},
+            messages=[{"role": "user", "content": 'Reply with a JSON object with one key "ok" set to true.'}])))
     for c in regex.result().choices:
         assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", c.text) and c.finish_reason == "stop", c.text
     assert {c.message.content for c in choice.result().choices} <= {"yes", "no", "it depends"}
@@ -112,7 +114,7 @@ def test_regex_choice_and_json_object(client):
     chunks = streamed.result()
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason == "stop", text
-    assert isinstance(json.loads(text), (dict, list))
+    assert isinstance(json.loads(text), dict)
 
 
 class Pet(BaseModel):
