@@ -9,7 +9,8 @@ import importlib
 
 _EXPORTS = {
     "LLM": "engine.llm", "AsyncLLM": "engine.async_llm", "LLMEngine": "engine.llm_engine",
-    "SamplingParams": "schemas.sampling_params", "RequestOutput": "engine.outputs",
+    "SamplingParams": "schemas.sampling_params", "StructuredOutputsParams": "schemas.structured_outputs",
+    "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs", "EngineConfig": "engine.config", "ModelConfig": "engine.config",
     "CacheConfig": "engine.config", "SchedulerConfig": "engine.config",
     "BeamSearchParams": "schemas.beam_search_params", "BeamSearchOutput": "engine.outputs",

@@ -37,6 +37,7 @@ class StepOutputs:
         self.commit, self.asynchronous = commit, asynchronous
         self.copy_stream = copy_stream
         self.pending: deque[_Pending | Callable[[], None]] = deque()
+        self._newest: _Pending | None = None       # the last step pushed
         self.results: list[StepResult] = []       # processed since the last take_results()
 
     def push(self, seq_ids: list[int], active: list[bool] | None, out: SamplerOutput,
@@ -55,6 +56,7 @@ class StepOutputs:
                 ready = torch.cuda.Event()
                 ready.record()
             self.pending.append(_Pending(on_step, seq_ids, active, tokens, lp, ready))
+        self._newest = self.pending[-1]
         # Asynchronous: process the steps before this one (this one is queued behind them on the GPU).
         self._settle(1 if self.asynchronous else 0)
 
@@ -71,6 +73,13 @@ class StepOutputs:
         """Run callback once every step pushed so far has been processed (a plan's end)."""
         self.pending.append(callback)
         self._settle(1 if self.asynchronous else 0)
+
+    def newest_tokens(self) -> torch.Tensor:
+        """The sampled ids of the last step pushed, on the host. Waits for that step's copy only, not for what
+        was launched on the GPU after it (structured output reads them while the next step's forward runs)."""
+        if self._newest.ready is not None:
+            self._newest.ready.synchronize()
+        return self._newest.tokens
 
     def drain(self) -> None:
         self._settle(0)

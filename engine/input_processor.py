@@ -6,6 +6,11 @@ is accepted or refused the same way, with the same message, whichever way it cam
 the token-id checks once more on what reaches it (a stray message must get an error reply, not break a plan) and
 picks the seeds there, where one leader draws them in arrival order. The engine's Scheduler trusts its input and
 checks only what it alone knows: the KV pool, max_num_seqs, request ids in use.
+
+A structured-output constraint (a JSON schema, regex, choice or grammar) is checked by compiling it, where the
+processor has the grammars (engine/structured_output.py: the tokenizer service's, LLMEngine's): xgrammar's
+message is the client's. Compiled grammars are cached by spec, so this costs a request nothing when its spec
+was seen before. The scheduler service's processor has none and leaves that check to the tokenizer.
 """
 from __future__ import annotations
 
@@ -17,14 +22,17 @@ import jinja2
 from schemas.sampling_params import SamplingParams
 
 if TYPE_CHECKING:              # the scheduler service validates token ids without loading transformers
+    from engine.structured_output import Grammars
     from engine.tokenizer import Tokenizer
 
 Conversation = list[dict]          # [{"role": ..., "content": ...}, ...]
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Tokenizer | None, max_model_len: int, vocab_size: int, seed: int = 0):
+    def __init__(self, tokenizer: Tokenizer | None, max_model_len: int, vocab_size: int, seed: int = 0,
+                 grammars: Grammars | None = None):
         self.tokenizer = tokenizer
+        self.grammars = grammars
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self._rng = random.Random(seed)
@@ -56,6 +64,8 @@ class InputProcessor:
             if bad:
                 raise ValueError(f"{name}: token ids must be in [0, {self.vocab_size}) (the model's vocabulary), "
                                  f"got {bad[:5]}")
+        if params.structured_outputs is not None and self.grammars is not None:
+            self.grammars.compile(params.structured_outputs)
         return ids
 
     def tokenize(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,

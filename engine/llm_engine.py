@@ -24,6 +24,7 @@ from engine.output_processor import CompletionState, OutputProcessor
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.scheduler import Scheduler, SchedulerStats
 from engine.sequence import FinishReason, Sequence
+from engine.structured_output import Grammars
 from engine.tokenizer import eos_token_ids, load_tokenizer
 from schemas.beam_search_params import BeamSearchParams
 from schemas.sampling_params import SamplingParams
@@ -53,13 +54,15 @@ class LLMEngine:
         self.model_name = files.name
         self.tokenizer = load_tokenizer(files, mc.tokenizer, progress)
         eos = eos_token_ids(files, self.tokenizer)
-        self.runner = ModelRunner(config, files.config, files.path, eos, progress)
+        # load_tokenizer has sized a dummy model's vocabulary to its tokenizer: config.json's is the model's.
+        grammars = Grammars(self.tokenizer, files.config["vocab_size"], eos)     # one cache for both ends
+        self.runner = ModelRunner(config, files.config, files.path, eos, progress, grammars)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.args.vocab_size
         block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                      config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, block_manager, self.max_model_len, eos)
-        self.input_processor = InputProcessor(self.tokenizer, self.max_model_len, self.vocab_size, mc.seed)
+        self.input_processor = InputProcessor(self.tokenizer, self.max_model_len, self.vocab_size, mc.seed, grammars)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.requests: dict[str, _Request] = {}
         self._touched: dict[str, _Request] = {}       # requests that got tokens since the last step()

@@ -31,9 +31,10 @@ from engine.model_files import resolve_max_model_len
 from engine.model_loader import build_model, pick_device, pick_dtype
 from engine.ops import select_ops
 from engine.plan import Plan, StepResult, TokenLogprobs
-from engine.sampler import Sampler, SamplingBatch, SamplingRow
+from engine.sampler import Sampler, SamplingBatch, SamplingRow, TokenBitmask
 from engine.staging import to_device
 from engine.sequence import FinishReason, check_stop
+from engine.structured_output import GrammarState, Grammars, accept_batch, token_bitmask
 from kernels.advance_step import advance_step, advance_step_reference
 from kernels.attention import default_num_splits
 from schemas.sampling_params import SamplingParams
@@ -57,6 +58,7 @@ class WorkerSequence:
     # are: the same copy stream): (logprob, rank, top ids, top logprobs) of prompt tokens 1, 2, ...
     prompt_pieces: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     beam: bool = False             # a beam search's: it proposes candidates, the scheduler chooses (BeamStep)
+    grammar: GrammarState | None = None                      # structured output: the matcher of its outputs
 
     @property
     def finished(self) -> bool:
@@ -69,12 +71,13 @@ class WorkerSequence:
 
     def copy(self, seed: int) -> "WorkerSequence":
         return WorkerSequence(list(self.token_ids), self.num_prompt_tokens, self.num_computed_tokens,
-                              list(self.block_ids), self.params, seed, prompt_pieces=list(self.prompt_pieces))
+                              list(self.block_ids), self.params, seed, prompt_pieces=list(self.prompt_pieces),
+                              grammar=self.grammar.copy() if self.grammar is not None else None)
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config: dict, model_dir: Path | None,
-                 eos_token_ids: frozenset[int] = frozenset(), progress: bool = True):
+                 eos_token_ids: frozenset[int] = frozenset(), progress: bool = True, grammars: Grammars | None = None):
         mc, sc = config.model, config.scheduler
         self.config = config
         self.device = pick_device(mc.device)
@@ -92,6 +95,9 @@ class ModelRunner:
                                  mc.load_format, mc.seed, progress)
         self.args = self.model.args
         self.sampler = Sampler()
+        # Structured output's compiled grammars (shared with the input processor in one process); without a
+        # tokenizer none compiles, and a constrained sequence that reaches the runner anyway is ended at once.
+        self.grammars = grammars or Grammars(None, self.args.vocab_size, eos_token_ids)
         self.seqs: dict[int, WorkerSequence] = {}
         self.num_blocks = self._num_kv_blocks()
         # One pool for all layers: [2 (k, v), layers, blocks, block_size, KVH, Dh]; each layer gets views.
@@ -279,6 +285,7 @@ class ModelRunner:
                                            self.eos_token_ids, self.device)
         if isinstance(input_ids, torch.Tensor):
             sampling.advance(input_ids, pending_mask)
+        constrained = any(s.grammar is not None for s in seqs)
         steps = 1 + max(steps_left)
         for step in range(steps):
             if step > 0 and should_stop is not None and should_stop():
@@ -289,12 +296,48 @@ class ModelRunner:
             for seq, on in zip(seqs, active):
                 seq.num_computed_tokens += on
             timer = self._start_timer()
-            out = self.sampler(self._decode_forward(len(rows)), sampling)
+            logits = self._decode_forward(len(rows))
+            if constrained:           # after the forward's launch: see _token_bitmask
+                sampling.token_bitmask = self._token_bitmask(rows, active)
+            out = self.sampler(logits, sampling)
             self._stop_timer(timer, eager=False)
             sampling.advance(out.token_ids)
             self.outputs.push(rows, active, out, on_step)
             self._inflight = (rows, active, out.token_ids)
         return steps
+
+    def _token_bitmask(self, seq_ids: list[int], active: list[bool] | None = None) -> TokenBitmask | None:
+        """Structured output: the bitmask of the step about to sample seq_ids (row b: seq_ids[b]; rows not
+        active are left free), or None when no row is constrained (the sampler then skips the stage).
+
+        Each matcher first accepts every token its sequence sampled before this step: those on the host, and the
+        one the last launched step sampled, if that step's ids are still on their way. Multi-step plans stay
+        asynchronous: this runs once the step's forward is launched, and waits for the last step's sampled ids
+        only (their copy, on the side stream), not for the forward. So the matchers advance and the bitmask is
+        filled while the GPU runs the forward; the bitmask goes to the device behind it (pinned, non-blocking),
+        and only this step's sampler waits for it. vLLM falls back to one step per plan with grammars; here a
+        batch with constrained rows keeps its k steps, and one without any pays nothing. The host cannot run
+        more than a step ahead of the GPU while constrained rows decode: it needs each step's tokens before it
+        launches the next sampler."""
+        rows = [b for b, s in enumerate(seq_ids) if self.seqs[s].grammar is not None and not self.seqs[s].finished
+                and (active is None or active[b])]
+        if not rows:
+            return None
+        inflight = self._inflight_rows()
+        states, waiting = [], []
+        for b in rows:
+            seq = self.seqs[seq_ids[b]]
+            state = seq.grammar
+            states.append(state)
+            committed = len(seq.token_ids) - seq.num_prompt_tokens
+            if state.num_seen < committed:
+                state.accept(seq.token_ids[seq.num_prompt_tokens + state.num_seen:])
+            if state.num_seen == committed and seq_ids[b] in inflight:
+                waiting.append((state, inflight[seq_ids[b]]))
+        if waiting:
+            sampled = self.outputs.newest_tokens().tolist()
+            accept_batch([state for state, _ in waiting], [sampled[row] for _, row in waiting])
+        return token_bitmask(states, rows, self.args.vocab_size, self.eos_token_ids, self.device)
 
     def _decode_forward(self, n: int) -> torch.Tensor:
         if self.graphs is not None:
@@ -355,6 +398,7 @@ class ModelRunner:
         last_tokens, on_device = self._last_tokens(seq_ids, inflight)
         if on_device is not None:       # the sampler counts the in-flight tokens the host has not seen yet
             sampling.advance(last_tokens, on_device)
+        sampling.token_bitmask = self._token_bitmask(seq_ids)
         out = self.sampler(logits, sampling)
         self._stop_timer(timer, eager=True)
         self.outputs.push(seq_ids, None, out, on_step)
@@ -476,9 +520,12 @@ class ModelRunner:
         for seq_id in plan.freed_seq_ids:
             self.seqs.pop(seq_id, None)
         for new in plan.new:
+            # A preempted sequence comes back with its outputs: its new matcher accepts them before it samples.
+            spec = new.params.structured_outputs
             self.seqs[new.seq_id] = WorkerSequence(list(new.token_ids), new.num_prompt_tokens,
                                                    new.num_computed_tokens, list(new.block_ids), new.params,
-                                                   new.seed, beam=new.beam)
+                                                   new.seed, beam=new.beam, grammar=None if spec is None else
+                                                   self.grammars.state(spec))
         for run in plan.running:
             table = self.seqs[run.seq_id].block_ids
             del table[run.block_offset:]

@@ -1,5 +1,5 @@
-"""Batched sampling on the device: allowed tokens, bad words, logit bias, penalties, min_tokens, greedy, temperature,
-top-k, top-p, min-p, logprobs.
+"""Batched sampling on the device: grammar bitmask, allowed tokens, bad words, logit bias, penalties, min_tokens,
+greedy, temperature, top-k, top-p, min-p, logprobs.
 
 Every stage is a few tensor ops over the whole batch [B, V]; stages no row needs are skipped. Randomness is a
 counter-based hash of (row seed, row step, token id), so a seeded row draws the same token whatever it is
@@ -135,6 +135,12 @@ class BadWords:
 
 
 @dataclass
+class TokenBitmask:                # structured output: what each constrained row may sample this step
+    rows: torch.Tensor             # [C] int64: the constrained rows of the batch
+    bitmask: torch.Tensor          # [C, ceil(V / 32)] int32: bit v % 32 of word v // 32 set <=> token v allowed
+
+
+@dataclass
 class SamplingBatch:               # device tensors for a batch, built once per step (or advanced on the device)
     vocab_size: int
     greedy: torch.Tensor           # [B] bool
@@ -155,6 +161,9 @@ class SamplingBatch:               # device tensors for a batch, built once per 
     disallowed: torch.Tensor | None = None    # [B, V] bool: outside a row's allowed_token_ids
     bad_words: BadWords | None = None
     logit_bias: LogitBias | None = None
+    # Filled on the host for each step from the constrained rows' matchers (engine/structured_output.py); None
+    # when no row of the step is constrained.
+    token_bitmask: TokenBitmask | None = None
 
     @classmethod
     def from_rows(cls, rows: list[SamplingRow], vocab_size: int, eos_token_ids: Collection[int],
@@ -302,6 +311,20 @@ def apply_logit_bias(logits: torch.Tensor, bias: LogitBias) -> torch.Tensor:
     return logits.index_put((bias.rows, bias.token_ids), bias.values, accumulate=True)
 
 
+def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> torch.Tensor:
+    """-inf on the tokens a constrained row's grammar does not allow; only the constrained rows are touched."""
+    words = mask.bitmask                                                 # [C, W] int32
+    bits = (words[:, :, None] >> _bit_positions(words.device)) & 1      # [C, W, 32]: >> on int32 keeps bit 31
+    allowed = bits.view(len(words), -1)[:, :logits.shape[-1]].bool()    # [C, V]
+    rows = logits.index_select(0, mask.rows).masked_fill(~allowed, float("-inf"))
+    return logits.index_copy(0, mask.rows, rows)
+
+
+@cache
+def _bit_positions(device: torch.device) -> torch.Tensor:
+    return torch.arange(32, dtype=torch.int32, device=device)
+
+
 def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
     """Repetition (CTRL/HF) over prompt + output, then OpenAI frequency and presence over the output. [B, V]."""
     repetition = penalties.repetition[:, None]
@@ -370,6 +393,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         # An lm_head padded past the tokenizer's vocabulary must never yield its padding columns.
         logits = logits[:, :batch.vocab_size].float()                   # [B, V]
+        # As vLLM: the grammar masks the logits themselves, so logprobs are those of the allowed tokens.
+        if batch.token_bitmask is not None:
+            logits = apply_token_bitmask(logits, batch.token_bitmask)
         # Logprobs are the model's own (vLLM's default): before penalties and temperature.
         raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs is not None else None
         # As vLLM: allowed tokens, bad words, logit bias, then penalties.

@@ -3,6 +3,8 @@
     pagestream bench throughput --workload w256 --num-prompts 64 --scale 0.25 --peer hf      (CPU, default model)
     pagestream bench throughput --workload w256 --model llama-3-8b --load-format dummy --ablation   (GPU)
     pagestream bench latency --input-len 512 --output-len 128 --model llama-3-8b --load-format dummy
+    pagestream bench throughput --workload w256 --model llama-3-8b --load-format dummy \
+        --tokenizer smollm2-135m-instruct --json-schema loadtest/schemas/bench.json        (GPU: with and without)
 
 The workloads (loadtest/workloads/*.json, copies of the project's fixed benchmark specs) say how to draw each
 request's prompt and output length with Python's random.Random(seed); every request generates exactly its output
@@ -11,7 +13,12 @@ The peer is Hugging Face transformers' generate() in left-padded static batches 
 shared/peers/hf_peer.py runs it; both figures count the workload's requested output tokens. On the GPU the
 report adds the fraction of wall time the GPU was busy (CUDA events around every step), overall and once every
 prompt is in (decode), and --ablation runs the workload again with multi-step scheduling and asynchronous output
-switched off and on (the same loaded engine, flags flipped between runs).
+switched off and on (the same loaded engine, flags flipped between runs). --json-schema FILE runs it once more
+with that JSON schema on every request (structured outputs: a matcher per sequence, the token bitmask in the
+sampler), on the same engine, and reports it against the run without. The lengths stay the workload's (EOS is
+ignored): a completion whose JSON is complete before its length allows only EOS from then on, which costs less
+than a running matcher, so the report says how many completed; a schema without bounds on its arrays or strings
+keeps every matcher running to the end (loadtest/schemas/bench.json). Dummy weights need --tokenizer for it.
 """
 from __future__ import annotations
 
@@ -58,12 +65,14 @@ class EngineRun:
     gpu_busy: float | None             # GPU time / wall time, every step
     gpu_busy_decode: float | None      # the same, after the last prefill step
     gpu_split: dict | None = None      # GPU seconds and step counts: eager (prefill/mixed) steps, decode steps
+    json_complete: int | None = None   # with a JSON schema: completions whose JSON was complete at the end
 
 
-def run_engine(llm, requests, temperature: float) -> EngineRun:
+def run_engine(llm, requests, temperature: float, structured_outputs=None) -> EngineRun:
     from engine.warmup import warm_up
     from schemas.sampling_params import SamplingParams
-    params = [SamplingParams(max_tokens=ol, min_tokens=ol, ignore_eos=True, temperature=temperature, seed=i)
+    params = [SamplingParams(max_tokens=ol, min_tokens=ol, ignore_eos=True, temperature=temperature, seed=i,
+                             structured_outputs=structured_outputs)
               for i, (_, ol) in enumerate(requests)]
     # The server's warm-up: it compiles the Triton kernels for the shapes the run meets (prefill tiles, mixed and
     # decode steps) before the clock starts, as a server has done before its first request.
@@ -84,7 +93,18 @@ def run_engine(llm, requests, temperature: float) -> EngineRun:
     if runner.step_timers is not None:
         busy, busy_decode, split = gpu_busy(runner.step_timers, start, start + elapsed)
     runner.measure_gpu_time(False)
-    return EngineRun(elapsed, statistics.fmean(tpots), busy, busy_decode, split)
+    run = EngineRun(elapsed, statistics.fmean(tpots), busy, busy_decode, split)
+    if structured_outputs is not None:
+        run.json_complete = sum(_parses(o.outputs[0].text) for o in outputs)
+    return run
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def gpu_busy(timers, start: float, end: float) -> tuple[float, float, dict]:
@@ -136,6 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time transformers generate() on the same prompts and weights")
     parser.add_argument("--peer-batch-size", type=int, default=64, help="the peer's static batch size")
     parser.add_argument("--result-json", type=Path, default=None, help="also write the results here, as JSON")
+    parser.add_argument("--json-schema", type=Path, default=None,
+                        help="also run the workload with this JSON schema (a file) on every request, and compare")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,6 +176,12 @@ def run(args: argparse.Namespace) -> int:
     steps = llm.engine.scheduler.config.num_scheduler_steps
     runs = [(f"pagestream (k={steps}, async output {'on' if runner.async_output else 'off'})",
              run_engine(llm, requests, args.temperature))]
+    if args.json_schema:
+        from schemas.structured_outputs import StructuredOutputsParams
+        schema = StructuredOutputsParams(json=json.loads(args.json_schema.read_text()))
+        llm.engine.input_processor.grammars.compile(schema)        # a schema that does not compile stops here
+        runs.append((f"pagestream, JSON schema on every request (k={steps})",
+                     run_engine(llm, requests, args.temperature, schema)))
     if args.ablation:
         multi = max(steps, 8)
         for name, k, asynchronous in (("single-step, sync output", 1, False), ("multi-step", multi, False),
@@ -192,6 +220,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"GPU time, {name.strip()}: prefill/mixed steps {e['gpu_s']:.2f} s in {e['steps']}, "
                   f"decode steps {d['gpu_s']:.2f} s in {d['steps']} "
                   f"({1000 * d['gpu_s'] / max(1, d['steps']):.2f} ms each)")
+    if args.json_schema:
+        free, constrained = runs[0][1], runs[1][1]
+        print(f"JSON schema on every request: {n_out / constrained.seconds:.1f} out tok/s against "
+              f"{n_out / free.seconds:.1f} without ({free.seconds / constrained.seconds:.3f}x); "
+              f"{constrained.json_complete} of {len(requests)} completions ended their JSON before their length")
+        results[1]["json_complete"] = constrained.json_complete
     if args.result_json:
         args.result_json.write_text(json.dumps(results, indent=2))
     return 0

@@ -77,3 +77,4 @@ def check_beam_search(params: SamplingParams, beam: BeamSearchParams) -> None:
     check(params.logit_bias is None and params.allowed_token_ids is None and not params.bad_words,
           "logit_bias, allowed_token_ids and bad_words cannot be used with beam search")
     check(params.best_of is None, "best_of is the beam width with beam search, not a sampling parameter")
+    check(params.structured_outputs is None, "structured outputs cannot be used with beam search")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from schemas.structured_outputs import StructuredOutputsParams
+
 # Temperatures below this are greedy: dividing logits by ~0 would only amplify noise.
 GREEDY_EPSILON = 1e-5
 MAX_LOGPROBS = 20
@@ -41,6 +43,8 @@ class SamplingParams:
     # has the tokenizer), so they travel with the request. A one-token word is never sampled; a longer word's
     # last token is banned right after the tokens before it were generated.
     bad_words_token_ids: list[list[int]] | None = None
+    structured_outputs: StructuredOutputsParams | None = None   # a JSON schema, regex, choice or grammar the
+                                                                # completion must follow
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -103,6 +107,8 @@ class SamplingParams:
             check(all(isinstance(w, list) and w and all(isinstance(t, int) and t >= 0 for t in w)
                       for w in self.bad_words_token_ids),
                   "bad_words_token_ids must be non-empty lists of non-negative integers")
+        check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+              "structured_outputs must be a StructuredOutputsParams")
 
     @property
     def greedy(self) -> bool:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from schemas.beam_search_params import MAX_BEAM_WIDTH, BeamSearchParams, check_beam_search
 from schemas.messages import ChatMessage, ErrorInfo, GenerateRequest, PromptLogprobsWire, ReplyItem, TokenLogprobsWire
 from schemas.sampling_params import MAX_LOGIT_BIAS, SamplingParams
+from schemas.structured_outputs import StructuredOutputsParams
 
 Prompt = str | list[int]
 
@@ -138,16 +139,13 @@ def _stop(body: dict) -> list[str]:
 
 
 # Features that, ignored, would silently change the answer: refuse them instead.
-_UNSUPPORTED = ("tools", "functions", "suffix", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+_UNSUPPORTED = ("tools", "functions", "suffix", "guided_whitespace_pattern")
 
 
 def _reject_unsupported(body: dict) -> None:
     for name in _UNSUPPORTED:
         if body.get(name):
             raise ProtocolError(f"{name} is not supported by this server", param=name)
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise ProtocolError("response_format: only {\"type\": \"text\"} is supported", param="response_format")
 
 
 def _logit_bias(body: dict) -> dict[int, float] | None:
@@ -177,6 +175,85 @@ def _strings(body: dict, name: str) -> list[str]:
     for s in value:
         _check_text(s, name)
     return value
+
+
+# ---- structured outputs ----------------------------------------------------------------------------------------
+# vLLM's structured_outputs object: its constraint fields, and the options taken. disable_fallback asks for no
+# fallback between grammar backends: there is one (xgrammar), so it holds whatever its value.
+_STRUCTURED_FIELDS = {"json": (dict, str), "regex": (str,), "choice": (list,), "grammar": (str,),
+                      "json_object": (bool,), "structural_tag": (dict, str), "disable_any_whitespace": (bool,),
+                      "disable_fallback": (bool,)}
+# vLLM's older top-level fields, each one constraint.
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+_JSON_SCHEMA_FIELDS = {"name", "description", "schema", "strict"}
+
+
+def _structured_outputs(body: dict) -> StructuredOutputsParams | None:
+    """The request's output constraint, from whichever way the client sent it: OpenAI's response_format
+    (json_object, json_schema), vLLM's structured_outputs object, or vLLM's older guided_* fields. At most one
+    constraint per request. Whether it compiles is the tokenizer's to say (400 with xgrammar's message)."""
+    found: list[tuple[str, dict]] = []            # (the parameter it came in, StructuredOutputsParams kwargs)
+    response_format = _field(body, "response_format", dict)
+    if response_format is not None:
+        kind = response_format.get("type")
+        if kind == "json_object":
+            found.append(("response_format", {"json_object": True}))
+        elif kind == "json_schema":
+            found.append(("response_format", {"json": _json_schema(response_format.get("json_schema"))}))
+        elif kind != "text":
+            raise ProtocolError("response_format.type must be text, json_object or json_schema, got "
+                                f"{kind!r}", param="response_format")
+    options = _field(body, "structured_outputs", dict)
+    if options is not None:
+        for name, value in options.items():
+            kinds = _STRUCTURED_FIELDS.get(name)
+            if kinds is None:
+                raise ProtocolError(f"structured_outputs.{name} is not supported (supported: "
+                                    f"{', '.join(sorted(_STRUCTURED_FIELDS))})", param="structured_outputs")
+            if value is not None and not isinstance(value, kinds):
+                raise ProtocolError(f"structured_outputs.{name} must be "
+                                    f"{' or '.join(_KIND_NAMES[k] for k in kinds)}, got {_json_type(value)}",
+                                    param="structured_outputs")
+        found.append(("structured_outputs",
+                      {k: v for k, v in options.items() if v is not None and k != "disable_fallback"}))
+    for name, kind in _GUIDED_FIELDS.items():
+        value = body.get(name)
+        if value is not None:
+            if not isinstance(value, _STRUCTURED_FIELDS[kind]):
+                raise ProtocolError(f"{name} must be "
+                                    f"{' or '.join(_KIND_NAMES[k] for k in _STRUCTURED_FIELDS[kind])}, got "
+                                    f"{_json_type(value)}", param=name)
+            found.append((name, {kind: value}))
+    if len(found) > 1:
+        raise ProtocolError("only one structured output constraint per request, got "
+                            f"{' and '.join(name for name, _ in found)}", param=found[1][0])
+    if not found:
+        return None
+    param, kwargs = found[0]
+    try:
+        spec = StructuredOutputsParams(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ProtocolError(str(e), param=param) from None
+    for text in (spec.json, spec.regex, spec.grammar, spec.structural_tag, *(spec.choice or [])):
+        if text is not None:
+            _check_text(text, param)
+    return spec
+
+
+def _json_schema(value: Any) -> dict:
+    """response_format's json_schema object ({"name", "schema", "strict", "description"}): its schema."""
+    if not isinstance(value, dict):
+        raise ProtocolError("response_format.json_schema must be an object with a schema", param="response_format")
+    unknown = set(value) - _JSON_SCHEMA_FIELDS
+    if unknown:
+        raise ProtocolError(f"response_format.json_schema: unknown field(s) {', '.join(sorted(unknown))}",
+                            param="response_format")
+    schema = value.get("schema")
+    if not isinstance(schema, dict):
+        raise ProtocolError("response_format.json_schema.schema must be a JSON schema object",
+                            param="response_format")
+    return schema
 
 
 @dataclass
@@ -271,7 +348,8 @@ def _common(body: dict, limits: Limits, *, max_tokens: int | None, logprobs: int
             prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
             skip_special_tokens=_field(body, "skip_special_tokens", bool, True),
-            logit_bias=_logit_bias(body), allowed_token_ids=allowed, bad_words=_strings(body, "bad_words"))
+            logit_bias=_logit_bias(body), allowed_token_ids=allowed, bad_words=_strings(body, "bad_words"),
+            structured_outputs=_structured_outputs(body))
     except ValueError as e:
         raise ProtocolError(str(e)) from None
     return dict(model=model, params=params, stream=stream, include_usage=include_usage,
@@ -754,6 +832,24 @@ def _sampling_fields(limits: Limits) -> dict:
         "bad_words": {"type": "array", "items": {"type": "string"}, "description": "words never generated"},
         "prompt_logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "nullable": True,
                             "description": "each prompt token's logprob and the top k; not with stream"},
+        # Structured outputs: at most one of these per request (a spec that does not compile: 400).
+        "response_format": {"type": "object", "required": ["type"], "properties": {
+            "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+            "json_schema": {"type": "object", "required": ["schema"], "properties": {
+                "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": "object"},
+                "strict": {"type": "boolean", "nullable": True}}}}},
+        "structured_outputs": {"type": "object", "description": "vLLM's: exactly one of json, regex, choice, "
+                               "grammar, json_object, structural_tag", "properties": {
+            "json": _one_of({"type": "object"}, {"type": "string"}), "regex": {"type": "string"},
+            "choice": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+            "grammar": {"type": "string", "description": "EBNF, start rule root"},
+            "json_object": {"type": "boolean"},
+            "structural_tag": _one_of({"type": "object"}, {"type": "string"}),
+            "disable_any_whitespace": {"type": "boolean"}, "disable_fallback": {"type": "boolean"}}},
+        "guided_json": _one_of({"type": "object"}, {"type": "string"}),
+        "guided_regex": {"type": "string"},
+        "guided_choice": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+        "guided_grammar": {"type": "string", "description": "EBNF, start rule root"},
     }
 
 

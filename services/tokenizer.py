@@ -16,7 +16,8 @@ import time
 
 from engine.input_processor import InputProcessor
 from engine.model_files import resolve_max_model_len, resolve_model
-from engine.tokenizer import load_tokenizer
+from engine.structured_output import Grammars
+from engine.tokenizer import eos_token_ids, load_tokenizer
 from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
 from schemas.messages import GenerateRequest, RequestMeta, ScheduleRequest
@@ -94,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(files, args.tokenizer)
     transport = Transport(args.redis_url, args.prefix)
     max_model_len = resolve_max_model_len(files.config, args.max_model_len)
-    processor = InputProcessor(tokenizer, max_model_len, files.config["vocab_size"])
+    # Structured-output specs are compiled here to be validated (a bad one is the client's 400); the worker
+    # compiles its own (engine/structured_output.py says why).
+    grammars = Grammars(tokenizer, files.config["vocab_size"], eos_token_ids(files, tokenizer))
+    processor = InputProcessor(tokenizer, max_model_len, files.config["vocab_size"], grammars=grammars)
     TokenizerService(transport, processor).run(stop_event())
     return 0

@@ -39,6 +39,7 @@ from engine.config import EngineConfig
 from engine.model_files import resolve_model
 from engine.model_runner import ModelRunner
 from engine.plan import Plan, StepResult
+from engine.structured_output import Grammars
 from engine.tokenizer import eos_token_ids, load_tokenizer
 from engine.warmup import warm_up
 from schemas.codec import SchemaError, decode, encode
@@ -101,8 +102,12 @@ class WorkerService:
     def run(self, stop) -> None:
         mc = self.config.model
         files = resolve_model(mc.model, mc.load_format)
-        eos = eos_token_ids(files, load_tokenizer(files, mc.tokenizer))
-        self.runner = ModelRunner(self.config, files.config, files.path, eos)
+        tokenizer = load_tokenizer(files, mc.tokenizer)
+        eos = eos_token_ids(files, tokenizer)
+        grammars = Grammars(tokenizer, files.config["vocab_size"], eos)
+        if grammars.available:
+            grammars.load()           # xgrammar and the vocabulary, now: not in the middle of serving
+        self.runner = ModelRunner(self.config, files.config, files.path, eos, grammars=grammars)
         r = self.runner
         # Compile and cache every kernel variant a real load meets before saying we are here.
         log.info("warmed up in %.1f s", warm_up(r, self.config.scheduler, r.max_model_len, eos))
@@ -181,6 +186,11 @@ class WorkerService:
                 if message.worker_epoch != self.epoch or not self._from_live_scheduler(message):
                     self.transport.ack(plans, GROUP, [entry.id])
                     continue
+                # Structured outputs: the grammar compiles in the background from now, while the plan waits in the
+                # inbox and its prompt prefills; the model loop waits only if it is not ready when first needed.
+                for new in message.new:
+                    if new.params.structured_outputs is not None and self.runner.grammars.available:
+                        self.runner.grammars.prefetch(new.params.structured_outputs)
                 self.inbox.put(message, entry.id)
 
         keep_running(stop, iteration, "plan reader", self.transport)
@@ -230,6 +240,8 @@ class WorkerService:
         for new in message.new:
             if lookup(new.seq_id) is not None:
                 return f"new sequence {new.seq_id} is already held"
+            if new.params.structured_outputs is not None and not self.runner.grammars.available:
+                return f"new sequence {new.seq_id} has structured outputs, and this worker has no tokenizer"
             state[new.seq_id] = [new.num_computed_tokens, len(new.block_ids), len(new.token_ids), False, new.beam]
         for run in message.running:
             seq = lookup(run.seq_id)
