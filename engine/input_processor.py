@@ -38,11 +38,12 @@ class InputProcessor:
         self._rng = random.Random(seed)
 
     def process(self, params: SamplingParams, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                messages: Conversation | None = None, add_generation_prompt: bool = True) -> list[int]:
+                messages: Conversation | None = None, add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> list[int]:
         """The prompt token ids of a request given as messages (through the chat template), else as token ids,
-        else as text. Raises ValueError, with a message fit for the client, if the request cannot be served."""
+        else as text; tools (OpenAI's function definitions) go to the chat template. Raises ValueError, with a message fit for the client, if the request cannot be served."""
         if messages is not None:
-            ids = self._encode_chat(messages, add_generation_prompt)
+            ids = self._encode_chat(messages, add_generation_prompt, tools)
         elif prompt_token_ids is not None:
             ids = list(prompt_token_ids)
         elif prompt is not None:
@@ -70,11 +71,12 @@ class InputProcessor:
         requests are reproducible from the engine's seed and their order of arrival)."""
         return params.seed if params.seed is not None else self._rng.getrandbits(63)
 
-    def _encode_chat(self, messages: Conversation, add_generation_prompt: bool) -> list[int]:
+    def _encode_chat(self, messages: Conversation, add_generation_prompt: bool,
+                     tools: list[dict] | None = None) -> list[int]:
         if not messages:
             raise ValueError("messages must not be empty")
         try:
-            return self._require_tokenizer().encode_chat(messages, add_generation_prompt)
+            return self._require_tokenizer().encode_chat(messages, add_generation_prompt, tools)
         except jinja2.TemplateError as e:           # e.g. a template that insists on alternating roles
             raise ValueError(f"the conversation does not fit the model's chat template: {e}") from None
 

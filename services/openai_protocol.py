@@ -10,13 +10,16 @@ Pure functions of plain values, no I/O: every shape here is unit-tested without 
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from schemas.messages import ChatMessage, ErrorInfo, GenerateRequest, ReplyItem, TokenLogprobsWire
+from schemas.messages import ChatMessage, ChatToolCall, ErrorInfo, GenerateRequest, ReplyItem, TokenLogprobsWire
 from schemas.sampling_params import SamplingParams
 from schemas.structured_outputs import StructuredOutputsParams
+from services.tool_calls import TOOL_CALL_PARSERS, Content, ToolCallExtractor, ToolCallFormat, forced_tool_calls
 
 Prompt = str | list[int]
 
@@ -138,13 +141,14 @@ def _stop(body: dict) -> list[str]:
 
 
 # Features that, ignored, would silently change the answer: refuse them instead.
-_UNSUPPORTED = ("logit_bias", "tools", "functions", "suffix", "prompt_logprobs", "guided_whitespace_pattern")
+_UNSUPPORTED = ("logit_bias", "functions", "suffix", "prompt_logprobs", "guided_whitespace_pattern")
 
 
 def _reject_unsupported(body: dict) -> None:
     for name in _UNSUPPORTED:
         if body.get(name):
-            raise ProtocolError(f"{name} is not supported by this server", param=name)
+            raise ProtocolError(f"{name} is not supported by this server"
+                            + (" (use tools and tool_choice)" if name == "functions" else ""), param=name)
     best_of = body.get("best_of")
     if best_of is not None and best_of != 1 and best_of != body.get("n", 1):
         raise ProtocolError("best_of is not supported by this server", param="best_of")
@@ -238,6 +242,7 @@ class Limits:
     # What a request gets for the sampling fields it leaves out (engine.model_files.sampling_defaults: the
     # model's generation_config.json or its card's advice), before OpenAI's own defaults.
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    tool_call_parser: str = "hermes"        # how the model writes tool calls (services/tool_calls.py)
 
 
 @dataclass
@@ -253,6 +258,8 @@ class ParsedRequest:
     include_usage: bool = False
     echo: list[str] | None = None          # completions with echo: each prompt's text, put before its choices
     priority: int = 0
+    tools: list[dict] | None = None        # chat: the functions offered, for the chat template
+    tool_format: ToolCallFormat | None = None   # chat: the format tool calls are parsed out of the output in
 
     @property
     def num_prompts(self) -> int:
@@ -266,7 +273,8 @@ class ParsedRequest:
                                    **prompt)
 
         if self.chat:
-            return [request(request_id, messages=self.messages)]
+            tools = None if self.tools is None else json.dumps(self.tools, ensure_ascii=False)
+            return [request(request_id, messages=self.messages, tools=tools)]
         return [request(rid, prompt=p) if isinstance(p, str) else request(rid, prompt_token_ids=p)
                 for rid, p in zip(self.request_ids(request_id), self.prompts)]
 
@@ -386,8 +394,101 @@ def _messages(value: Any) -> list[ChatMessage]:
         if role not in CHAT_ROLES:
             raise ProtocolError(f"messages[{i}].role must be one of {', '.join(sorted(CHAT_ROLES))}, "
                                 f"got {role!r}", param=f"messages[{i}].role")
-        messages.append(ChatMessage(role=role, content=_content(m.get("content"), f"messages[{i}].content")))
+        messages.append(ChatMessage(role=role, content=_content(m.get("content"), f"messages[{i}].content"),
+                                    tool_calls=_message_tool_calls(m, i), tool_call_id=_tool_call_id(m, i)))
     return messages
+
+
+def _message_tool_calls(m: dict, i: int) -> list[ChatToolCall] | None:
+    """An assistant message's tool_calls, as the API returned them: [{id, type, function: {name, arguments}}]."""
+    value, param = m.get("tool_calls"), f"messages[{i}].tool_calls"
+    if value is None:
+        return None
+    if m.get("role") != "assistant":
+        raise ProtocolError(f"{param}: only assistant messages have tool calls", param=param)
+    if not isinstance(value, list):
+        raise ProtocolError(f"{param} must be a list", param=param)
+    calls = []
+    for call in value:
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(function, dict) or not isinstance(call.get("id", ""), str)
+                or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments", ""), str)):
+            raise ProtocolError(f"{param}: each call must be {{\"id\": ..., \"type\": \"function\", \"function\": "
+                                "{\"name\": ..., \"arguments\": JSON text}}", param=param)
+        for text in (call.get("id", ""), function["name"], function.get("arguments", "")):
+            _check_text(text, param)
+        calls.append(ChatToolCall(id=call.get("id", ""), name=function["name"],
+                                  arguments=function.get("arguments", "")))
+    return calls
+
+
+def _tool_call_id(m: dict, i: int) -> str | None:
+    value, param = m.get("tool_call_id"), f"messages[{i}].tool_call_id"
+    if m.get("role") != "tool":
+        return None
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"{param} is required in a tool message (the id of the call it answers)", param=param)
+    _check_text(value, param)
+    return value
+
+
+# ---- tools -----------------------------------------------------------------------------------------------------
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_FUNCTION_FIELDS = {"name", "description", "parameters", "strict"}
+
+
+def _tools(body: dict) -> list[dict] | None:
+    """The tools: OpenAI's [{"type": "function", "function": {name, description, parameters, strict}}]."""
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise ProtocolError("tools must be a list of function tools", param="tools")
+    names = set()
+    for i, tool in enumerate(tools):
+        param = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise ProtocolError(f"{param} must be {{\"type\": \"function\", \"function\": {{...}}}}", param="tools")
+        function = tool["function"]
+        unknown = set(function) - _FUNCTION_FIELDS
+        if unknown:
+            raise ProtocolError(f"{param}.function: unknown field(s) {', '.join(sorted(unknown))}", param="tools")
+        name = function.get("name")
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+            raise ProtocolError(f"{param}.function.name must be 1 to 64 letters, digits, '_', '-' or '.', got "
+                                f"{name!r}", param="tools")
+        if name in names:
+            raise ProtocolError(f"{param}: two tools named {name!r}", param="tools")
+        names.add(name)
+        if not isinstance(function.get("description", ""), str):
+            raise ProtocolError(f"{param}.function.description must be a string", param="tools")
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            raise ProtocolError(f"{param}.function.parameters must be a JSON schema object", param="tools")
+    _check_text(json.dumps(tools), "tools")
+    return tools
+
+
+def _tool_choice(body: dict, tools: list[dict] | None) -> str | None:
+    """tool_choice as "none", "auto", "required", or the name of the function it forces ({"type": "function",
+    "function": {"name": ...}})."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return "auto" if tools else "none"
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise ProtocolError(f"tool_choice must be none, auto, required or a named function, got {choice!r}",
+                                param="tool_choice")
+        if choice == "required" and not tools:
+            raise ProtocolError("tool_choice required needs tools", param="tool_choice")
+        return choice
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ProtocolError("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
+                            "{\"name\": ...}}", param="tool_choice")
+    if function["name"] not in {t["function"]["name"] for t in tools or []}:
+        raise ProtocolError(f"tool_choice names the function {function['name']!r}, which is not among the tools",
+                            param="tool_choice")
+    return {"name": function["name"]}
 
 
 def parse_chat(body: dict, limits: Limits) -> ParsedRequest:
@@ -402,8 +503,27 @@ def parse_chat(body: dict, limits: Limits) -> ParsedRequest:
         raise ProtocolError("top_logprobs requires logprobs to be true", param="top_logprobs")
     common = _common(body, limits, max_tokens=max_tokens,
                      logprobs=(top_logprobs or 0) if wants_logprobs else None)
+    tools = _tools(body)
+    tool_choice = _tool_choice(body, tools)
+    parallel = _field(body, "parallel_tool_calls", bool, True)
+    tool_format = None
+    if tool_choice != "none":
+        tool_format = TOOL_CALL_PARSERS[limits.tool_call_parser]
+        params = common["params"]
+        if tool_choice != "auto":          # "required" or a named function: the grammar allows only calls
+            if params.structured_outputs is not None:
+                raise ProtocolError("tool_choice required or a named function cannot be combined with another "
+                                    "structured output constraint", param="tool_choice")
+            try:
+                params.structured_outputs = forced_tool_calls(
+                    tool_format, tools, tool_choice["name"] if isinstance(tool_choice, dict) else None, parallel)
+            except ValueError as e:
+                raise ProtocolError(str(e), param="tools") from None
+        if tool_format.start.startswith("[") and tool_format.start.endswith("]"):
+            params.skip_special_tokens = False       # [TOOL_CALLS] is a special token: the parser must see it
     return ParsedRequest(chat=True, messages=_messages(body.get("messages")),
-                         add_generation_prompt=_field(body, "add_generation_prompt", bool, True), **common)
+                         add_generation_prompt=_field(body, "add_generation_prompt", bool, True), tools=tools,
+                         tool_format=tool_format, **common)
 
 
 # ---- token strings, for logprobs -------------------------------------------------------------------------------
@@ -493,6 +613,14 @@ class _Choice:
     echo: str | None = None                                   # the prompt, until the choice's first text
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    tool_calls: ToolCallExtractor | None = None               # chat with tools: the calls parsed out of the text
+    calls_sent: int = 0                                       # streaming: the calls sent so far
+
+
+def tool_call_id(response_id: str, choice: int, call: int) -> str:
+    """A call's id: random-looking, as OpenAI's are, but a function of where it is, so a resumed stream (which
+    replays the reply through a new builder) gives the same ids."""
+    return "call_" + hashlib.sha256(f"{response_id}/{choice}/{call}".encode()).hexdigest()[:24]
 
 
 class ResponseBuilder:
@@ -507,6 +635,9 @@ class ResponseBuilder:
         self.top_logprobs = request.params.logprobs
         self.token_text = token_text
         self.choices = [_Choice() for _ in range(request.num_prompts * self.n)]
+        if request.tool_format is not None:
+            for choice in self.choices:
+                choice.tool_calls = ToolCallExtractor(request.tool_format)
         if request.echo is not None:
             for i, choice in enumerate(self.choices):
                 choice.echo = request.echo[i // self.n]
@@ -531,7 +662,14 @@ class ResponseBuilder:
         return prompt_index * self.n + item.index
 
     def add(self, prompt_index: int, item: ReplyItem) -> dict | None:
-        """Takes one item; streaming, returns its chunk (None: nothing to show)."""
+        """Takes one item; streaming, returns its chunk (None: nothing to show). Not for requests that parse tool
+        calls, where one item may make several chunks (add_chunks)."""
+        chunks = self.add_chunks(prompt_index, item)
+        assert len(chunks) <= 1, "a request that parses tool calls streams through add_chunks"
+        return chunks[0] if chunks else None
+
+    def add_chunks(self, prompt_index: int, item: ReplyItem) -> list[dict]:
+        """Takes one item; streaming, returns its chunks (none: nothing to show)."""
         index = self.choice_index(prompt_index, item)
         choice = self.choices[index]
         if item.prompt_tokens:
@@ -548,9 +686,11 @@ class ResponseBuilder:
             choice.parts.append(text)
             if logprobs is not None:
                 self._keep_logprobs(choice, logprobs)
-            return None
+            return []
+        if choice.tool_calls is not None:
+            return self._tool_call_chunks(index, choice, item, text, logprobs)
         if not text and logprobs is None and item.finish_reason is None:
-            return None
+            return []
         if self.request.chat:
             delta = {"content": text} if text else {}
             entry = {"index": index, "delta": delta,
@@ -559,7 +699,42 @@ class ResponseBuilder:
             entry = {"index": index, "text": text, "logprobs": logprobs}
         entry["finish_reason"] = item.finish_reason
         entry["stop_reason"] = item.stop_reason
-        return {**self._head, "choices": [entry]}
+        return [{**self._head, "choices": [entry]}]
+
+    def _tool_call_chunks(self, index: int, choice: _Choice, item: ReplyItem, text: str,
+                          logprobs: list | None) -> list[dict]:
+        """A chat stream that parses tool calls: text outside calls as content deltas; each call, once whole, as
+        OpenAI streams one (a delta with its index, id, type, name and empty arguments, then one with the
+        arguments); the last chunk of the choice finishes it, with "tool_calls" if it called any."""
+        extractor = choice.tool_calls
+        events = extractor.feed(text)
+        if item.finish_reason is not None:
+            events += extractor.finish()
+        deltas: list[dict] = []
+        for event in events:
+            if isinstance(event, Content):
+                if deltas and "content" in deltas[-1]:
+                    deltas[-1]["content"] += event.text
+                else:
+                    deltas.append({"content": event.text})
+                continue
+            call, choice.calls_sent = choice.calls_sent, choice.calls_sent + 1
+            deltas.append({"tool_calls": [{"index": call, "id": tool_call_id(self.response_id, index, call),
+                                           "type": "function", "function": {"name": event.name, "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": call, "function": {"arguments": event.arguments}}]})
+        if not deltas and (logprobs is not None or item.finish_reason is not None):
+            deltas.append({})
+        chunks = []
+        for i, delta in enumerate(deltas):
+            last = i == len(deltas) - 1
+            finish = item.finish_reason if last else None
+            if finish is not None and extractor.num_calls:
+                finish = "tool_calls"
+            chunks.append({**self._head, "choices": [{
+                "index": index, "delta": delta,
+                "logprobs": {"content": logprobs} if i == 0 and logprobs is not None else None,
+                "finish_reason": finish, "stop_reason": item.stop_reason if last else None}]})
+        return chunks
 
     def _logprobs(self, choice: _Choice, item: ReplyItem) -> dict | list | None:
         if self.top_logprobs is None or not item.token_ids or item.logprobs is None:
@@ -581,6 +756,20 @@ class ResponseBuilder:
             for key, values in logprobs.items():
                 choice.logprobs[key].extend(values)
 
+    def _message(self, index: int, choice: _Choice, text: str) -> dict:
+        """A chat choice's message: its text, or, where tool calls are parsed, the calls and the text around them
+        (null if none)."""
+        if choice.tool_calls is None:
+            return {"role": "assistant", "content": text}
+        events = choice.tool_calls.feed(text) + choice.tool_calls.finish()
+        content = "".join(e.text for e in events if isinstance(e, Content))
+        calls = [{"id": tool_call_id(self.response_id, index, k), "type": "function",
+                  "function": {"name": e.name, "arguments": e.arguments}}
+                 for k, e in enumerate(e for e in events if not isinstance(e, Content))]
+        if not calls:
+            return {"role": "assistant", "content": content}
+        return {"role": "assistant", "content": content if content.strip() else None, "tool_calls": calls}
+
     def usage(self) -> dict:
         return usage(sum(self.prompt_tokens), self.completion_tokens, sum(self.cached_tokens))
 
@@ -593,11 +782,12 @@ class ResponseBuilder:
         for index, c in enumerate(self.choices):
             text = "".join(c.parts)
             if self.request.chat:
-                entry = {"index": index, "message": {"role": "assistant", "content": text},
+                entry = {"index": index, "message": self._message(index, c, text),
                          "logprobs": None if c.logprobs is None else {"content": c.logprobs}}
             else:
                 entry = {"index": index, "text": text, "logprobs": c.logprobs}
-            entry["finish_reason"] = c.finish_reason
+            entry["finish_reason"] = "tool_calls" if c.tool_calls is not None and c.tool_calls.num_calls \
+                else c.finish_reason
             entry["stop_reason"] = c.stop_reason
             choices.append(entry)
         return {**self._head, "choices": choices, "usage": self.usage()}
