@@ -728,7 +728,7 @@ class ResponseBuilder:
         for i, delta in enumerate(deltas):
             last = i == len(deltas) - 1
             finish = item.finish_reason if last else None
-            if finish is not None and extractor.num_calls:
+            if finish == "stop" and extractor.num_calls:       # "length" stays: the last call may be cut
                 finish = "tool_calls"
             chunks.append({**self._head, "choices": [{
                 "index": index, "delta": delta,
@@ -786,8 +786,8 @@ class ResponseBuilder:
                          "logprobs": None if c.logprobs is None else {"content": c.logprobs}}
             else:
                 entry = {"index": index, "text": text, "logprobs": c.logprobs}
-            entry["finish_reason"] = "tool_calls" if c.tool_calls is not None and c.tool_calls.num_calls \
-                else c.finish_reason
+            entry["finish_reason"] = "tool_calls" if c.finish_reason == "stop" and "tool_calls" in entry.get(
+                "message", {}) else c.finish_reason
             entry["stop_reason"] = c.stop_reason
             choices.append(entry)
         return {**self._head, "choices": choices, "usage": self.usage()}

@@ -103,13 +103,18 @@ TOOL_CALL_PARSERS = {
 
 class ToolCallExtractor:
     """Splits one choice's text, fed piece by piece, into content and tool calls. Content is released as soon as
-    it cannot be the start of a call; a call is released whole, once its block ends (or the output does)."""
+    it cannot be the start of a call; a call is released whole, once its block ends (or the output does).
+    Whitespace that only separates calls from each other or from the ends of the output (the newline between
+    two calls) is layout, not content: it is held back until text follows it, and dropped if none does."""
 
     def __init__(self, fmt: ToolCallFormat):
         self.fmt = fmt
         self._pending = ""             # text not released yet: a possible start marker, or an open block
         self._in_block = False
         self._seen_text = False        # only_at_start formats: whether anything but whitespace came before
+        self._space = ""               # whitespace held back: content if text follows, dropped if a call does
+        self._after_call = False       # the whitespace that follows a call is dropped too
+        self._released = False         # whether any content was released
         self.num_calls = 0
 
     def feed(self, text: str) -> list[Content | ToolCall]:
@@ -156,7 +161,7 @@ class ToolCallExtractor:
         if self._in_block:
             self._in_block = False
             return self._block(rest)
-        return self._content(rest)
+        return self._content(rest, final=True)
 
     def _block(self, block: str) -> list[Content | ToolCall]:
         body = block[len(self.fmt.start):] if self.fmt.start != "{" else block.lstrip()
@@ -166,11 +171,25 @@ class ToolCallExtractor:
         if calls is None:
             return self._content(block)
         self.num_calls += len(calls)
+        if not self._released:
+            self._space = ""
+        self._after_call = True
         return list(calls)
 
-    def _content(self, text: str) -> list[Content | ToolCall]:
+    def _content(self, text: str, final: bool = False) -> list[Content | ToolCall]:
         if text.strip():
             self._seen_text = True
+        if self._after_call:
+            text = text.lstrip()
+            self._after_call = not text
+        if text:
+            text, self._space = self._space + text, ""
+            if not final:
+                kept = text.rstrip()
+                text, self._space = kept, text[len(kept):]
+        elif final and not self.num_calls:
+            text, self._space = self._space, ""
+        self._released = self._released or bool(text)
         return [Content(text)] if text else []
 
 
@@ -182,6 +201,11 @@ def _marker_prefix_len(text: str, marker: str) -> int:
     return 0
 
 
+# Whitespace characters between two JSON elements of the arguments: unbounded, a sampled call can run on in
+# whitespace until max_tokens cuts it.
+MAX_WHITESPACE = 2
+
+
 def forced_tool_calls(fmt: ToolCallFormat, tools: list[dict], name: str | None,
                       parallel: bool) -> StructuredOutputsParams:
     """The constraint for tool_choice "required" (name None: any of the tools, one or more calls unless not
@@ -190,7 +214,8 @@ def forced_tool_calls(fmt: ToolCallFormat, tools: list[dict], name: str | None,
     functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     tags = [{"type": "tag",
              "begin": fmt.call_open + "{" + f'"name": {json.dumps(f["name"])}, "{fmt.arguments_key}": ',
-             "content": {"type": "json_schema", "json_schema": f.get("parameters") or {"type": "object"}},
+             "content": {"type": "json_schema", "json_schema": f.get("parameters") or {"type": "object"},
+                         "max_whitespace_cnt": MAX_WHITESPACE},
              "end": "}" + fmt.call_close}
             for f in functions]
     calls = {"type": "tags_with_separator", "tags": tags, "separator": fmt.call_separator, "at_least_one": True,

@@ -21,15 +21,18 @@ ASK = [{"role": "user", "content": "Weather in Paris?"}]
 # (format, text, the content and calls a plain reading of the format finds)
 CASES = [
     ("hermes", 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
-     "Sure. ", [("get_weather", {"city": "Paris"})]),
+     "Sure.", [("get_weather", {"city": "Paris"})]),
     ("hermes", '<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n'
                '<tool_call>{"name": "b", "arguments": {"y": [1, 2]}}</tool_call> done',
-     "\n done", [("a", {"x": 1}), ("b", {"y": [1, 2]})]),
+     "done", [("a", {"x": 1}), ("b", {"y": [1, 2]})]),
     ("hermes", 'no calls here, just <tool text', "no calls here, just <tool text", []),
+    ("hermes", ' a  b\n', " a  b\n", []),                # whitespace away from calls is content
+    ("hermes", 'a\n\n<tool_call>{"name": "f", "arguments": {}}</tool_call>\n\nb <tool_call>', "a\n\nb <tool_call>",
+     [("f", {})]),
     ("hermes", 'x <tool_call>{"name": "a", "arguments": {"x": </tool_call> y',
      'x <tool_call>{"name": "a", "arguments": {"x": </tool_call> y', []),             # malformed: content
     ("hermes", '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),  # no name
-    ("hermes", 'cut <tool_call>{"name": "a", "arguments": {}}', "cut ", [("a", {})]),  # unclosed, but whole JSON
+    ("hermes", 'cut <tool_call>{"name": "a", "arguments": {}}', "cut", [("a", {})]),  # unclosed, but whole JSON
     ("hermes", '<tool_call>{"name": "a", "arguments": "{\\"q\\": 2}"}</tool_call>', "", [("a", {"q": 2})]),
     ("llama3_json", ' {"name": "get_weather", "parameters": {"city": "Oslo"}}', "",
      [("get_weather", {"city": "Oslo"})]),
@@ -38,7 +41,7 @@ CASES = [
     ("llama3_json", 'The answer is {"name": "a"}', 'The answer is {"name": "a"}', []),   # not at the start
     ("llama3_json", '{"name": "a", "parameters": {', '{"name": "a", "parameters": {', []),
     ("mistral", 'ok [TOOL_CALLS][{"name": "a", "arguments": {"k": "v"}}, {"name": "b", "arguments": {}}]',
-     "ok ", [("a", {"k": "v"}), ("b", {})]),
+     "ok", [("a", {"k": "v"}), ("b", {})]),
     ("mistral", '[TOOL_CALLS][{"name": "a", "arguments": {]', '[TOOL_CALLS][{"name": "a", "arguments": {]', []),
 ]
 
@@ -134,7 +137,7 @@ def test_response_message_and_stream_agree():
         whole.add_chunks(0, item)
     choice = whole.response()["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
-    assert choice["message"]["content"] == "Let me look. "
+    assert choice["message"]["content"] == "Let me look."
     calls = choice["message"]["tool_calls"]
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
         [("get_weather", {"city": "Paris"}), ("get_time", {})]
@@ -144,7 +147,7 @@ def test_response_message_and_stream_agree():
     chunks = [c for item in items(TEXT) for c in streamed.add_chunks(0, item)]
     deltas = [c["choices"][0]["delta"] for c in chunks]
     content = "".join(d.get("content", "") for d in deltas)
-    assert content == "Let me look. "
+    assert content == "Let me look."
     call_deltas = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
     # OpenAI's shape: the first delta of a call has its index, id, type, name and empty arguments; then pieces.
     assert call_deltas[0] == {"index": 0, "id": calls[0]["id"], "type": "function",
