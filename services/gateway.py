@@ -46,6 +46,7 @@ from services.openai_protocol import (ERROR_TYPES, MODEL_NOT_FOUND, SSE_DONE, Li
                                       TokenText, decode_json_body, error_body, model_card, models_list,
                                       openapi_schema, parse_chat, parse_completion, pipeline_error_body, sse)
 from services.pipeline_client import Overloaded, PipelineClient, StreamGone, Unavailable
+from services.reasoning import REASONING_PARSERS
 from services.resumable import StreamPosition, parse_event_id
 from services.tool_calls import TOOL_CALL_PARSERS
 
@@ -84,6 +85,7 @@ class GatewaySettings:
     max_model_len: int | None = None
     sampling_defaults: dict[str, float] = field(default_factory=dict)   # for the fields a request leaves out
     tool_call_parser: str = "hermes"                            # how the model writes tool calls
+    reasoning_parser: str | None = None                         # how it writes its thinking (None: as content)
     token_text: TokenText = field(default_factory=TokenText)    # token strings for logprobs
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     http: HttpLimits = field(default_factory=HttpLimits)
@@ -92,7 +94,7 @@ class GatewaySettings:
     @property
     def limits(self) -> Limits:
         return Limits(self.served_model_name, self.max_n, self.max_model_len, self.sampling_defaults,
-                      self.tool_call_parser)
+                      self.tool_call_parser, self.reasoning_parser)
 
 
 # ---- the client going away -------------------------------------------------------------------------------------
@@ -621,6 +623,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tool-call-parser", default="hermes", choices=sorted(TOOL_CALL_PARSERS),
                        help="the format the model writes tool calls in, parsed out of chat outputs when a request "
                             "offers tools (hermes: <tool_call>...</tool_call>, as Qwen and Hermes write them)")
+    group.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                       help="split a reasoning model's <think>...</think> from its answer: chat responses carry it "
+                            "as reasoning_content (default: none, the thinking stays in the content)")
     group.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)   # a listening socket from serve
     group.add_argument("--metrics-key", action="append", default=[], dest="metrics_key",
                        help="a key Prometheus sends as 'Authorization: Bearer <key>' to read /metrics (repeatable); "
@@ -671,7 +676,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
                            http=HttpLimits(args.timeout_header, args.timeout_keep_alive, args.limit_concurrency,
                                            args.max_header_bytes),
                            sampling_defaults=sampling_defaults(files) if files is not None else {},
-                           token_text=_token_text(files, args.tokenizer), tool_call_parser=args.tool_call_parser)
+                           token_text=_token_text(files, args.tokenizer), tool_call_parser=args.tool_call_parser,
+                           reasoning_parser=args.reasoning_parser)
 
 
 class _Server(uvicorn.Server):

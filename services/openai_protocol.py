@@ -19,7 +19,9 @@ from typing import Any, Protocol
 from schemas.messages import ChatMessage, ChatToolCall, ErrorInfo, GenerateRequest, ReplyItem, TokenLogprobsWire
 from schemas.sampling_params import SamplingParams
 from schemas.structured_outputs import StructuredOutputsParams
-from services.tool_calls import TOOL_CALL_PARSERS, Content, ToolCallExtractor, ToolCallFormat, forced_tool_calls
+from services.reasoning import REASONING_PARSERS, ReasoningExtractor, ReasoningFormat
+from services.tool_calls import (TOOL_CALL_PARSERS, Content, ToolCall, ToolCallExtractor, ToolCallFormat,
+                                forced_tool_calls)
 
 Prompt = str | list[int]
 
@@ -243,6 +245,7 @@ class Limits:
     # model's generation_config.json or its card's advice), before OpenAI's own defaults.
     sampling_defaults: dict[str, float] = field(default_factory=dict)
     tool_call_parser: str = "hermes"        # how the model writes tool calls (services/tool_calls.py)
+    reasoning_parser: str | None = None     # how it writes its thinking (services/reasoning.py); None: as content
 
 
 @dataclass
@@ -260,6 +263,7 @@ class ParsedRequest:
     priority: int = 0
     tools: list[dict] | None = None        # chat: the functions offered, for the chat template
     tool_format: ToolCallFormat | None = None   # chat: the format tool calls are parsed out of the output in
+    reasoning_format: ReasoningFormat | None = None   # chat: the format the thinking is split from the answer in
 
     @property
     def num_prompts(self) -> int:
@@ -523,7 +527,8 @@ def parse_chat(body: dict, limits: Limits) -> ParsedRequest:
             params.skip_special_tokens = False       # [TOOL_CALLS] is a special token: the parser must see it
     return ParsedRequest(chat=True, messages=_messages(body.get("messages")),
                          add_generation_prompt=_field(body, "add_generation_prompt", bool, True), tools=tools,
-                         tool_format=tool_format, **common)
+                         tool_format=tool_format, reasoning_format=REASONING_PARSERS.get(limits.reasoning_parser),
+                         **common)
 
 
 # ---- token strings, for logprobs -------------------------------------------------------------------------------
@@ -615,6 +620,7 @@ class _Choice:
     stop_reason: int | str | None = None
     tool_calls: ToolCallExtractor | None = None               # chat with tools: the calls parsed out of the text
     calls_sent: int = 0                                       # streaming: the calls sent so far
+    reasoning: ReasoningExtractor | None = None               # chat with a reasoning parser: the thinking split off
 
 
 def tool_call_id(response_id: str, choice: int, call: int) -> str:
@@ -635,9 +641,11 @@ class ResponseBuilder:
         self.top_logprobs = request.params.logprobs
         self.token_text = token_text
         self.choices = [_Choice() for _ in range(request.num_prompts * self.n)]
-        if request.tool_format is not None:
-            for choice in self.choices:
+        for choice in self.choices:
+            if request.tool_format is not None:
                 choice.tool_calls = ToolCallExtractor(request.tool_format)
+            if request.reasoning_format is not None:
+                choice.reasoning = ReasoningExtractor(request.reasoning_format)
         if request.echo is not None:
             for i, choice in enumerate(self.choices):
                 choice.echo = request.echo[i // self.n]
@@ -687,8 +695,8 @@ class ResponseBuilder:
             if logprobs is not None:
                 self._keep_logprobs(choice, logprobs)
             return []
-        if choice.tool_calls is not None:
-            return self._tool_call_chunks(index, choice, item, text, logprobs)
+        if choice.tool_calls is not None or choice.reasoning is not None:
+            return self._parsed_chunks(index, choice, item, text, logprobs)
         if not text and logprobs is None and item.finish_reason is None:
             return []
         if self.request.chat:
@@ -701,16 +709,27 @@ class ResponseBuilder:
         entry["stop_reason"] = item.stop_reason
         return [{**self._head, "choices": [entry]}]
 
-    def _tool_call_chunks(self, index: int, choice: _Choice, item: ReplyItem, text: str,
-                          logprobs: list | None) -> list[dict]:
-        """A chat stream that parses tool calls: text outside calls as content deltas; each call, once whole, as
-        OpenAI streams one (a delta with its index, id, type, name and empty arguments, then one with the
-        arguments); the last chunk of the choice finishes it, with "tool_calls" if it called any."""
-        extractor = choice.tool_calls
-        events = extractor.feed(text)
-        if item.finish_reason is not None:
-            events += extractor.finish()
-        deltas: list[dict] = []
+    def _split(self, choice: _Choice, text: str, finished: bool) -> tuple[str, list[Content | ToolCall]]:
+        """A choice's next text as its reasoning and its answer's events (content and tool calls)."""
+        reasoning = ""
+        if choice.reasoning is not None:
+            reasoning, text = choice.reasoning.feed(text)
+            if finished:
+                more_reasoning, more_text = choice.reasoning.finish()
+                reasoning, text = reasoning + more_reasoning, text + more_text
+        if choice.tool_calls is None:
+            return reasoning, [Content(text)] if text else []
+        events = choice.tool_calls.feed(text)
+        return reasoning, events + choice.tool_calls.finish() if finished else events
+
+    def _parsed_chunks(self, index: int, choice: _Choice, item: ReplyItem, text: str,
+                       logprobs: list | None) -> list[dict]:
+        """A chat stream that splits off reasoning or parses tool calls: the thinking as reasoning_content
+        deltas, text outside calls as content deltas; each call, once whole, as OpenAI streams one (a delta with
+        its index, id, type, name and empty arguments, then one with the arguments); the last chunk of the choice
+        finishes it, with "tool_calls" if it called any."""
+        reasoning, events = self._split(choice, text, item.finish_reason is not None)
+        deltas: list[dict] = [{"reasoning_content": reasoning}] if reasoning else []
         for event in events:
             if isinstance(event, Content):
                 if deltas and "content" in deltas[-1]:
@@ -728,7 +747,7 @@ class ResponseBuilder:
         for i, delta in enumerate(deltas):
             last = i == len(deltas) - 1
             finish = item.finish_reason if last else None
-            if finish == "stop" and extractor.num_calls:       # "length" stays: the last call may be cut
+            if finish == "stop" and choice.calls_sent:         # "length" stays: the last call may be cut
                 finish = "tool_calls"
             chunks.append({**self._head, "choices": [{
                 "index": index, "delta": delta,
@@ -759,16 +778,23 @@ class ResponseBuilder:
     def _message(self, index: int, choice: _Choice, text: str) -> dict:
         """A chat choice's message: its text, or, where tool calls are parsed, the calls and the text around them
         (null if none)."""
-        if choice.tool_calls is None:
+        if choice.tool_calls is None and choice.reasoning is None:
             return {"role": "assistant", "content": text}
-        events = choice.tool_calls.feed(text) + choice.tool_calls.finish()
+        # Fresh extractors: the whole text at once, so the body is the same however often it is asked for.
+        whole = _Choice(tool_calls=choice.tool_calls and ToolCallExtractor(self.request.tool_format),
+                        reasoning=choice.reasoning and ReasoningExtractor(self.request.reasoning_format))
+        reasoning, events = self._split(whole, text, finished=True)
         content = "".join(e.text for e in events if isinstance(e, Content))
         calls = [{"id": tool_call_id(self.response_id, index, k), "type": "function",
                   "function": {"name": e.name, "arguments": e.arguments}}
                  for k, e in enumerate(e for e in events if not isinstance(e, Content))]
-        if not calls:
-            return {"role": "assistant", "content": content}
-        return {"role": "assistant", "content": content if content.strip() else None, "tool_calls": calls}
+        message = {"role": "assistant", "content": content}
+        if choice.reasoning is not None:
+            message["reasoning_content"] = reasoning or None
+        if calls:
+            message["content"] = content if content.strip() else None
+            message["tool_calls"] = calls
+        return message
 
     def usage(self) -> dict:
         return usage(sum(self.prompt_tokens), self.completion_tokens, sum(self.cached_tokens))

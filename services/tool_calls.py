@@ -150,7 +150,7 @@ class ToolCallExtractor:
                 self._pending = self._pending[start:]
                 self._in_block = True
                 continue
-            keep = _marker_prefix_len(self._pending, self.fmt.start)
+            keep = marker_prefix_len(self._pending, self.fmt.start)
             events += self._content(self._pending[:len(self._pending) - keep])
             self._pending = self._pending[len(self._pending) - keep:]
             return events
@@ -193,7 +193,7 @@ class ToolCallExtractor:
         return [Content(text)] if text else []
 
 
-def _marker_prefix_len(text: str, marker: str) -> int:
+def marker_prefix_len(text: str, marker: str) -> int:
     """The length of the longest end of text that begins marker (text that may yet become it)."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-n:]):
