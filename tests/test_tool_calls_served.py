@@ -1,10 +1,12 @@
 """Tool calling through the whole pipeline: `pagestream serve` (real redis-server, the default model) and the
 official openai client. tool_choice "required" and a named function must always give calls that parse and whose
 arguments validate against their function's schema (sampled at temperature 1, streaming and not); a follow-up
-with the tool's result reaches the model's prompt; bad tools are 400s."""
+with the tool's result reaches the model's prompt; bad tools are 400s. The same stack splits reasoning
+(--reasoning-parser qwen3): a think block forced by a regex comes back as reasoning_content."""
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import openai
@@ -15,7 +17,7 @@ from engine.tokenizer import load_tokenizer
 from engine.model_files import resolve_model
 
 MODEL = "smollm2-135m-instruct"
-N = 3
+N = 2
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {
@@ -34,7 +36,8 @@ PROMPTS = ["What is the weather like in Paris?", "What is 17 plus 25?", "Tell me
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = start_stack(tmp_path_factory.mktemp("tools"), "--kv-cache-memory-gb", "0.5", grpc=False)
+    s = start_stack(tmp_path_factory.mktemp("tools"), "--kv-cache-memory-gb", "0.5", "--reasoning-parser", "qwen3",
+                    grpc=False)
     yield s
     stop_stack(s)
 
@@ -174,3 +177,26 @@ def test_bad_tools_are_400s(client, kwargs):
         client.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=4, **kwargs)
     ok = client.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=2)     # still serving
     assert ok.choices[0].finish_reason == "length"
+
+
+THINK = r"<think>[a-z ]{1,16}</think>\n\n[A-Za-z ]{1,16}"
+
+
+def test_reasoning_is_split_from_the_answer(client):
+    """The regex makes the model think first; the answer must come back split, whole and streamed, and the two
+    put together (as the plain reference) must be the text the regex allowed."""
+    kwargs = dict(model=MODEL, messages=ask("Think, then answer: what color is the sky?"), temperature=1.0,
+                  max_tokens=48, extra_body={"structured_outputs": {"regex": THINK}})
+    r = client.chat.completions.create(seed=1, **kwargs)
+    message = r.choices[0].message
+    reasoning = message.model_extra["reasoning_content"]
+    assert r.choices[0].finish_reason == "stop"
+    assert re.fullmatch(THINK, f"<think>{reasoning}</think>\n\n{message.content}")
+    assert "<think>" not in message.content and reasoning
+    stream = client.chat.completions.create(seed=1, stream=True, **kwargs)
+    parts = {"reasoning_content": "", "content": ""}
+    for chunk in stream:
+        for c in chunk.choices:
+            parts["content"] += c.delta.content or ""
+            parts["reasoning_content"] += (c.delta.model_extra or {}).get("reasoning_content") or ""
+    assert parts == {"reasoning_content": reasoning, "content": message.content}      # same seed, same text
