@@ -523,8 +523,8 @@ def parse_chat(body: dict, limits: Limits) -> ParsedRequest:
                     tool_format, tools, tool_choice["name"] if isinstance(tool_choice, dict) else None, parallel)
             except ValueError as e:
                 raise ProtocolError(str(e), param="tools") from None
-        if tool_format.start.startswith("[") and tool_format.start.endswith("]"):
-            params.skip_special_tokens = False       # [TOOL_CALLS] is a special token: the parser must see it
+        if tool_format.start_is_special:
+            params.skip_special_tokens = False       # [TOOL_CALLS]: the parser must see it
     return ParsedRequest(chat=True, messages=_messages(body.get("messages")),
                          add_generation_prompt=_field(body, "add_generation_prompt", bool, True), tools=tools,
                          tool_format=tool_format, reasoning_format=REASONING_PARSERS.get(limits.reasoning_parser),
@@ -910,7 +910,18 @@ def openapi_schema(limits: Limits, api_keys: bool, metrics_keys: bool) -> dict:
                  "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
     message = {"type": "object", "required": ["role"], "properties": {
         "role": {"type": "string", "enum": sorted(CHAT_ROLES)},
-        "content": {"nullable": True, **_one_of({"type": "string"}, {"type": "array", "items": text_part})}}}
+        "content": {"nullable": True, **_one_of({"type": "string"}, {"type": "array", "items": text_part})},
+        "tool_calls": {"type": "array", "description": "assistant messages: the calls they made", "items": {
+            "type": "object", "required": ["function"], "properties": {
+                "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+                "function": {"type": "object", "required": ["name"], "properties": {
+                    "name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
+        "tool_call_id": {"type": "string", "description": "tool messages (required there): the call answered"}}}
+    tool = {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}, "description": {"type": "string"},
+            "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}}}
     completion = {"type": "object", "required": ["prompt"], "properties": {
         **sampling,
         "prompt": _one_of({"type": "string", "minLength": 1},
@@ -927,6 +938,13 @@ def openapi_schema(limits: Limits, api_keys: bool, metrics_keys: bool) -> dict:
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "nullable": True,
                          "description": "only with logprobs: true"},
         "add_generation_prompt": {"type": "boolean"},
+        "tools": {"type": "array", "items": tool},
+        "tool_choice": _one_of({"type": "string", "enum": ["none", "auto", "required"]},
+                               {"type": "object", "required": ["type", "function"], "properties": {
+                                   "type": {"type": "string", "enum": ["function"]},
+                                   "function": {"type": "object", "required": ["name"],
+                                                "properties": {"name": {"type": "string"}}}}}),
+        "parallel_tool_calls": {"type": "boolean"},
     }}
     generation = {"200": _json_response("the completion; with stream: true, server-sent events (text/event-stream) "
                                         "of chunks ending with data: [DONE]"), **_ERRORS}

@@ -45,6 +45,7 @@ class ToolCallFormat:
     call_separator: str                # ...between calls...
     call_close: str                    # ...and after the last
     only_at_start: bool = False
+    start_is_special: bool = False     # start is a special token, which the detokenizer must not skip
 
     def parse_block(self, body: str) -> list[ToolCall] | None:
         """The calls in one block's text (between start and end), or None if it is not a well-formed block."""
@@ -96,7 +97,7 @@ TOOL_CALL_PARSERS = {
                              call_open="<tool_call>\n", call_separator="\n", call_close="\n</tool_call>"),
     "llama3_json": ToolCallFormat("llama3_json", "{", None, "parameters", only_at_start=True,
                                   call_open="", call_separator="; ", call_close=""),
-    "mistral": ToolCallFormat("mistral", "[TOOL_CALLS]", None, "arguments",
+    "mistral": ToolCallFormat("mistral", "[TOOL_CALLS]", None, "arguments", start_is_special=True,
                               call_open="", call_separator=", ", call_close=""),
 }
 
