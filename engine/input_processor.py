@@ -38,11 +38,14 @@ class InputProcessor:
         self._rng = random.Random(seed)
 
     def process(self, params: SamplingParams, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                messages: Conversation | None = None, add_generation_prompt: bool = True) -> list[int]:
+                messages: Conversation | None = None, add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> list[int]:
         """The prompt token ids of a request given as messages (through the chat template), else as token ids,
-        else as text. Raises ValueError, with a message fit for the client, if the request cannot be served.
-        Fills in params.bad_words_token_ids (the tokenizer is here)."""
-        ids = self.tokenize(prompt, prompt_token_ids, messages, add_generation_prompt=add_generation_prompt)
+        else as text; tools (OpenAI's function definitions) go to the chat template. Raises ValueError, with a
+        message fit for the client, if the request cannot be served. Fills in params.bad_words_token_ids (the
+        tokenizer is here)."""
+        ids = self.tokenize(prompt, prompt_token_ids, messages, add_generation_prompt=add_generation_prompt,
+                            tools=tools)
         if not ids:
             raise ValueError("the prompt is empty")
         # Tokenized prompts too: a tokenizer larger than the model's vocabulary must not reach the embedding.
@@ -70,12 +73,12 @@ class InputProcessor:
 
     def tokenize(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                  messages: Conversation | None = None, add_special_tokens: bool | None = None,
-                 add_generation_prompt: bool = True) -> list[int]:
+                 add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
         """The prompt's token ids, as a request would have them (process() and the /tokenize endpoint).
         add_special_tokens None: as for a request (text: the tokenizer's BOS and the like; a rendered chat
         template already holds its own)."""
         if messages is not None:
-            return self._encode_chat(messages, add_generation_prompt, bool(add_special_tokens))
+            return self._encode_chat(messages, add_generation_prompt, bool(add_special_tokens), tools)
         if prompt_token_ids is not None:
             return list(prompt_token_ids)
         if prompt is not None:
@@ -100,11 +103,11 @@ class InputProcessor:
         return params.seed if params.seed is not None else self._rng.getrandbits(63)
 
     def _encode_chat(self, messages: Conversation, add_generation_prompt: bool,
-                     add_special_tokens: bool = False) -> list[int]:
+                     add_special_tokens: bool = False, tools: list[dict] | None = None) -> list[int]:
         if not messages:
             raise ValueError("messages must not be empty")
         try:
-            return self._require_tokenizer().encode_chat(messages, add_generation_prompt, add_special_tokens)
+            return self._require_tokenizer().encode_chat(messages, add_generation_prompt, add_special_tokens, tools)
         except jinja2.TemplateError as e:           # e.g. a template that insists on alternating roles
             raise ValueError(f"the conversation does not fit the model's chat template: {e}") from None
 

@@ -58,15 +58,19 @@ class Tokenizer:
         """Each id's entry in the vocabulary (byte-level BPE shows a leading space as "Ġ")."""
         return self.hf.convert_ids_to_tokens(token_ids)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """The conversation as the model's template writes it; tools (OpenAI's function definitions) where the
+        template renders them (one that does not, such as SmolLM2's, leaves them out, as with vLLM)."""
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use a completion prompt")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           tools=tools)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    add_special_tokens: bool = False) -> list[int]:
+                    add_special_tokens: bool = False, tools: list[dict] | None = None) -> list[int]:
         # The rendered template already holds its special tokens (BOS included where the model wants one).
-        text = self.render_chat(messages, add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt, tools)
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
 

@@ -40,9 +40,19 @@ DELIVERY_HOPS = FIRST_TOKEN_HOPS[-3:]
 
 
 @dataclass
+class ChatToolCall:
+    """A call an assistant message made (a follow-up sends it back), rendered by the chat template."""
+    id: str = field(metadata={"max_len": 256})
+    name: str = field(metadata={"max_len": 256})
+    arguments: str                                            # JSON text
+
+
+@dataclass
 class ChatMessage:
     role: str = field(metadata={"max_len": 64})
     content: str
+    tool_calls: list[ChatToolCall] | None = None              # an assistant's calls
+    tool_call_id: str | None = field(default=None, metadata={"max_len": 256})   # a tool message: the call it answers
 
 
 @message("generate")
@@ -56,6 +66,7 @@ class GenerateRequest:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = field(default=None, metadata={"max_len": MAX_PROMPT_TOKENS})
     messages: list[ChatMessage] | None = None
+    tools: str | None = None       # chat: the functions offered, as the JSON text of OpenAI's tools list
     add_generation_prompt: bool = True
     priority: int = 0
     epoch: str = ""                # the scheduler epoch the gateway saw: a restarted scheduler drops older ones

@@ -47,7 +47,9 @@ from services.openai_protocol import (ERROR_TYPES, MODEL_NOT_FOUND, SSE_DONE, Li
                                       openapi_schema, parse_chat, parse_completion, parse_detokenize, parse_tokenize,
                                       pipeline_error_body, sse)
 from services.pipeline_client import Overloaded, PipelineClient, StreamGone, Unavailable
+from services.reasoning import REASONING_PARSERS
 from services.resumable import StreamPosition, parse_event_id
+from services.tool_calls import TOOL_CALL_PARSERS
 
 log = logging.getLogger("pagestream.gateway")
 
@@ -83,6 +85,8 @@ class GatewaySettings:
     max_body_bytes: int = 4 * MIB
     max_model_len: int | None = None
     sampling_defaults: dict[str, float] = field(default_factory=dict)   # for the fields a request leaves out
+    tool_call_parser: str = "hermes"                            # how the model writes tool calls
+    reasoning_parser: str | None = None                         # how it writes its thinking (None: as content)
     token_text: TokenText = field(default_factory=TokenText)    # token strings for logprobs
     # The tokenizer services' input path, for /tokenize and /detokenize (None: the model has no tokenizer here)
     input_processor: Any = None                                 # engine.input_processor.InputProcessor
@@ -92,7 +96,8 @@ class GatewaySettings:
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.served_model_name, self.max_n, self.max_model_len, self.sampling_defaults)
+        return Limits(self.served_model_name, self.max_n, self.max_model_len, self.sampling_defaults,
+                      self.tool_call_parser, self.reasoning_parser)
 
 
 # ---- the client going away -------------------------------------------------------------------------------------
@@ -343,11 +348,11 @@ class Api:
                     status = item.error.code
                     yield sse(pipeline_error_body(item.error))
                     break
-                chunk = builder.add(prompt_index, item)
+                chunks = builder.add_chunks(prompt_index, item)
                 if position.take(builder.choice_index(prompt_index, item), item.seq):   # not seen before
                     timing.item(prompt_index, item)
-                    if chunk is not None:
-                        yield sse(chunk, position.event_id())
+                    if chunks:          # an item's chunks in one write, under one id: resumed as one
+                        yield b"".join([sse(c) for c in chunks[:-1]] + [sse(chunks[-1], position.event_id())])
                     timing.delivered(item, to_client=True)
                 pair = await self._next(stream, builder)
             else:
@@ -669,6 +674,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
     group.add_argument("--max-body-bytes", type=int, default=4 * MIB, help="larger request bodies get 413")
     group.add_argument("--max-n", type=int, default=16, help="the largest n (completions per prompt) accepted")
+    group.add_argument("--tool-call-parser", default="hermes", choices=sorted(TOOL_CALL_PARSERS),
+                       help="the format the model writes tool calls in, parsed out of chat outputs when a request "
+                            "offers tools (hermes: <tool_call>...</tool_call>, as Qwen and Hermes write them)")
+    group.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                       help="split a reasoning model's <think>...</think> from its answer: chat responses carry it "
+                            "as reasoning_content (default: none, the thinking stays in the content)")
     group.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)   # a listening socket from serve
     group.add_argument("--metrics-key", action="append", default=[], dest="metrics_key",
                        help="a key Prometheus sends as 'Authorization: Bearer <key>' to read /metrics (repeatable); "
@@ -723,7 +734,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
                                            args.max_header_bytes),
                            sampling_defaults=sampling_defaults(files) if files is not None else {},
                            token_text=TokenText(tokenizer) if tokenizer is not None else TokenText(),
-                           input_processor=processor)
+                           input_processor=processor, tool_call_parser=args.tool_call_parser,
+                           reasoning_parser=args.reasoning_parser)
 
 
 class _Server(uvicorn.Server):

@@ -10,14 +10,20 @@ Pure functions of plain values, no I/O: every shape here is unit-tested without 
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from schemas.beam_search_params import MAX_BEAM_WIDTH, BeamSearchParams, check_beam_search
-from schemas.messages import ChatMessage, ErrorInfo, GenerateRequest, PromptLogprobsWire, ReplyItem, TokenLogprobsWire
+from schemas.messages import (ChatMessage, ChatToolCall, ErrorInfo, GenerateRequest, PromptLogprobsWire,
+                              ReplyItem, TokenLogprobsWire)
 from schemas.sampling_params import MAX_LOGIT_BIAS, SamplingParams
 from schemas.structured_outputs import StructuredOutputsParams
+from services.reasoning import REASONING_PARSERS, ReasoningExtractor, ReasoningFormat
+from services.tool_calls import (TOOL_CALL_PARSERS, Content, ToolCall, ToolCallExtractor, ToolCallFormat,
+                                forced_tool_calls)
 
 Prompt = str | list[int]
 
@@ -139,13 +145,14 @@ def _stop(body: dict) -> list[str]:
 
 
 # Features that, ignored, would silently change the answer: refuse them instead.
-_UNSUPPORTED = ("tools", "functions", "suffix", "guided_whitespace_pattern")
+_UNSUPPORTED = ("functions", "suffix", "guided_whitespace_pattern")
 
 
 def _reject_unsupported(body: dict) -> None:
     for name in _UNSUPPORTED:
         if body.get(name):
-            raise ProtocolError(f"{name} is not supported by this server", param=name)
+            raise ProtocolError(f"{name} is not supported by this server"
+                                + (" (use tools and tool_choice)" if name == "functions" else ""), param=name)
 
 
 def _logit_bias(body: dict) -> dict[int, float] | None:
@@ -265,6 +272,8 @@ class Limits:
     # What a request gets for the sampling fields it leaves out (engine.model_files.sampling_defaults: the
     # model's generation_config.json or its card's advice), before OpenAI's own defaults.
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    tool_call_parser: str = "hermes"        # how the model writes tool calls (services/tool_calls.py)
+    reasoning_parser: str | None = None     # how it writes its thinking (services/reasoning.py); None: as content
 
 
 @dataclass
@@ -281,6 +290,9 @@ class ParsedRequest:
     echo: list[str] | None = None          # completions with echo: each prompt's text, put before its choices
     priority: int = 0
     beam_search: BeamSearchParams | None = None     # use_beam_search: params.n of beam_width beams come back
+    tools: list[dict] | None = None        # chat: the functions offered, for the chat template
+    tool_format: ToolCallFormat | None = None   # chat: the format tool calls are parsed out of the output in
+    reasoning_format: ReasoningFormat | None = None   # chat: the format the thinking is split from the answer in
 
     @property
     def num_prompts(self) -> int:
@@ -294,7 +306,8 @@ class ParsedRequest:
                                    beam_search=self.beam_search, **prompt)
 
         if self.chat:
-            return [request(request_id, messages=self.messages)]
+            tools = None if self.tools is None else json.dumps(self.tools, ensure_ascii=False)
+            return [request(request_id, messages=self.messages, tools=tools)]
         return [request(rid, prompt=p) if isinstance(p, str) else request(rid, prompt_token_ids=p)
                 for rid, p in zip(self.request_ids(request_id), self.prompts)]
 
@@ -457,8 +470,101 @@ def _messages(value: Any) -> list[ChatMessage]:
         if role not in CHAT_ROLES:
             raise ProtocolError(f"messages[{i}].role must be one of {', '.join(sorted(CHAT_ROLES))}, "
                                 f"got {role!r}", param=f"messages[{i}].role")
-        messages.append(ChatMessage(role=role, content=_content(m.get("content"), f"messages[{i}].content")))
+        messages.append(ChatMessage(role=role, content=_content(m.get("content"), f"messages[{i}].content"),
+                                    tool_calls=_message_tool_calls(m, i), tool_call_id=_tool_call_id(m, i)))
     return messages
+
+
+def _message_tool_calls(m: dict, i: int) -> list[ChatToolCall] | None:
+    """An assistant message's tool_calls, as the API returned them: [{id, type, function: {name, arguments}}]."""
+    value, param = m.get("tool_calls"), f"messages[{i}].tool_calls"
+    if value is None:
+        return None
+    if m.get("role") != "assistant":
+        raise ProtocolError(f"{param}: only assistant messages have tool calls", param=param)
+    if not isinstance(value, list):
+        raise ProtocolError(f"{param} must be a list", param=param)
+    calls = []
+    for call in value:
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(function, dict) or not isinstance(call.get("id", ""), str)
+                or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments", ""), str)):
+            raise ProtocolError(f"{param}: each call must be {{\"id\": ..., \"type\": \"function\", \"function\": "
+                                "{\"name\": ..., \"arguments\": JSON text}}", param=param)
+        for text in (call.get("id", ""), function["name"], function.get("arguments", "")):
+            _check_text(text, param)
+        calls.append(ChatToolCall(id=call.get("id", ""), name=function["name"],
+                                  arguments=function.get("arguments", "")))
+    return calls
+
+
+def _tool_call_id(m: dict, i: int) -> str | None:
+    value, param = m.get("tool_call_id"), f"messages[{i}].tool_call_id"
+    if m.get("role") != "tool":
+        return None
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"{param} is required in a tool message (the id of the call it answers)", param=param)
+    _check_text(value, param)
+    return value
+
+
+# ---- tools -----------------------------------------------------------------------------------------------------
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_FUNCTION_FIELDS = {"name", "description", "parameters", "strict"}
+
+
+def _tools(body: dict) -> list[dict] | None:
+    """The tools: OpenAI's [{"type": "function", "function": {name, description, parameters, strict}}]."""
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise ProtocolError("tools must be a list of function tools", param="tools")
+    names = set()
+    for i, tool in enumerate(tools):
+        param = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise ProtocolError(f"{param} must be {{\"type\": \"function\", \"function\": {{...}}}}", param="tools")
+        function = tool["function"]
+        unknown = set(function) - _FUNCTION_FIELDS
+        if unknown:
+            raise ProtocolError(f"{param}.function: unknown field(s) {', '.join(sorted(unknown))}", param="tools")
+        name = function.get("name")
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+            raise ProtocolError(f"{param}.function.name must be 1 to 64 letters, digits, '_', '-' or '.', got "
+                                f"{name!r}", param="tools")
+        if name in names:
+            raise ProtocolError(f"{param}: two tools named {name!r}", param="tools")
+        names.add(name)
+        if not isinstance(function.get("description", ""), str):
+            raise ProtocolError(f"{param}.function.description must be a string", param="tools")
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            raise ProtocolError(f"{param}.function.parameters must be a JSON schema object", param="tools")
+    _check_text(json.dumps(tools), "tools")
+    return tools
+
+
+def _tool_choice(body: dict, tools: list[dict] | None) -> str | None:
+    """tool_choice as "none", "auto", "required", or the name of the function it forces ({"type": "function",
+    "function": {"name": ...}})."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return "auto" if tools else "none"
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise ProtocolError(f"tool_choice must be none, auto, required or a named function, got {choice!r}",
+                                param="tool_choice")
+        if choice == "required" and not tools:
+            raise ProtocolError("tool_choice required needs tools", param="tool_choice")
+        return choice
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ProtocolError("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
+                            "{\"name\": ...}}", param="tool_choice")
+    if function["name"] not in {t["function"]["name"] for t in tools or []}:
+        raise ProtocolError(f"tool_choice names the function {function['name']!r}, which is not among the tools",
+                            param="tool_choice")
+    return {"name": function["name"]}
 
 
 def parse_chat(body: dict, limits: Limits) -> ParsedRequest:
@@ -473,8 +579,28 @@ def parse_chat(body: dict, limits: Limits) -> ParsedRequest:
         raise ProtocolError("top_logprobs requires logprobs to be true", param="top_logprobs")
     common = _common(body, limits, max_tokens=max_tokens,
                      logprobs=(top_logprobs or 0) if wants_logprobs else None)
+    tools = _tools(body)
+    tool_choice = _tool_choice(body, tools)
+    parallel = _field(body, "parallel_tool_calls", bool, True)
+    tool_format = None
+    if tool_choice != "none":
+        tool_format = TOOL_CALL_PARSERS[limits.tool_call_parser]
+        params = common["params"]
+        if tool_choice != "auto":          # "required" or a named function: the grammar allows only calls
+            if params.structured_outputs is not None:
+                raise ProtocolError("tool_choice required or a named function cannot be combined with another "
+                                    "structured output constraint", param="tool_choice")
+            try:
+                params.structured_outputs = forced_tool_calls(
+                    tool_format, tools, tool_choice["name"] if isinstance(tool_choice, dict) else None, parallel)
+            except ValueError as e:
+                raise ProtocolError(str(e), param="tools") from None
+        if tool_format.start_is_special:
+            params.skip_special_tokens = False       # [TOOL_CALLS]: the parser must see it
     return ParsedRequest(chat=True, messages=_messages(body.get("messages")),
-                         add_generation_prompt=_field(body, "add_generation_prompt", bool, True), **common)
+                         add_generation_prompt=_field(body, "add_generation_prompt", bool, True), tools=tools,
+                         tool_format=tool_format, reasoning_format=REASONING_PARSERS.get(limits.reasoning_parser),
+                         **common)
 
 
 # ---- /tokenize and /detokenize (vLLM's) -------------------------------------------------------------------------
@@ -622,6 +748,15 @@ class _Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     cumulative_logprob: float = 0.0                           # best_of: the n returned score highest
+    tool_calls: ToolCallExtractor | None = None               # chat with tools: the calls parsed out of the text
+    calls_sent: int = 0                                       # streaming: the calls sent so far
+    reasoning: ReasoningExtractor | None = None               # chat with a reasoning parser: the thinking split off
+
+
+def tool_call_id(response_id: str, choice: int, call: int) -> str:
+    """A call's id: random-looking, as OpenAI's are, but a function of where it is, so a resumed stream (which
+    replays the reply through a new builder) gives the same ids."""
+    return "call_" + hashlib.sha256(f"{response_id}/{choice}/{call}".encode()).hexdigest()[:24]
 
 
 class ResponseBuilder:
@@ -640,6 +775,11 @@ class ResponseBuilder:
         self.echo_logprobs = request.echo is not None and self.top_logprobs is not None
         self.prompt_logprobs: list[PromptLogprobsWire | None] = [None] * request.num_prompts
         self.choices = [_Choice() for _ in range(request.num_prompts * self.n)]
+        for choice in self.choices:
+            if request.tool_format is not None:
+                choice.tool_calls = ToolCallExtractor(request.tool_format)
+            if request.reasoning_format is not None:
+                choice.reasoning = ReasoningExtractor(request.reasoning_format)
         if request.echo is not None:
             for i, choice in enumerate(self.choices):
                 choice.echo = request.echo[i // self.n]
@@ -664,7 +804,14 @@ class ResponseBuilder:
         return prompt_index * self.n + item.index
 
     def add(self, prompt_index: int, item: ReplyItem) -> dict | None:
-        """Takes one item; streaming, returns its chunk (None: nothing to show)."""
+        """Takes one item; streaming, returns its chunk (None: nothing to show). Not for requests that parse tool
+        calls, where one item may make several chunks (add_chunks)."""
+        chunks = self.add_chunks(prompt_index, item)
+        assert len(chunks) <= 1, "a request that parses tool calls streams through add_chunks"
+        return chunks[0] if chunks else None
+
+    def add_chunks(self, prompt_index: int, item: ReplyItem) -> list[dict]:
+        """Takes one item; streaming, returns its chunks (none: nothing to show)."""
         index = self.choice_index(prompt_index, item)
         choice = self.choices[index]
         if item.prompt_tokens:
@@ -689,9 +836,11 @@ class ResponseBuilder:
             choice.parts.append(text)
             if logprobs is not None:
                 self._keep_logprobs(choice, logprobs)
-            return None
+            return []
+        if choice.tool_calls is not None or choice.reasoning is not None:
+            return self._parsed_chunks(index, choice, item, text, logprobs)
         if not text and logprobs is None and item.finish_reason is None:
-            return None
+            return []
         if self.request.chat:
             delta = {"content": text} if text else {}
             entry = {"index": index, "delta": delta,
@@ -700,7 +849,53 @@ class ResponseBuilder:
             entry = {"index": index, "text": text, "logprobs": logprobs}
         entry["finish_reason"] = item.finish_reason
         entry["stop_reason"] = item.stop_reason
-        return {**self._head, "choices": [entry]}
+        return [{**self._head, "choices": [entry]}]
+
+    def _split(self, choice: _Choice, text: str, finished: bool) -> tuple[str, list[Content | ToolCall]]:
+        """A choice's next text as its reasoning and its answer's events (content and tool calls)."""
+        reasoning = ""
+        if choice.reasoning is not None:
+            reasoning, text = choice.reasoning.feed(text)
+            if finished:
+                more_reasoning, more_text = choice.reasoning.finish()
+                reasoning, text = reasoning + more_reasoning, text + more_text
+        if choice.tool_calls is None:
+            return reasoning, [Content(text)] if text else []
+        events = choice.tool_calls.feed(text)
+        return reasoning, events + choice.tool_calls.finish() if finished else events
+
+    def _parsed_chunks(self, index: int, choice: _Choice, item: ReplyItem, text: str,
+                       logprobs: list | None) -> list[dict]:
+        """A chat stream that splits off reasoning or parses tool calls: the thinking as reasoning_content
+        deltas, text outside calls as content deltas; each call, once whole, as OpenAI streams one (a delta with
+        its index, id, type, name and empty arguments, then one with the arguments); the last chunk of the choice
+        finishes it, with "tool_calls" if it called any."""
+        reasoning, events = self._split(choice, text, item.finish_reason is not None)
+        deltas: list[dict] = [{"reasoning_content": reasoning}] if reasoning else []
+        for event in events:
+            if isinstance(event, Content):
+                if deltas and "content" in deltas[-1]:
+                    deltas[-1]["content"] += event.text
+                else:
+                    deltas.append({"content": event.text})
+                continue
+            call, choice.calls_sent = choice.calls_sent, choice.calls_sent + 1
+            deltas.append({"tool_calls": [{"index": call, "id": tool_call_id(self.response_id, index, call),
+                                           "type": "function", "function": {"name": event.name, "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": call, "function": {"arguments": event.arguments}}]})
+        if not deltas and (logprobs is not None or item.finish_reason is not None):
+            deltas.append({})
+        chunks = []
+        for i, delta in enumerate(deltas):
+            last = i == len(deltas) - 1
+            finish = item.finish_reason if last else None
+            if finish == "stop" and choice.calls_sent:         # "length" stays: the last call may be cut
+                finish = "tool_calls"
+            chunks.append({**self._head, "choices": [{
+                "index": index, "delta": delta,
+                "logprobs": {"content": logprobs} if i == 0 and logprobs is not None else None,
+                "finish_reason": finish, "stop_reason": item.stop_reason if last else None}]})
+        return chunks
 
     def _logprobs(self, choice: _Choice, item: ReplyItem) -> dict | list | None:
         if self.top_logprobs is None or not item.token_ids or item.logprobs is None:
@@ -731,6 +926,27 @@ class ResponseBuilder:
             for key, values in logprobs.items():
                 choice.logprobs[key].extend(values)
 
+    def _message(self, index: int, choice: _Choice, text: str) -> dict:
+        """A chat choice's message: its text, or, where tool calls are parsed, the calls and the text around them
+        (null if none)."""
+        if choice.tool_calls is None and choice.reasoning is None:
+            return {"role": "assistant", "content": text}
+        # Fresh extractors: the whole text at once, so the body is the same however often it is asked for.
+        whole = _Choice(tool_calls=choice.tool_calls and ToolCallExtractor(self.request.tool_format),
+                        reasoning=choice.reasoning and ReasoningExtractor(self.request.reasoning_format))
+        reasoning, events = self._split(whole, text, finished=True)
+        content = "".join(e.text for e in events if isinstance(e, Content))
+        calls = [{"id": tool_call_id(self.response_id, index, k), "type": "function",
+                  "function": {"name": e.name, "arguments": e.arguments}}
+                 for k, e in enumerate(e for e in events if not isinstance(e, Content))]
+        message = {"role": "assistant", "content": content}
+        if choice.reasoning is not None:
+            message["reasoning_content"] = reasoning or None
+        if calls:
+            message["content"] = content if content.strip() else None
+            message["tool_calls"] = calls
+        return message
+
     def usage(self) -> dict:
         return usage(sum(self.prompt_tokens), self.completion_tokens, sum(self.cached_tokens))
 
@@ -754,13 +970,14 @@ class ResponseBuilder:
         for index, (prompt_index, c) in enumerate(self._returned()):
             text = "".join(c.parts)
             if self.request.chat:
-                entry = {"index": index, "message": {"role": "assistant", "content": text},
+                entry = {"index": index, "message": self._message(index, c, text),
                          "logprobs": None if c.logprobs is None else {"content": c.logprobs}}
             else:
                 entry = {"index": index, "text": text, "logprobs": c.logprobs}
                 if k is not None:
                     entry["prompt_logprobs"] = prompt_logprobs(self.prompt_logprobs[prompt_index], self.token_text, k)
-            entry["finish_reason"] = c.finish_reason
+            entry["finish_reason"] = "tool_calls" if c.finish_reason == "stop" and "tool_calls" in entry.get(
+                "message", {}) else c.finish_reason
             entry["stop_reason"] = c.stop_reason
             choices.append(entry)
         body = {**self._head, "choices": choices, "usage": self.usage()}
@@ -876,7 +1093,18 @@ def openapi_schema(limits: Limits, api_keys: bool, metrics_keys: bool) -> dict:
                  "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
     message = {"type": "object", "required": ["role"], "properties": {
         "role": {"type": "string", "enum": sorted(CHAT_ROLES)},
-        "content": {"nullable": True, **_one_of({"type": "string"}, {"type": "array", "items": text_part})}}}
+        "content": {"nullable": True, **_one_of({"type": "string"}, {"type": "array", "items": text_part})},
+        "tool_calls": {"type": "array", "description": "assistant messages: the calls they made", "items": {
+            "type": "object", "required": ["function"], "properties": {
+                "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+                "function": {"type": "object", "required": ["name"], "properties": {
+                    "name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
+        "tool_call_id": {"type": "string", "description": "tool messages (required there): the call answered"}}}
+    tool = {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}, "description": {"type": "string"},
+            "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}}}
     completion = {"type": "object", "required": ["prompt"], "properties": {
         **sampling,
         "prompt": _one_of({"type": "string", "minLength": 1},
@@ -894,6 +1122,13 @@ def openapi_schema(limits: Limits, api_keys: bool, metrics_keys: bool) -> dict:
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "nullable": True,
                          "description": "only with logprobs: true"},
         "add_generation_prompt": {"type": "boolean"},
+        "tools": {"type": "array", "items": tool},
+        "tool_choice": _one_of({"type": "string", "enum": ["none", "auto", "required"]},
+                               {"type": "object", "required": ["type", "function"], "properties": {
+                                   "type": {"type": "string", "enum": ["function"]},
+                                   "function": {"type": "object", "required": ["name"],
+                                                "properties": {"name": {"type": "string"}}}}}),
+        "parallel_tool_calls": {"type": "boolean"},
     }}
     tokenize = {"type": "object", "properties": {
         "model": sampling["model"],

@@ -11,6 +11,7 @@ answered with the reason.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 
@@ -20,7 +21,7 @@ from engine.structured_output import Grammars
 from engine.tokenizer import eos_token_ids, load_tokenizer
 from schemas.codec import SchemaError, decode, encode
 from schemas.limits import Limits
-from schemas.messages import GenerateRequest, RequestMeta, ScheduleRequest
+from schemas.messages import ChatMessage, GenerateRequest, RequestMeta, ScheduleRequest
 from services.runtime import keep_running, setup_logging, stop_event
 from services.transport import Reclaimer, Transport, Trimmer, instance_id
 
@@ -81,11 +82,36 @@ class TokenizerService:
 
     def tokenize(self, request: GenerateRequest) -> list[int]:
         """The request's prompt as token ids, or ValueError with a message fit for the client."""
-        messages = None if request.messages is None else [{"role": m.role, "content": m.content}
-                                                          for m in request.messages]
+        messages = None if request.messages is None else [_template_message(m) for m in request.messages]
+        tools = None
+        if request.tools is not None:
+            try:
+                tools = json.loads(request.tools)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"tools is not valid JSON: {e}") from None
         return self.input_processor.process(request.params, prompt=request.prompt,
                                             prompt_token_ids=request.prompt_token_ids, messages=messages,
-                                            add_generation_prompt=request.add_generation_prompt)
+                                            add_generation_prompt=request.add_generation_prompt, tools=tools)
+
+
+def _template_message(m: ChatMessage) -> dict:
+    """A message as chat templates read it (OpenAI's shape): tool calls with their arguments as an object, which
+    is what templates that render calls expect (Qwen's, Llama 3's write them with tojson)."""
+    message = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        message["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                                 for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        message["tool_call_id"] = m.tool_call_id
+    return message
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def run(args: argparse.Namespace) -> int:
