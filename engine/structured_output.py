@@ -82,7 +82,10 @@ class Grammars:
 
     def state(self, spec: StructuredOutputsParams) -> GrammarState:
         """A new sequence's matcher state (its grammar compiles in the background, if it is not cached)."""
-        return GrammarState(self.future(spec), self._json_safe() if spec.kind == "json" and self.available else None)
+        # JSON-schema rows, and tool calls (a structural tag holding JSON-schema arguments), never sample raw
+        # control characters: xgrammar 0.2.9 lets them into length-bounded strings, where JSON forbids them.
+        json_rows = spec.kind in ("json", "structural_tag")
+        return GrammarState(self.future(spec), self._json_safe() if json_rows and self.available else None)
 
     def future(self, spec: StructuredOutputsParams) -> Future:
         """The spec's compiled grammar, cached or on its way (a failed compile is cached too: it fails again)."""

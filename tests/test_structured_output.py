@@ -64,7 +64,7 @@ def test_constrained_rows_sample_only_allowed_tokens_and_free_rows_are_unchanged
               SamplingParams(temperature=0.7, top_p=0.9, top_k=20, seed=1, logprobs=3),
               SamplingParams(temperature=1.0, seed=2, logprobs=3)]
     for trial in range(40):
-        rows = [SamplingRow(p, trial * 10 + i, [1, 2], [3] * (trial % 5)) for i, p in enumerate(params)]
+        rows = [SamplingRow(p, trial * 10 + i, [1, 2] + [3] * (trial % 5), 2) for i, p in enumerate(params)]
         logits = torch.randn(len(rows), vocab_size, generator=torch.Generator().manual_seed(trial)) * 3
         allowed = {0: random_allowed(rng, vocab_size), 1: random_allowed(rng, vocab_size),
                    2: random_allowed(rng, vocab_size)}                      # row 3 is free
@@ -88,7 +88,7 @@ def test_constrained_rows_sample_only_allowed_tokens_and_free_rows_are_unchanged
 
 def test_a_single_allowed_token_is_always_sampled():
     vocab_size = 50
-    rows = [SamplingRow(SamplingParams(temperature=1.0, seed=s), s, [1], []) for s in range(8)]
+    rows = [SamplingRow(SamplingParams(temperature=1.0, seed=s), s, [1], 1) for s in range(8)]
     logits = torch.randn(8, vocab_size, generator=torch.Generator().manual_seed(0))
     logits[:, 7] = -30.0                                                    # unlikely, but the only one allowed
     out = sampler(logits, batch(rows, vocab_size, {b: {7} for b in range(8)}))
