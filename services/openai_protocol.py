@@ -1042,11 +1042,13 @@ def _sampling_fields(limits: Limits) -> dict:
                     "description": "at least n: the n of highest cumulative logprob are returned; not with stream "
                                    "when above n"},
         "logit_bias": {"type": "object", "nullable": True, "description": "token id -> bias added to its logit",
+                       "propertyNames": {"pattern": "^[0-9]{1,18}$"},
                        "additionalProperties": {"type": "number", "minimum": -MAX_LOGIT_BIAS,
                                                 "maximum": MAX_LOGIT_BIAS}},
         "allowed_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1,
                               "nullable": True, "description": "only these tokens may be sampled"},
-        "bad_words": {"type": "array", "items": {"type": "string"}, "description": "words never generated"},
+        "bad_words": {"type": "array", "items": {"type": "string", "pattern": "\\S"},
+                      "description": "words never generated"},
         "prompt_logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "nullable": True,
                             "description": "each prompt token's logprob and the top k; not with stream"},
         # Structured outputs: at most one of these per request (a spec that does not compile: 400).
@@ -1056,7 +1058,7 @@ def _sampling_fields(limits: Limits) -> dict:
                 "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": "object"},
                 "strict": {"type": "boolean", "nullable": True}}}}},
         "structured_outputs": {"type": "object", "description": "vLLM's: exactly one of json, regex, choice, "
-                               "grammar, json_object, structural_tag", "properties": {
+                               "grammar, json_object, structural_tag", "additionalProperties": False, "properties": {
             "json": _one_of({"type": "object"}, {"type": "string"}), "regex": {"type": "string"},
             "choice": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
             "grammar": {"type": "string", "description": "EBNF, start rule root"},
@@ -1091,15 +1093,23 @@ def openapi_schema(limits: Limits, api_keys: bool, metrics_keys: bool) -> dict:
     sampling = _sampling_fields(limits)
     text_part = {"type": "object", "required": ["type", "text"],
                  "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
-    message = {"type": "object", "required": ["role"], "properties": {
-        "role": {"type": "string", "enum": sorted(CHAT_ROLES)},
-        "content": {"nullable": True, **_one_of({"type": "string"}, {"type": "array", "items": text_part})},
-        "tool_calls": {"type": "array", "description": "assistant messages: the calls they made", "items": {
-            "type": "object", "required": ["function"], "properties": {
-                "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
-                "function": {"type": "object", "required": ["name"], "properties": {
-                    "name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
-        "tool_call_id": {"type": "string", "description": "tool messages (required there): the call answered"}}}
+    content = {"nullable": True, **_one_of({"type": "string"}, {"type": "array", "items": text_part})}
+    tool_calls = {"type": "array", "description": "the calls the assistant made", "items": {
+        "type": "object", "required": ["function"], "properties": {
+            "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string"}, "arguments": {"type": "string"}}}}}}
+    # One shape per role, as _messages accepts them: only an assistant message has tool calls, and a tool
+    # message must say which call it answers.
+    speakers = sorted(CHAT_ROLES - {"assistant", "tool"})
+    message = _one_of(
+        {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {
+            "role": {"type": "string", "enum": speakers}, "content": content}},
+        {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {
+            "role": {"type": "string", "enum": ["assistant"]}, "content": content, "tool_calls": tool_calls}},
+        {"type": "object", "required": ["role", "tool_call_id"], "additionalProperties": False, "properties": {
+            "role": {"type": "string", "enum": ["tool"]}, "content": content,
+            "tool_call_id": {"type": "string", "description": "the call this answers"}}})
     tool = {"type": "object", "required": ["type", "function"], "properties": {
         "type": {"type": "string", "enum": ["function"]},
         "function": {"type": "object", "required": ["name"], "properties": {

@@ -237,7 +237,7 @@ def test_models_report_the_served_max_model_len(stack):
 
 # ---- the OpenAPI schema, and fuzzing the API against it ------------------------------------------------------
 FUZZ_MAX_TOKENS = 1
-FUZZ_EXAMPLES = 30                     # per mode: about 60 s on a loaded 2-core CPU
+FUZZ_EXAMPLES = 12                     # per operation and mode: about 90 s on a loaded 2-core CPU
 FUZZ_MAX_SEQUENCES = 2                # prompts (each a pipeline request), messages, completions per prompt
 
 
@@ -275,10 +275,12 @@ def test_fuzzing_the_api_from_its_schema_finds_no_server_error(stack):
     """schemathesis generates requests from /openapi.json, valid ones and invalid ones, for every operation
     (bounded: FUZZ_EXAMPLES of each kind, one token each): none may get a 5xx, and the server serves afterwards."""
     import collections
+    import itertools
 
     import requests
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
     from schemathesis.generation import GenerationMode
 
     keys = {"/metrics": METRICS_KEY}
@@ -288,10 +290,12 @@ def test_fuzzing_the_api_from_its_schema_finds_no_server_error(stack):
     statuses: collections.Counter = collections.Counter()
     session = requests.Session()
     start = time.monotonic()
-    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+    # Operation by operation: drawn over all of them at once, the large chat schema got too few examples.
+    operations = [(path, method.upper()) for path, item in doc["paths"].items() for method in item]
+    for (path, method), mode in itertools.product(operations, (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)):
         @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck))
-        @given(case=schema.as_strategy(mode))
+        @given(case=schema[path][method].as_strategy(generation_mode=mode))
         def fuzz(case) -> None:
             bound(case.body)
             key = keys.get(case.operation.path, API_KEY)
@@ -300,7 +304,10 @@ def test_fuzzing_the_api_from_its_schema_finds_no_server_error(stack):
             statuses[mode.value, case.operation.label, response.status_code] += 1
             assert response.status_code < 500, (case.as_curl_command(), response.status_code, response.text)
 
-        fuzz()
+        try:
+            fuzz()
+        except Unsatisfiable:          # nothing to vary (a GET without parameters has no invalid form)
+            pass
     took = time.monotonic() - start
     print(f"fuzzed in {took:.1f} s:", dict(sorted(statuses.items())))
     generated = {(mode, label) for mode, label, status in statuses if status == 200}
