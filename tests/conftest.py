@@ -199,3 +199,17 @@ def redis_url():
     from services.redis_server import running_redis
     with running_redis(_free_port()) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def client(serve_stack):
+    """The official openai client on the shared stack (a module with its own stack defines its own)."""
+    import openai
+    return openai.OpenAI(base_url=f"{serve_stack.base_url}/v1", api_key=serve_stack.api_key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """The default model offline, as the served stack runs it: served text must equal its text."""
+    from engine import LLM
+    return LLM(progress=False, max_model_len=2048)

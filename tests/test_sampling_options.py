@@ -38,11 +38,6 @@ def reference():
     return logprobs
 
 
-@pytest.fixture(scope="module")
-def client(serve_stack):
-    return openai.OpenAI(base_url=f"{serve_stack.base_url}/v1", api_key=serve_stack.api_key, max_retries=0)
-
-
 def greedy(max_tokens: int = 8, **params) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, **params)
 

@@ -8,23 +8,13 @@ import time
 import openai
 import pytest
 
-from engine import LLM, BeamSearchParams
+from engine import BeamSearchParams
 from test_server_e2e import metrics
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"   # > one block
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 5
-
-
-@pytest.fixture(scope="module")
-def offline():
-    return LLM(progress=False, max_model_len=2048)
-
-
-@pytest.fixture(scope="module")
-def client(serve_stack):
-    return openai.OpenAI(base_url=f"{serve_stack.base_url}/v1", api_key=serve_stack.api_key, max_retries=0)
 
 
 def test_completions_beam_search_equals_offline(client, offline, serve_stack):

@@ -18,16 +18,6 @@ PROMPTS = ["The capital of France is", "def add(a, b):", "Roses are red,", "Wate
 QUESTIONS = ["What is the capital of France?", "Name a prime number.", "What color is the sky?"]
 
 
-@pytest.fixture(scope="module")
-def offline():
-    return LLM(progress=False, max_model_len=2048)
-
-
-@pytest.fixture(scope="module")
-def client(serve_stack):
-    return openai.OpenAI(base_url=f"{serve_stack.base_url}/v1", api_key=serve_stack.api_key, max_retries=0)
-
-
 def greedy(max_tokens=24) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens)
 
