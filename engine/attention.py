@@ -57,10 +57,11 @@ class TorchAttention:
     """Reference backend: exact, simple, used on the CPU and as the oracle for the Triton kernels."""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, md: AttentionMetadata, scale: float) -> torch.Tensor:
-        # q: [T, H, D]; k, v: [T, KVH, D] -> [T, H, D]
+                 v_cache: torch.Tensor, md: AttentionMetadata, scale: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, KVH, D] -> [T, H, D] (into `out` if given)
         write_kv_reference(k, v, k_cache, v_cache, md.slot_mapping)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         decode_rows = [b for b, n in enumerate(md.query_lens_cpu) if n == 1]
         if decode_rows:
             self._decode(q, k_cache, v_cache, md, scale, decode_rows, out)
@@ -101,11 +102,13 @@ class TritonAttention:
     reads lengths and tables from the device) or paged flash-attention for prefill and mixed batches."""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, md: AttentionMetadata, scale: float) -> torch.Tensor:
+                 v_cache: torch.Tensor, md: AttentionMetadata, scale: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         from kernels.attention import paged_decode_attention, paged_prefill_attention
         from kernels.kv_cache import write_kv
         write_kv(k, v, k_cache, v_cache, md.slot_mapping)
         if md.decode_only:
-            return paged_decode_attention(q, k_cache, v_cache, md.block_tables, md.seq_lens, scale, md.num_splits)
+            return paged_decode_attention(q, k_cache, v_cache, md.block_tables, md.seq_lens, scale, md.num_splits,
+                                          out)
         return paged_prefill_attention(q, k_cache, v_cache, md.block_tables, md.query_start_loc, md.seq_lens,
-                                       scale, md.max_query_len)
+                                       scale, md.max_query_len, out)

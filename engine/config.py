@@ -30,7 +30,8 @@ class ModelConfig:
     tokenizer: str | None = _option(None, "a tokenizer directory or model alias (default: the model's; dummy "
                                           "weights take its vocabulary size); none: token ids only")
     kernel_backend: str = _option("auto", "auto: Triton kernels on a GPU, the PyTorch references on the CPU")
-    cuda_graphs: bool = _option(True, "decode steps replay CUDA graphs (off: eager, like vLLM's enforce_eager)")
+    cuda_graphs: bool = _option(True, "steps replay CUDA graphs: decode steps whole, prefill and mixed steps "
+                                "between attentions (off: eager, like vLLM's enforce_eager)")
     async_output: bool = _option(True, "step n's tokens are handled on the host while step n+1 runs")
 
 

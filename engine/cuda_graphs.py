@@ -1,9 +1,15 @@
-"""The decode forward (embedding to logits) as CUDA graphs, one per batch size of a ladder.
+"""The forward as CUDA graphs: whole for decode steps, in pieces between attentions for prefill and mixed steps.
 
-A decode step of a big model is a few hundred kernel launches; replayed as one graph it costs the CPU a few
-microseconds and leaves no gaps on the GPU. Every graph reads its inputs from the DecodeBatch's static buffers
-(padding rows beyond the live batch do nothing), and writes its logits into one shared buffer. Prefill and mixed
-steps stay eager: their shapes change every step.
+A step of a big model is a few hundred kernel launches, and launched from Python they can take longer than the
+GPU needs to run them. DecodeGraphs: a decode step's forward (embedding to logits) replayed as one graph, one per
+batch size of a ladder; it costs the CPU a few microseconds and leaves no gaps on the GPU. Every graph reads its
+inputs from the DecodeBatch's static buffers (padding rows beyond the live batch do nothing), and writes its
+logits into one shared buffer.
+
+MixedGraphs: a prefill or mixed step's attention depends on its sequences (how many, how long, which prompt
+chunks), so it stays eager; everything between two attentions works on each token's row alone, so those pieces
+are replayed as graphs, one set per token count of a ladder, the batch padded to the next size. This is vLLM's
+piecewise CUDA graph, without the compiler: the model splits its own forward (LlamaForCausalLM.pieces).
 """
 from __future__ import annotations
 
@@ -70,3 +76,91 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= n)
         self.graphs[size].replay()
         return self.logits[:n]
+
+
+# The largest step replayed. Up to here an eager step's launches take the host about as long as the GPU needs, or
+# longer (Llama-3-8B, one H200: ~15 ms of launching, 16 ms of kernels at 600 tokens); beyond, graphs save little
+# of a step and its padding costs more.
+MIXED_GRAPH_MAX_TOKENS = 2048
+
+
+def token_ladder(max_tokens: int) -> list[int]:
+    """Up to 128 tokens a step's GEMMs are bound by reading the weights, so padding costs little: 32, 64, 128;
+    then every 64 up to 1024 and every 128 beyond, so padding adds at most ~12% of a step from 512 tokens on."""
+    sizes = [32, 64] + list(range(128, 1025, 64)) + list(range(1152, 8193, 128))
+    return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
+
+
+class MixedGraphs:
+    def __init__(self, model, max_tokens: int, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.sizes = token_ladder(max_tokens)
+        self.max_tokens = max_tokens
+        a = model.args
+        # The graphs' inputs and outputs, at fixed addresses, shared by all sizes (one step replays at a time).
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.q = torch.zeros(max_tokens, a.num_heads, a.head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(max_tokens, a.num_kv_heads, a.head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.attention_out = torch.zeros_like(self.q)
+        self.hidden = torch.zeros(max_tokens, a.hidden_size, dtype=dtype, device=device)
+        # size -> one graph per piece; and the Attention that runs after each piece but the last
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.attentions: list = []
+        self.steps = 0                          # steps replayed (tests and stats)
+
+    def _pieces(self, size: int):
+        return self.model.pieces(self.input_ids[:size], self.positions[:size],
+                                 (self.q[:size], self.k[:size], self.v[:size]))
+
+    def _piece(self, pieces, size: int, first: bool) -> bool:
+        """Run the next piece; False once the forward is done (its hidden states copied to self.hidden)."""
+        try:
+            call = next(pieces) if first else pieces.send(self.attention_out[:size])
+        except StopIteration as end:
+            self.hidden[:size].copy_(end.value)
+            return False
+        if len(self.attentions) < len(self.model.layers):
+            self.attentions.append(call[0])
+        return True
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Largest first, all in one memory pool. A piece's temporaries are free once it ends, so every graph
+        may reuse them; what a piece leaves for the next (the residual stream) stays allocated until that next
+        piece has been captured, and a step replays one size's pieces in order, so nothing live is overwritten."""
+        pool = None
+        for size in reversed(self.sizes):
+            for _ in range(2):                  # compile the Triton kernels, settle the allocator and cuBLAS
+                pieces, first = self._pieces(size), True
+                while self._piece(pieces, size, first):
+                    first = False
+            graphs, more = [], True
+            pieces = self._pieces(size)
+            while more:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    more = self._piece(pieces, size, not graphs)
+                pool = graph.pool()
+                graphs.append(graph)
+            self.graphs[size] = graphs
+        torch.cuda.synchronize()
+        log.info("captured mixed-step graphs for %s tokens (%d pieces each)", self.sizes, len(graphs))
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The forward over T <= max_tokens tokens (the attention metadata set by the caller): hidden [T, D].
+        The padding rows keep whatever the last step left there: valid ids and positions, whose rows nothing
+        reads."""
+        T = input_ids.shape[0]
+        size = next(s for s in self.sizes if s >= T)
+        self.input_ids[:T].copy_(input_ids)
+        self.positions[:T].copy_(positions)
+        graphs = self.graphs[size]
+        self.steps += 1
+        for graph, attention in zip(graphs, self.attentions):
+            graph.replay()
+            attention.attend(self.q[:T], self.k[:T], self.v[:T], out=self.attention_out[:T])
+        graphs[-1].replay()
+        return self.hidden[:T]
+

@@ -5,8 +5,9 @@ The runner never sees the scheduler's objects: it learns sequences from Plan.new
 deltas, and appends the tokens it samples itself. In-process the engine hands it Plans directly; the GPU worker
 service feeds it the same Plans from Redis.
 
-A plan's first step is built on the host: a flat batch of prompt chunks and decodes, run eagerly (or, when every
-sequence decodes, as a decode step). Its remaining k-1 steps decode the sequences that sampled, from a batch kept
+A plan's first step is built on the host: a flat batch of prompt chunks and decodes (or, when every sequence
+decodes, a decode step), its attention run eagerly and the rest of the model replayed as CUDA graphs
+(engine/cuda_graphs.py, MixedGraphs). Its remaining k-1 steps decode the sequences that sampled, from a batch kept
 on the device (engine/decode_batch.py): each step replays a CUDA graph, samples, and advances the batch with one
 kernel, so the host never waits for the GPU inside a plan. Sampled tokens reach the host behind the GPU
 (engine/async_output.py).
@@ -25,7 +26,7 @@ import torch
 from engine.async_output import StepOutputs
 from engine.attention import AttentionMetadata, set_attention_metadata
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import MIXED_GRAPH_MAX_TOKENS, DecodeGraphs, MixedGraphs
 from engine.decode_batch import DecodeBatch
 from engine.model_files import resolve_max_model_len
 from engine.model_loader import build_model, pick_device, pick_dtype
@@ -99,6 +100,8 @@ class ModelRunner:
         # tokenizer none compiles, and a constrained sequence that reaches the runner anyway is ended at once.
         self.grammars = grammars or Grammars(None, self.args.vocab_size, eos_token_ids)
         self.seqs: dict[int, WorkerSequence] = {}
+        self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self.num_blocks = self._num_kv_blocks()
         # One pool for all layers: [2 (k, v), layers, blocks, block_size, KVH, Dh]; each layer gets views.
         self.kv_cache = torch.zeros(2, self.args.num_layers, self.num_blocks, self.block_size,
@@ -107,10 +110,12 @@ class ModelRunner:
         on_gpu = self.device.type == "cuda"
         max_blocks = -(-self.max_model_len // self.block_size)
         self.decode_batch = DecodeBatch(sc.max_num_seqs, max_blocks, self.block_size, self.device)
-        self.graphs = None
         if on_gpu and mc.cuda_graphs and self.ops.name == "triton":   # the reference attention plans on the host
             self.graphs = DecodeGraphs(self.model, self.decode_batch, self.max_model_len, self._num_splits)
             self.graphs.capture()
+            self.mixed_graphs = MixedGraphs(self.model, min(MIXED_GRAPH_MAX_TOKENS, sc.max_num_batched_tokens),
+                                            self.device, self.dtype)
+            self.mixed_graphs.capture()
         self.copy_stream = torch.cuda.Stream() if on_gpu else None
         self.async_output = mc.async_output
         self.outputs = StepOutputs(self._commit, self.async_output, self.copy_stream)
@@ -467,9 +472,12 @@ class ModelRunner:
             block_tables=to_device(tables, torch.int32, dev),
             max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
             query_lens_cpu=query_lens.tolist(), seq_lens_cpu=seq_lens.tolist())
+        positions = to_device(positions, torch.int64, dev)
         set_attention_metadata(md)
         try:
-            return self.model(input_ids, to_device(positions, torch.int64, dev))
+            if self.mixed_graphs is not None and len(positions) <= self.mixed_graphs.max_tokens:
+                return self.mixed_graphs.run(input_ids, positions)
+            return self.model(input_ids, positions)
         finally:
             set_attention_metadata(None)
 

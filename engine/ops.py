@@ -18,9 +18,10 @@ class Ops:
     name: str
     rms_norm: Callable            # (x, weight, eps) -> out
     add_rms_norm: Callable        # (x, residual, weight, eps) -> (out, x + residual)
-    apply_rotary: Callable        # (q, k, positions, cos_sin) -> (q, k)
+    apply_rotary: Callable        # (q, k, positions, cos_sin, q_out=None, k_out=None) -> (q, k)
     silu_and_mul: Callable        # (x [T, 2I]) -> [T, I]
-    attention: Callable           # (q, k, v, k_cache, v_cache, metadata, scale) -> out; writes k, v first
+    attention: Callable           # (q, k, v, k_cache, v_cache, metadata, scale, out=None) -> out; writes k, v
+                                  # first
 
 
 def torch_ops() -> Ops:

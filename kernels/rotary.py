@@ -101,7 +101,9 @@ def _rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                           q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None):
     """RotaryEmbedding.forward of engine.models.llama."""
     cos, sin = cos_sin[positions].to(q.dtype).chunk(2, dim=-1)                   # [T, Dh/2] each
-    return _rotate_reference(q, cos, sin), _rotate_reference(k, cos, sin)
+    q, k = _rotate_reference(q, cos, sin), _rotate_reference(k, cos, sin)
+    return (q if q_out is None else q_out.copy_(q)), (k if k_out is None else k_out.copy_(k))

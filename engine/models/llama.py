@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Generator, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -108,8 +108,9 @@ class RotaryEmbedding(nn.Module):
         angles = torch.arange(self.max_len, dtype=torch.float32)[:, None] * rotary_inv_freq(self.args)[None, :]
         self.cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).to(device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return self.ops.apply_rotary(q, k, positions, self.cos_sin)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None):
+        return self.ops.apply_rotary(q, k, positions, self.cos_sin, q_out, k_out)
 
 
 class Attention(nn.Module):
@@ -126,7 +127,8 @@ class Attention(nn.Module):
         self.attention = ops.attention
         self.k_cache = self.v_cache = torch.empty(0)     # views into the runner's KV pool
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def project(self, positions: torch.Tensor, x: torch.Tensor, out: tuple[torch.Tensor, ...] | None = None):
+        """x [T, D] -> q [T, H, Dh], k and v [T, KVH, Dh], rotated (into the buffers `out` if given)."""
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
@@ -135,9 +137,16 @@ class Attention(nn.Module):
         if self.q_norm is not None:          # per head: [T * heads, Dh] rows
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(T, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        o = self.attention(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(), self.scale)
-        return self.o_proj(o.view(T, self.q_size))
+        if out is None:
+            return (*self.rotary(positions, q, k), v)
+        q_out, k_out, v_out = out
+        self.rotary(positions, q, k, q_out, k_out)
+        return q_out, k_out, v_out.copy_(v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over the paged KV cache (this step's k and v are written into it first) -> [T, H, Dh]."""
+        return self.attention(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(), self.scale, out)
 
 
 class MLP(nn.Module):
@@ -152,18 +161,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """A layer's parameters; LlamaForCausalLM.pieces runs it (split at its attention)."""
+
     def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding, ops: Ops):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.self_attn = Attention(args, rotary, ops)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.mlp = MLP(args, ops)
-
-    def forward(self, positions, x, residual):
-        x, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -182,9 +187,31 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, D]."""
+        pieces = self.pieces(input_ids, positions)
+        call = next(pieces)
+        while True:
+            attention, q, k, v = call
+            try:
+                call = pieces.send(attention.attend(q, k, v))
+            except StopIteration as end:
+                return end.value
+
+    def pieces(self, input_ids: torch.Tensor, positions: torch.Tensor,
+               qkv_out: tuple[torch.Tensor, ...] | None = None) -> Generator[tuple, torch.Tensor, torch.Tensor]:
+        """The forward, stopped at each layer's attention: yields (the layer's Attention, q, k, v), is sent that
+        attention's output [T, H, Dh], and returns the final hidden states [T, D]. What runs between two
+        attentions treats every token's row on its own, so a runner may pad the batch with rows of its choosing
+        and replay these pieces as CUDA graphs, with attention (whose work depends on the batch's sequences)
+        run eagerly between them (engine/cuda_graphs.py, MixedGraphs). qkv_out: buffers that every layer's q,
+        k, v are written into (a graph's outputs must stay at fixed addresses)."""
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x, residual = layer(positions, x, residual)
+            x, residual = (layer.input_layernorm(x), x) if residual is None else layer.input_layernorm(x, residual)
+            attention = layer.self_attn
+            o = yield attention, *attention.project(positions, x, qkv_out)
+            x = attention.o_proj(o.view(o.shape[0], attention.q_size))
+            x, residual = layer.post_attention_layernorm(x, residual)
+            x = layer.mlp(x)
         x, _ = self.norm(x, residual)
         return x
 
