@@ -67,6 +67,8 @@ class AsyncLLM:
     def shutdown(self) -> None:
         self._commands.put(_STOP)
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self.engine.close()
 
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -33,6 +33,8 @@ class ModelConfig:
     cuda_graphs: bool = _option(True, "steps replay CUDA graphs: decode steps whole, prefill and mixed steps "
                                 "between attentions (off: eager, like vLLM's enforce_eager)")
     async_output: bool = _option(True, "step n's tokens are handled on the host while step n+1 runs")
+    tensor_parallel_size: int = _option(1, "processes (one per GPU) that split the model's heads, MLP and "
+                                           "vocabulary (engine/tensor_parallel.py); on the CPU they talk gloo")
 
 
 @dataclass
@@ -102,6 +104,8 @@ class EngineConfig:
             raise ValueError(f"num_scheduler_steps must be >= 1, got {s.num_scheduler_steps}")
         if s.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {s.policy!r}")
+        if self.model.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.model.tensor_parallel_size}")
         if self.model.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.model.load_format!r}")
 

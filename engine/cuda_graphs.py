@@ -96,15 +96,15 @@ class MixedGraphs:
         self.model = model
         self.sizes = token_ladder(max_tokens)
         self.max_tokens = max_tokens
-        a = model.args
+        attention = model.layers[0].self_attn         # this rank's heads (tensor parallelism)
         # The graphs' inputs and outputs, at fixed addresses, shared by all sizes (one step replays at a time).
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.q = torch.zeros(max_tokens, a.num_heads, a.head_dim, dtype=dtype, device=device)
-        self.k = torch.zeros(max_tokens, a.num_kv_heads, a.head_dim, dtype=dtype, device=device)
+        self.q = torch.zeros(max_tokens, attention.num_heads, attention.head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(max_tokens, attention.num_kv_heads, attention.head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.attention_out = torch.zeros_like(self.q)
-        self.hidden = torch.zeros(max_tokens, a.hidden_size, dtype=dtype, device=device)
+        self.hidden = torch.zeros(max_tokens, model.args.hidden_size, dtype=dtype, device=device)
         # size -> one graph per piece; and the Attention that runs after each piece but the last
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.attentions: list = []

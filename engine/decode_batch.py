@@ -29,6 +29,7 @@ class DecodeBatch:
         self.steps_left = zeros(max_batch, dtype=torch.int32)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)   # one token a row
         self.seq_ids: list[int] = []
+        self.width = 1                          # block-table columns the loaded rows use
         self.positions_host: list[int] = []
         self.steps_left_host: list[int] = []
 
@@ -46,6 +47,7 @@ class DecodeBatch:
         mb = max((len(t) for t in tables), default=1)
         assert n <= self.max_batch and mb <= self.max_blocks
         self.seq_ids, self.positions_host, self.steps_left_host = list(seq_ids), list(positions), list(steps_left)
+        self.width = mb
         # One staging buffer on the host: [positions | seq_lens | slots | steps_left | block tables] as int64.
         # A new one each time: the host runs ahead of the GPU, and a reused buffer could be overwritten before
         # the asynchronous copy of the previous load has read it.
@@ -72,6 +74,22 @@ class DecodeBatch:
         self.seq_lens[n:] = 0
         self.slot_mapping[n:] = -1
         self.steps_left[n:] = 0
+
+    def rows(self, n: int) -> torch.Tensor:
+        """What a forward reads of the first n rows, as one int64 tensor on the device (tensor parallelism: the
+        driver broadcasts it to the ranks that hold no batch of their own; set_rows takes it)."""
+        return torch.cat([self.input_ids[:n], self.positions[:n], self.seq_lens[:n].long(), self.slot_mapping[:n],
+                          self.block_tables[:n, :self.width].long().flatten()])
+
+    def set_rows(self, n: int, width: int, rows: torch.Tensor) -> None:
+        input_ids, positions, seq_lens, slots, tables = rows.split([n, n, n, n, n * width])
+        self.input_ids[:n], self.positions[:n], self.slot_mapping[:n] = input_ids, positions, slots
+        self.seq_lens[:n] = seq_lens.to(torch.int32)
+        self.block_tables[:n, :width] = tables.view(n, width).to(torch.int32)
+        self.block_tables[:n, width:] = 0
+        self.seq_lens[n:] = 0
+        self.slot_mapping[n:] = -1
+        self.width = width
 
     def advance(self, sampled: torch.Tensor, advance_step) -> None:
         """The next step's rows from this step's sampled tokens (on the device); the host mirrors follow."""

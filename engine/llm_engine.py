@@ -68,6 +68,9 @@ class LLMEngine:
         self._touched: dict[str, _Request] = {}       # requests that got tokens since the last step()
         self._on_output: Callable[[RequestOutput], None] | None = None
 
+    def close(self) -> None:
+        self.runner.close()
+
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
                     priority: int = 0, beam_search: BeamSearchParams | None = None) -> None:

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from engine.models.llama import LlamaArgs, LlamaForCausalLM
 from engine.ops import Ops
+from engine.tensor_parallel import TensorParallel
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -61,11 +62,13 @@ def iterate_safetensors(model_dir: Path, progress: bool = True):
 
 
 def build_model(hf_config: dict, model_dir: Path | None, max_len: int, device: torch.device, dtype: torch.dtype,
-                ops: Ops, load_format: str = "auto", seed: int = 0, progress: bool = True) -> LlamaForCausalLM:
+                ops: Ops, load_format: str = "auto", seed: int = 0, progress: bool = True,
+                tp: TensorParallel | None = None) -> LlamaForCausalLM:
+    """With tp: this rank's shard, read from the whole checkpoint (each rank reads what it keeps)."""
     args = LlamaArgs.from_hf_config(hf_config)
     # Build on the meta device and materialize uninitialized: random init of billions of weights would be wasted.
     with torch.device("meta"), _default_dtype(dtype):
-        model = LlamaForCausalLM(args, max_len, ops)
+        model = LlamaForCausalLM(args, max_len, ops, tp)
     model = model.to_empty(device=device)
     with torch.no_grad():
         if load_format == "dummy":

@@ -30,12 +30,14 @@ from engine.cuda_graphs import MIXED_GRAPH_MAX_TOKENS, DecodeGraphs, MixedGraphs
 from engine.decode_batch import DecodeBatch
 from engine.model_files import resolve_max_model_len
 from engine.model_loader import build_model, pick_device, pick_dtype
+from engine.models.llama import LlamaArgs, LlamaForCausalLM
 from engine.ops import select_ops
 from engine.plan import Plan, StepResult, TokenLogprobs
 from engine.sampler import Sampler, SamplingBatch, SamplingRow, TokenBitmask
 from engine.staging import to_device
 from engine.sequence import FinishReason, check_stop
 from engine.structured_output import GrammarState, Grammars, accept_batch, token_bitmask
+from engine.tensor_parallel import Op, TensorParallel, rank_device, start_followers
 from kernels.advance_step import advance_step, advance_step_reference
 from kernels.attention import default_num_splits
 from schemas.sampling_params import SamplingParams
@@ -78,10 +80,23 @@ class WorkerSequence:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config: dict, model_dir: Path | None,
-                 eos_token_ids: frozenset[int] = frozenset(), progress: bool = True, grammars: Grammars | None = None):
+                 eos_token_ids: frozenset[int] = frozenset(), progress: bool = True, grammars: Grammars | None = None,
+                 follower: tuple[int, str] | None = None):
+        """follower: (rank, rendezvous) of a tensor-parallel follower (engine/tensor_parallel.py); the driver
+        (rank 0) is built without it and starts its followers itself."""
         mc, sc = config.model, config.scheduler
         self.config = config
         self.device = pick_device(mc.device)
+        self.tp: TensorParallel | None = None
+        self._followers: list = []
+        self._leading = False                     # a driver whose followers run what it runs (once built)
+        if mc.tensor_parallel_size > 1:
+            LlamaForCausalLM.check_tensor_parallel(LlamaArgs.from_hf_config(hf_config), mc.tensor_parallel_size)
+            if follower is None:
+                rendezvous, self._followers = start_followers(config, hf_config, model_dir, mc.tensor_parallel_size)
+                follower = (0, rendezvous)
+            self.device = rank_device(self.device, follower[0])
+            self.tp = TensorParallel(follower[0], mc.tensor_parallel_size, self.device, follower[1])
         # The step budget's defaults depend on the device, which is decided here: the engine's scheduler and
         # warm-up read them from the same config.
         config.scheduler = sc = sc.for_device(self.device.type)
@@ -93,8 +108,9 @@ class ModelRunner:
             if self.device.type == "cuda" else 1
         self.ops = select_ops(mc.kernel_backend, self.device)
         self.model = build_model(hf_config, model_dir, self.max_model_len, self.device, self.dtype, self.ops,
-                                 mc.load_format, mc.seed, progress)
+                                 mc.load_format, mc.seed, progress, self.tp)
         self.args = self.model.args
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads     # this rank's
         self.sampler = Sampler()
         # Structured output's compiled grammars (shared with the input processor in one process); without a
         # tokenizer none compiles, and a constrained sequence that reaches the runner anyway is ended at once.
@@ -105,7 +121,7 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         # One pool for all layers: [2 (k, v), layers, blocks, block_size, KVH, Dh]; each layer gets views.
         self.kv_cache = torch.zeros(2, self.args.num_layers, self.num_blocks, self.block_size,
-                                    self.args.num_kv_heads, self.args.head_dim, dtype=self.dtype, device=self.device)
+                                    self.num_kv_heads, self.args.head_dim, dtype=self.dtype, device=self.device)
         self._attach_kv_cache(self.kv_cache)
         on_gpu = self.device.type == "cuda"
         max_blocks = -(-self.max_model_len // self.block_size)
@@ -123,6 +139,8 @@ class ModelRunner:
         self._inflight: tuple[list[int], list[bool] | None, torch.Tensor] = ([], None, torch.empty(0))
         self.step_timers: list | None = None      # (start, end events, eager?, host launch time): measure_gpu_time
         self.steps_run = 0                        # steps the last execute() launched (fewer if should_stop cut it)
+        self._leading = self.tp is not None and self.tp.is_driver
+        self._hidden: torch.Tensor | None = None  # a follower's last prefill hidden states (for Op.LOGITS)
 
     def _attach_kv_cache(self, kv_cache: torch.Tensor) -> None:
         for i, layer in enumerate(self.model.layers):
@@ -131,7 +149,7 @@ class ModelRunner:
     @property
     def kv_bytes_per_block(self) -> int:
         a = self.args
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * a.num_layers * self.block_size * self.num_kv_heads * a.head_dim * self.dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         cache = self.config.cache
@@ -145,6 +163,8 @@ class ModelRunner:
             tokens = self.config.scheduler.max_num_seqs * self.max_model_len
             budget = min(budget, -(-tokens // self.block_size) * self.kv_bytes_per_block)
         num_blocks = int(budget // self.kv_bytes_per_block)
+        if self.tp is not None:                   # one block table for all ranks: the smallest pool
+            num_blocks = self.tp.min(num_blocks)
         if num_blocks < 1:
             raise ValueError("no memory left for the KV cache: lower max_model_len or raise the memory budget")
         return num_blocks
@@ -160,7 +180,7 @@ class ModelRunner:
         tokens = min(sc.max_num_batched_tokens, sc.max_num_seqs * self.max_model_len)
         lengths = [min(self.max_model_len - 1, tokens - t) for t in range(0, tokens, self.max_model_len - 1)]
         blocks = sum(-(-n // self.block_size) for n in lengths)
-        scratch = torch.zeros(2, self.args.num_layers, blocks, self.block_size, self.args.num_kv_heads,
+        scratch = torch.zeros(2, self.args.num_layers, blocks, self.block_size, self.num_kv_heads,
                               self.args.head_dim, dtype=self.dtype, device=self.device)
         self._attach_kv_cache(scratch)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -182,7 +202,7 @@ class ModelRunner:
         return total * self.config.cache.gpu_memory_utilization - others - peak - GPU_RESERVE_BYTES
 
     def _num_splits(self, batch: int, max_seq_len: int) -> int:
-        return default_num_splits(batch, self.args.num_kv_heads, max_seq_len, self.num_sms)
+        return default_num_splits(batch, self.num_kv_heads, max_seq_len, self.num_sms)
 
     def measure_gpu_time(self, on: bool = True) -> None:
         """Record a pair of CUDA events around every step (for the GPU-busy figure of the benchmark)."""
@@ -345,9 +365,12 @@ class ModelRunner:
         return token_bitmask(states, rows, self.args.vocab_size, self.eos_token_ids, self.device)
 
     def _decode_forward(self, n: int) -> torch.Tensor:
+        b = self.decode_batch
+        if self._leading:
+            self.tp.send(Op.DECODE, [n, b.width])
+            self.tp.broadcast(b.rows(n))
         if self.graphs is not None:
             return self.graphs.run(n)
-        b = self.decode_batch
         seq_lens = [p + 1 for p in b.positions_host]
         md = AttentionMetadata(
             slot_mapping=b.slot_mapping[:n], query_start_loc=b.query_start_loc[:n + 1], seq_lens=b.seq_lens[:n],
@@ -397,7 +420,7 @@ class ModelRunner:
         if not samplers:
             self._stop_timer(timer, eager=True)
             return []
-        logits = self.model.compute_logits(hidden[to_device([r for _, r in samplers], torch.int64, self.device)])
+        logits = self._logits(hidden, [r for _, r in samplers])
         sampling = SamplingBatch.from_rows([_sampling_row(self.seqs[s]) for s in seq_ids], self.args.vocab_size,
                                            self.eos_token_ids, self.device)
         last_tokens, on_device = self._last_tokens(seq_ids, inflight)
@@ -430,9 +453,9 @@ class ModelRunner:
         vocab = self.args.vocab_size
         parts = []
         for first in range(0, len(rows), PROMPT_LOGPROBS_ROWS):
-            index = to_device(rows[first:first + PROMPT_LOGPROBS_ROWS], torch.int64, self.device)
             target = to_device(targets[first:first + PROMPT_LOGPROBS_ROWS], torch.int64, self.device)
-            logprobs = self.model.compute_logits(hidden[index])[:, :vocab].float().log_softmax(dim=-1)  # [m, V]
+            logits = self._logits(hidden, rows[first:first + PROMPT_LOGPROBS_ROWS])
+            logprobs = logits[:, :vocab].float().log_softmax(dim=-1)                                  # [m, V]
             chosen = logprobs.gather(1, target[:, None])                                              # [m, 1]
             top_logprobs, top_ids = logprobs.topk(k, dim=-1)
             parts.append((chosen.squeeze(1), (logprobs > chosen).sum(dim=-1) + 1, top_ids, top_logprobs))
@@ -465,6 +488,17 @@ class ModelRunner:
         if from_device is not None:
             flat_rows, step_rows = (to_device(x, torch.int64, dev) for x in from_device)
             input_ids[flat_rows] = self._inflight[2][step_rows]
+        if self._leading:
+            self.tp.send(Op.PREFILL, [len(positions), n, tables.shape[1]],
+                         np.concatenate([positions, slots, query_start_loc, seq_lens, tables.ravel()]))
+            self.tp.broadcast(input_ids)
+        return self._prefill(input_ids, positions, slots, query_start_loc, seq_lens, tables)
+
+    def _prefill(self, input_ids: torch.Tensor, positions: np.ndarray, slots: np.ndarray,
+                 query_start_loc: np.ndarray, seq_lens: np.ndarray, tables: np.ndarray) -> torch.Tensor:
+        """The forward of a flat batch, its inputs on the device and its layout on the host: hidden [T, D]."""
+        dev = self.device
+        query_lens = np.diff(query_start_loc)
         md = AttentionMetadata(
             slot_mapping=to_device(slots, torch.int64, dev),
             query_start_loc=to_device(query_start_loc, torch.int32, dev),
@@ -480,6 +514,56 @@ class ModelRunner:
             return self.model(input_ids, positions)
         finally:
             set_attention_metadata(None)
+
+    def _logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """fp32 logits [len(rows), V] of these rows of a prefill's hidden states."""
+        if self._leading:
+            self.tp.send(Op.LOGITS, payload=np.asarray(rows, np.int64))
+        return self.model.compute_logits(hidden[to_device(rows, torch.int64, self.device)])
+
+    def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        if self._leading:
+            self.tp.send(Op.COPY_BLOCKS, payload=np.asarray(src + dst, np.int64))
+        src, dst = to_device(src, torch.int64, self.device), to_device(dst, torch.int64, self.device)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    # ---- tensor parallelism ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """A follower's loop: run each forward the driver announces, in lockstep with it (the collectives inside
+        the model pair them up), until it stops."""
+        while True:
+            op, header, payload = self.tp.receive()
+            if op == Op.STOP:
+                break
+            if op == Op.PREFILL:
+                T, B, width = header[:3]
+                positions, slots, query_start_loc, seq_lens, tables = np.split(payload, np.cumsum([T, T, B + 1, B]))
+                input_ids = self.tp.broadcast(torch.empty(T, dtype=torch.int64, device=self.device))
+                self._hidden = self._prefill(input_ids, positions, slots, query_start_loc, seq_lens,
+                                             tables.reshape(B, width))
+            elif op == Op.DECODE:
+                n, width = header[:2]
+                rows = self.tp.broadcast(torch.empty(n * (4 + width), dtype=torch.int64, device=self.device))
+                self.decode_batch.set_rows(n, width, rows)
+                if self.graphs is None:           # the eager decode plans its attention on the host
+                    self.decode_batch.positions_host = rows[n:2 * n].tolist()
+                self._decode_forward(n)
+            elif op == Op.LOGITS:
+                self._logits(self._hidden, payload.tolist())
+            elif op == Op.COPY_BLOCKS:
+                src, dst = np.split(payload, 2)
+                self._copy_blocks(src.tolist(), dst.tolist())
+        self.tp.close()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel followers (nothing to do without them)."""
+        if self._leading:
+            self.tp.send(Op.STOP)
+            self._leading = False
+            for process in self._followers:
+                process.wait()
+            self.tp.close()
 
     def _commit(self, seq_ids: list[int], active: list[bool] | None, tokens: list[int], logprobs) -> StepResult:
         """A step's tokens, now on the host: append them, check stops, and report what belongs to whom."""
@@ -539,8 +623,8 @@ class ModelRunner:
             del table[run.block_offset:]
             table += run.new_block_ids
         if plan.block_copies:
-            src, dst = (to_device(x, torch.int64, self.device) for x in zip(*plan.block_copies))
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+            src, dst = zip(*plan.block_copies)
+            self._copy_blocks(list(src), list(dst))
 
 
 _PROFILE_PARAMS = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=5)

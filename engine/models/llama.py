@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Generator, Iterable
+from typing import TYPE_CHECKING, Generator, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from torch import nn
 
 from engine.attention import get_attention_metadata
 from engine.ops import Ops
+
+if TYPE_CHECKING:
+    from engine.tensor_parallel import TensorParallel
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -114,12 +117,17 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding, ops: Ops):
+    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding, ops: Ops, tp: TensorParallel | None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
-        self.q_size, self.kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        # This rank's heads (all of them without tensor parallelism): query heads and their key/value heads
+        # stay together, so attention needs no communication.
+        ranks = tp.size if tp else 1
+        self.num_heads = args.num_heads // ranks
+        self.num_kv_heads = args.num_kv_heads // ranks
+        self.head_dim = args.head_dim
+        self.q_size, self.kv_size = self.num_heads * args.head_dim, self.num_kv_heads * args.head_dim
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)      # a partial sum on each rank
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, ops) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, ops) if args.qk_norm else None
         self.rotary = rotary
@@ -150,11 +158,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: LlamaArgs, ops: Ops):
+    def __init__(self, args: LlamaArgs, ops: Ops, tp: TensorParallel | None):
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        width = args.intermediate_size // (tp.size if tp else 1)      # this rank's columns
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * width, bias=False)
+        self.down_proj = nn.Linear(width, args.hidden_size, bias=False)     # a partial sum on each rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -163,12 +172,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """A layer's parameters; LlamaForCausalLM.pieces runs it (split at its attention)."""
 
-    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding, ops: Ops):
+    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding, ops: Ops, tp: TensorParallel | None):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
-        self.self_attn = Attention(args, rotary, ops)
+        self.self_attn = Attention(args, rotary, ops, tp)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
-        self.mlp = MLP(args, ops)
+        self.mlp = MLP(args, ops, tp)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -176,14 +185,31 @@ class LlamaForCausalLM(nn.Module):
     FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, args: LlamaArgs, max_len: int, ops: Ops):
+    # checkpoint projection -> the dimension tensor parallelism splits (rows of a column-parallel layer, columns
+    # of a row-parallel one); the rest (norms) is whole on every rank
+    SPLIT_DIM = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1,
+                 "embed_tokens": 0, "lm_head": 0}
+
+    def __init__(self, args: LlamaArgs, max_len: int, ops: Ops, tp: TensorParallel | None = None):
         super().__init__()
-        self.args, self.ops = args, ops
+        self.args, self.ops, self.tp = args, ops, tp
+        if tp is not None:
+            self.check_tensor_parallel(args, tp.size)
         self.rotary = RotaryEmbedding(args, max_len, ops)
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, self.rotary, ops) for _ in range(args.num_layers))
+        self.vocab_per_rank = args.vocab_size // (tp.size if tp else 1)
+        self.embed_tokens = nn.Embedding(self.vocab_per_rank, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, self.rotary, ops, tp) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = None if args.tie_word_embeddings else \
+            nn.Linear(args.hidden_size, self.vocab_per_rank, bias=False)
+
+    @staticmethod
+    def check_tensor_parallel(args: LlamaArgs, size: int) -> None:
+        """Each rank takes 1/size of the heads, the key/value heads, the MLP's width and the vocabulary."""
+        for n, what in ((args.num_heads, "attention heads"), (args.num_kv_heads, "key/value heads"),
+                        (args.intermediate_size, "intermediate size"), (args.vocab_size, "vocabulary")):
+            if n % size:
+                raise ValueError(f"tensor_parallel_size {size} must divide the model's {what} ({n})")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, D]."""
@@ -204,29 +230,55 @@ class LlamaForCausalLM(nn.Module):
         and replay these pieces as CUDA graphs, with attention (whose work depends on the batch's sequences)
         run eagerly between them (engine/cuda_graphs.py, MixedGraphs). qkv_out: buffers that every layer's q,
         k, v are written into (a graph's outputs must stay at fixed addresses)."""
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed(input_ids), None
         for layer in self.layers:
             x, residual = (layer.input_layernorm(x), x) if residual is None else layer.input_layernorm(x, residual)
             attention = layer.self_attn
             o = yield attention, *attention.project(positions, x, qkv_out)
-            x = attention.o_proj(o.view(o.shape[0], attention.q_size))
+            x = self._sum_over_ranks(attention.o_proj(o.view(o.shape[0], attention.q_size)))
             x, residual = layer.post_attention_layernorm(x, residual)
-            x = layer.mlp(x)
+            x = self._sum_over_ranks(layer.mlp(x))
         x, _ = self.norm(x, residual)
         return x
+
+    def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.tp is None else self.tp.all_reduce(x)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.embed_tokens(input_ids)
+        # Each rank holds vocab_per_rank rows: its tokens' rows, zeros for the others, summed over the ranks.
+        local = input_ids - self.tp.rank * self.vocab_per_rank
+        mine = (local >= 0) & (local < self.vocab_per_rank)
+        x = self.embed_tokens(local.clamp(0, self.vocab_per_rank - 1)).masked_fill(~mine[:, None], 0)
+        return self.tp.all_reduce(x)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden: [N, D] (only the rows that sample) -> fp32 logits [N, V] (into `out` if given)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden, weight)
+        if self.tp is not None:             # each rank's vocabulary slice, side by side
+            logits = self.tp.all_gather_columns(logits)
         return logits.float() if out is None else out.copy_(logits)
 
     # ---- weights -------------------------------------------------------------------------------------------
     def shard_sizes(self, fused: str) -> list[int]:
-        a = self.args
+        """The rows of each checkpoint projection in a fused one, on this rank."""
+        a, ranks = self.args, self.tp.size if self.tp else 1
         if fused == "qkv_proj":
-            return [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
-        return [a.intermediate_size, a.intermediate_size]
+            return [a.num_heads * a.head_dim // ranks, a.num_kv_heads * a.head_dim // ranks,
+                    a.num_kv_heads * a.head_dim // ranks]
+        return [a.intermediate_size // ranks] * 2
+
+    def _rank_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor (all of it without tensor parallelism, and for norms)."""
+        parts = name.split(".")
+        kind = parts[-2] if len(parts) >= 2 else ""
+        if self.tp is None or kind not in self.SPLIT_DIM:
+            return tensor
+        dim = self.SPLIT_DIM[kind]
+        size = tensor.shape[dim] // self.tp.size
+        return tensor.narrow(dim, self.tp.rank * size, size)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Hugging Face checkpoint tensors into our (fused) parameters; every parameter must be covered."""
@@ -236,6 +288,7 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue
+            tensor = self._rank_slice(name, tensor)
             proj = name.split(".")[-2] if name.count(".") >= 2 else ""
             if proj in self.FUSED:
                 fused, shard = self.FUSED[proj]
