@@ -561,9 +561,9 @@ class ModelRunner:
         if self._leading:
             self.tp.send(Op.STOP)
             self._leading = False
+            self.tp.close()               # before waiting: NCCL's teardown is collective, the followers are in it
             for process in self._followers:
                 process.wait()
-            self.tp.close()
 
     def _commit(self, seq_ids: list[int], active: list[bool] | None, tokens: list[int], logprobs) -> StepResult:
         """A step's tokens, now on the host: append them, check stops, and report what belongs to whom."""
