@@ -49,3 +49,34 @@ def test_a_model_the_ranks_cannot_split_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide the model's attention heads"):
         LLM(str(tiny_model_dir("llama")), progress=False, tensor_parallel_size=3)
     assert not torch.distributed.is_initialized()          # refused before any process started
+
+
+def test_served_with_two_ranks(tmp_path_factory):
+    """pagestream serve --tensor-parallel-size 2: the worker (rank 0) talks to Redis while its follower computes
+    beside it, and the served greedy text is the single-rank offline text."""
+    import openai
+    import transformers
+
+    from conftest import TINY, start_stack, stop_stack
+    path = tmp_path_factory.mktemp("tiny-llama-smollm2-vocab")
+    torch.manual_seed(3)
+    # SmolLM2's tokenizer's vocabulary, so text goes in and out
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, "vocab_size": 49152, "max_position_embeddings": 2048})).save_pretrained(path)
+    prompts = ["The capital of France is", "Count with me: 1, 2, 3,"]
+    with LLM(str(path), progress=False, tokenizer="smollm2-135m-instruct", max_model_len=2048) as llm:
+        expected = [o.outputs[0].text for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12,
+                                                                                     ignore_eos=True))]
+    stack = start_stack(tmp_path_factory.mktemp("tp-stack"), "--model", str(path), "--tokenizer",
+                        "smollm2-135m-instruct", "--tensor-parallel-size", "2", grpc=False)
+    try:
+        client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0)
+        model = client.models.list().data[0].id
+        served = [client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0,
+                                            extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+        streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
+            model=model, prompt=prompts[0], max_tokens=12, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}) if chunk.choices)
+    finally:
+        stop_stack(stack)
+    assert served == expected
+    assert streamed == expected[0]
