@@ -102,7 +102,7 @@ class TensorParallel:
 
 # ---- processes --------------------------------------------------------------------------------------------------
 def start_followers(config, hf_config: dict, model_dir: Path | None, size: int) -> tuple[str, list[subprocess.Popen]]:
-    """Ranks 1..size-1 as processes of their own (python -m engine.tensor_parallel), each given, as JSON on
+    """Ranks 1..size-1 as processes of their own (engine/tensor_parallel_follower.py), each given, as JSON on
     stdin, the engine config and the model's (the driver's: a dummy model's vocabulary is sized to its
     tokenizer there). Returns the group's rendezvous and the processes: they exit when the driver sends STOP,
     or when it is gone (their stdin closes)."""
@@ -111,7 +111,8 @@ def start_followers(config, hf_config: dict, model_dir: Path | None, size: int) 
                           "hf_config": hf_config, "model_dir": None if model_dir is None else str(model_dir)})
     followers = []
     for rank in range(1, size):
-        process = subprocess.Popen([sys.executable, "-m", "engine.tensor_parallel", str(rank), str(size), rendezvous],
+        process = subprocess.Popen([sys.executable, "-m", "engine.tensor_parallel_follower", str(rank), str(size),
+                                    rendezvous],
                                    stdin=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
         process.stdin.write(message.encode() + b"\n")
         process.stdin.flush()
@@ -124,25 +125,3 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
         return device
     torch.cuda.set_device(rank)
     return torch.device("cuda", rank)
-
-
-def _follower_main(rank: int, size: int, rendezvous: str) -> None:
-    import threading
-
-    from engine.config import EngineConfig
-    from engine.model_runner import ModelRunner
-    message = json.loads(sys.stdin.readline())
-
-    def exit_with_the_driver():          # the driver holds our stdin: EOF means it is gone
-        sys.stdin.read()
-        os._exit(0)
-
-    threading.Thread(target=exit_with_the_driver, daemon=True).start()
-    config = EngineConfig.from_kwargs(**message["config"])
-    model_dir = None if message["model_dir"] is None else Path(message["model_dir"])
-    runner = ModelRunner(config, message["hf_config"], model_dir, progress=False, follower=(rank, rendezvous))
-    runner.follow()
-
-
-if __name__ == "__main__":
-    _follower_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
