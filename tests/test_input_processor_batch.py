@@ -52,7 +52,9 @@ def as_compared(results: list) -> list:
     return [(type(r), str(r)) if isinstance(r, Exception) else r for r in results]
 
 
-def test_encode_batch_is_encode_of_each_text(tokenizer, texts):
+@pytest.mark.parametrize("parallel", ["true", "false"])      # the tests run without it (conftest.py), a server with
+def test_encode_batch_is_encode_of_each_text(tokenizer, texts, parallel, monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", parallel)
     for special in (True, False):
         batch = tokenizer.encode_batch(texts, special)
         assert batch == [tokenizer.hf.encode(t, add_special_tokens=special) for t in texts]
@@ -186,3 +188,16 @@ def test_the_tokenizer_service_handles_what_it_reads_together(tokenizer, texts, 
     assert errors == {rid: str(e) for rid, e in expected.items() if isinstance(e, ValueError)}
     assert errors["empty"] == "the prompt is empty" and errors["tools"].startswith("tools is not valid JSON")
     assert transport.redis.xpending(names.tokenize, GROUP)["pending"] == 0            # all acknowledged
+
+
+# ---- bench pipeline's offline run: the requests due together are added together --------------------------------
+@pytest.mark.parametrize("rate", [float("inf"), 200.0])
+def test_the_offline_bench_adds_what_is_due_together(llm, texts, rate):
+    from loadtest.datasets import SampleRequest
+    from loadtest.pipeline import offline_load
+    requests = [SampleRequest(t, len(llm.tokenizer.encode(t)), 2 + i % 3) for i, t in enumerate(texts[:6])]
+    outputs, seconds, _ = offline_load(llm.engine, requests, rate)
+    assert [(o.success, o.output_tokens, o.usage_prompt_tokens) for o in outputs] == \
+        [(True, r.output_len, r.prompt_len) for r in requests]
+    assert all(0 <= o.ttft <= o.e2el <= seconds for o in outputs)
+    assert not llm.engine.has_unfinished_requests()
