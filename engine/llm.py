@@ -58,13 +58,7 @@ class LLM:
              beam_search: BeamSearchParams | None = None) -> list[str]:
         """Queue every prompt, or none (an invalid one raises, and those queued before it are aborted)."""
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params)):
-            try:
-                self.engine.add_request(rid, prompt, p, priority[i] if priority else 0, beam_search)
-            except Exception:
-                for added in ids[:i]:
-                    self.engine.abort_request(added)
-                raise
+        self.engine.add_requests(ids, prompts, params, priority, beam_search)
         return ids
 
     def chat(self, conversations: Conversation | list[Conversation],

@@ -1,6 +1,6 @@
 """The engine core in one process: input and output processors, scheduler, model runner, one step at a time.
 
-    ids = input_processor.process()  # add_request: chat template, tokenize, validate
+    ids = input_processor.process()  # add_request(s): chat template, tokenize, validate
     plan = scheduler.schedule()      # which sequences compute how many tokens
     result = runner.execute(plan)    # forward + sample
     scheduler.update(result)         # append tokens, finish on EOS / stop ids / length
@@ -17,7 +17,7 @@ from typing import Callable
 from engine.beam_search import BeamSearchResult
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.input_processor import Conversation, InputProcessor
+from engine.input_processor import Conversation, InputProcessor, PromptInput
 from engine.model_files import resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import CompletionState, OutputProcessor
@@ -76,16 +76,34 @@ class LLMEngine:
                     priority: int = 0, beam_search: BeamSearchParams | None = None) -> None:
         """Queue a request (a beam search with beam_search, whose params are beam_search.sampling_params()).
         Raises ValueError, queuing nothing, if it is invalid."""
-        params = params or (beam_search.sampling_params() if beam_search is not None else SamplingParams())
-        if isinstance(prompt, str):
-            ids = self.input_processor.process(params, prompt=prompt)
-        elif prompt and isinstance(prompt[0], dict):
-            ids = self.input_processor.process(params, messages=prompt)
-        else:
-            ids = self.input_processor.process(params, prompt_token_ids=prompt)
-        self.scheduler.add_request(request_id, ids, params, self.input_processor.seed(params), priority, beam_search)
-        self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
-                                             RequestMetrics(arrival_time=time.monotonic()))
+        self.add_requests([request_id], [prompt], [params], [priority], beam_search)
+
+    def add_requests(self, request_ids: list[str], prompts: list[Prompt], params: list[SamplingParams | None],
+                     priorities: list[int] | None = None, beam_search: BeamSearchParams | None = None) -> None:
+        """Queue every request, or none: the first invalid one (in order) raises what add_request would have,
+        and those queued before it are taken back. The prompts go through the input processor together (one
+        tokenizer call for all the texts). Their arrival is now: their time to first token includes this."""
+        arrival = time.monotonic()
+        params = [p or (beam_search.sampling_params() if beam_search is not None else SamplingParams())
+                  for p in params]
+        inputs = [PromptInput(p, prompt=prompt) if isinstance(prompt, str) else
+                  PromptInput(p, messages=prompt) if prompt and isinstance(prompt[0], dict) else
+                  PromptInput(p, prompt_token_ids=prompt) for prompt, p in zip(prompts, params)]
+        processed = self.input_processor.process_batch(inputs)
+        added = []
+        try:
+            for i, (request_id, prompt, p, ids) in enumerate(zip(request_ids, prompts, params, processed)):
+                if isinstance(ids, ValueError):
+                    raise ids
+                self.scheduler.add_request(request_id, ids, p, self.input_processor.seed(p),
+                                           priorities[i] if priorities else 0, beam_search)
+                added.append(request_id)
+                self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None, ids,
+                                                     p, RequestMetrics(arrival_time=arrival))
+        except Exception:
+            for request_id in added:
+                self.abort_request(request_id)
+            raise
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)

@@ -87,9 +87,12 @@ def offline_load(engine, requests, rate: float, seed: int = 0) -> tuple[list[Req
         return bool(queue) and time.monotonic() >= start + offsets[queue[-1]]
 
     while queue or engine.has_unfinished_requests():
+        arrived = []
         while due():
-            i = queue.pop()
-            engine.add_request(f"offline-{i}", requests[i].prompt, params[i])
+            arrived.append(queue.pop())
+        if arrived:        # together, as a tokenizer service takes what it reads: one tokenizer call for all
+            engine.add_requests([f"offline-{i}" for i in arrived], [requests[i].prompt for i in arrived],
+                                [params[i] for i in arrived])
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, start + offsets[queue[-1]] - time.monotonic()))
             continue

@@ -1,8 +1,9 @@
 """The tokenizer service: N replicas in one consumer group turn requests into validated token ids.
 
 Each request goes through the engine's InputProcessor (chat template, tokenization, the checks against the
-vocabulary and max_model_len), as LLMEngine.add_request's do. An invalid request is answered with an error
-straight to its gateway and never reaches the scheduler. A valid one is forwarded to the scheduler, and what the
+vocabulary and max_model_len), as LLMEngine.add_request's do; the requests read together go through it together
+(one tokenizer call for all their texts). An invalid request is answered with an error straight to its gateway
+and never reaches the scheduler. A valid one is forwarded to the scheduler, and what the
 detokenizers will need (the gateway, the prompt's tail, the stop strings) is stored under the request's key, all
 in one transaction with the acknowledgement. A request outside the value ranges no well-behaved gateway sends
 (GenerateRequest.validate, against the model's vocabulary and max_model_len) is dead-lettered, and its gateway
@@ -15,7 +16,7 @@ import json
 import logging
 import time
 
-from engine.input_processor import InputProcessor
+from engine.input_processor import InputProcessor, PromptInput
 from engine.model_files import resolve_max_model_len, resolve_model
 from engine.structured_output import Grammars
 from engine.tokenizer import eos_token_ids, load_tokenizer
@@ -46,30 +47,38 @@ class TokenizerService:
 
         def iteration() -> None:
             trim()
-            for entry in reclaim() + self.transport.read([self.names.tokenize], GROUP, self.consumer, 32, 200):
-                self.handle(entry)
+            self.handle(reclaim() + self.transport.read([self.names.tokenize], GROUP, self.consumer, 32, 200))
 
         keep_running(stop, iteration, "tokenizer", self.transport)
 
-    def handle(self, entry) -> None:
-        took = time.time()
-        try:
-            request = decode(GenerateRequest, entry.payload)
-        except SchemaError as e:                   # nobody to answer: keep it for inspection
-            self.transport.dead_letter(self.names.tokenize, GROUP, entry.id, entry.payload, str(e))
+    def handle(self, entries) -> None:
+        """The entries read together: each is decoded and checked on its own (a malformed one is dead-lettered
+        alone), their prompts go through the input processor together (one tokenizer call for their texts), and
+        the replies, forwards and acknowledgements land in one transaction."""
+        if not entries:
             return
-        try:
-            request.validate(self.limits)
-        except SchemaError as e:                   # kept for inspection; the client hears why
-            self.transport.reply_error(request.gateway, request.request_id, str(e))
-            self.transport.dead_letter(self.names.tokenize, GROUP, entry.id, entry.payload, str(e))
+        took = time.time()
+        accepted: list[tuple[bytes, GenerateRequest]] = []
+        for entry in entries:
+            try:
+                request = decode(GenerateRequest, entry.payload)
+            except SchemaError as e:               # nobody to answer: keep it for inspection
+                self.transport.dead_letter(self.names.tokenize, GROUP, entry.id, entry.payload, str(e))
+                continue
+            try:
+                request.validate(self.limits)
+            except SchemaError as e:               # kept for inspection; the client hears why
+                self.transport.reply_error(request.gateway, request.request_id, str(e))
+                self.transport.dead_letter(self.names.tokenize, GROUP, entry.id, entry.payload, str(e))
+                continue
+            accepted.append((entry.id, request))
+        if not accepted:
             return
         pipe = self.transport.pipeline()
-        try:
-            token_ids = self.tokenize(request)
-        except ValueError as e:
-            self.transport.reply_error(request.gateway, request.request_id, str(e), pipe)
-        else:
+        for (entry_id, request), token_ids in zip(accepted, self.tokenize([r for _, r in accepted])):
+            if isinstance(token_ids, ValueError):
+                self.transport.reply_error(request.gateway, request.request_id, str(token_ids), pipe)
+                continue
             meta = RequestMeta(request.request_id, request.gateway, len(token_ids), token_ids[-PROMPT_TAIL:],
                                request.params)
             pipe.set(self.names.request_meta(request.request_id), encode(meta), ex=META_TTL_S)
@@ -77,21 +86,33 @@ class TokenizerService:
                                       request.arrival, request.priority, request.epoch, tokenizer_took=took,
                                       beam_search=request.beam_search)
             self.transport.publish(self.names.schedule, encode(forward), pipe)
-        self.transport.ack(self.names.tokenize, GROUP, [entry.id], pipe)
+        self.transport.ack(self.names.tokenize, GROUP, [entry_id for entry_id, _ in accepted], pipe)
         pipe.execute()
 
-    def tokenize(self, request: GenerateRequest) -> list[int]:
-        """The request's prompt as token ids, or ValueError with a message fit for the client."""
-        messages = None if request.messages is None else [_template_message(m) for m in request.messages]
-        tools = None
-        if request.tools is not None:
+    def tokenize(self, requests: list[GenerateRequest]) -> list[list[int] | ValueError]:
+        """Each request's prompt as token ids, or a ValueError with a message fit for its client."""
+        results: list = [None] * len(requests)
+        inputs: list[tuple[int, PromptInput]] = []
+        for i, request in enumerate(requests):
             try:
-                tools = json.loads(request.tools)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"tools is not valid JSON: {e}") from None
-        return self.input_processor.process(request.params, prompt=request.prompt,
-                                            prompt_token_ids=request.prompt_token_ids, messages=messages,
-                                            add_generation_prompt=request.add_generation_prompt, tools=tools)
+                inputs.append((i, _prompt_input(request)))
+            except ValueError as e:
+                results[i] = e
+        for (i, _), token_ids in zip(inputs, self.input_processor.process_batch([p for _, p in inputs])):
+            results[i] = token_ids
+        return results
+
+
+def _prompt_input(request: GenerateRequest) -> PromptInput:
+    messages = None if request.messages is None else [_template_message(m) for m in request.messages]
+    tools = None
+    if request.tools is not None:
+        try:
+            tools = json.loads(request.tools)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tools is not valid JSON: {e}") from None
+    return PromptInput(request.params, request.prompt, request.prompt_token_ids, messages,
+                       request.add_generation_prompt, tools)
 
 
 def _template_message(m: ChatMessage) -> dict:

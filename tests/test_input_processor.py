@@ -118,7 +118,10 @@ def test_the_engine_and_the_tokenizer_service_share_the_processor(tmp_path, redi
     assert type(engine.input_processor) is type(service.input_processor) is InputProcessor
 
     def via_service(**kwargs) -> list[int]:
-        return service.tokenize(GenerateRequest(request_id="r", gateway="g", params=PARAMS, arrival=0.0, **kwargs))
+        ids = service.tokenize([GenerateRequest(request_id="r", gateway="g", params=PARAMS, arrival=0.0, **kwargs)])[0]
+        if isinstance(ids, ValueError):
+            raise ids
+        return ids
 
     assert via_service(prompt="Hello world") == engine.input_processor.process(PARAMS, prompt="Hello world")
     assert via_service(messages=[ChatMessage("user", "Hi")]) == engine.input_processor.process(PARAMS, messages=HELLO)
