@@ -3,6 +3,9 @@
 The engine loop runs in its own thread (a forward pass blocks), taking commands from a queue and handing outputs
 to each request's asyncio queue on the caller's event loop. A consumer that stops iterating (a client went away)
 aborts its request, which frees its KV blocks before the next step.
+
+    async for out in engine.generate(prompt, params): ...         # RequestOutputs as tokens come
+    outputs = await engine.beam_search(prompts, beam_params)        # LLM.beam_search's answer, beside other requests
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from typing import AsyncIterator
 
 from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.llm_engine import LLMEngine, Prompt
-from engine.outputs import RequestOutput
+from engine.outputs import BeamSearchOutput, RequestOutput
+from schemas.beam_search_params import BeamSearchParams
 from schemas.sampling_params import SamplingParams
 
 _STOP = object()
@@ -33,8 +37,10 @@ class AsyncLLM:
         self._thread.start()
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, beam_search: BeamSearchParams | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Yields a RequestOutput whenever the request has new tokens; the last one has finished=True.
+        beam_search: a beam search (as LLMEngine.add_request's), whose one output comes when it ends.
         Raises ValueError at once for an invalid request."""
         if self._error is not None:
             raise RuntimeError("the engine loop has failed") from self._error
@@ -42,7 +48,7 @@ class AsyncLLM:
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         added: Future = Future()
-        self._commands.put((self.engine.add_request, (request_id, prompt, params, priority), added))
+        self._commands.put((self.engine.add_request, (request_id, prompt, params, priority, beam_search), added))
         try:
             await asyncio.wrap_future(added)
         except BaseException:
@@ -60,6 +66,28 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    async def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """LLM.beam_search, served beside the engine's other requests: per prompt, its beams best first. The
+        prompts are searched at once; if one is invalid, ValueError, and the others are aborted."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict))):
+            prompts = [prompts]
+
+        async def search(prompt: Prompt) -> BeamSearchOutput:
+            async for out in self.generate(prompt, beam_search=params):
+                if out.finished:
+                    return BeamSearchOutput.of(out)
+            raise RuntimeError("the beam search ended without a finished output")
+
+        searches = [asyncio.ensure_future(search(p)) for p in prompts]
+        try:
+            return list(await asyncio.gather(*searches))
+        except BaseException:
+            # gather leaves the other searches running: cancelled, each aborts its request as it leaves.
+            for s in searches:
+                s.cancel()
+            await asyncio.gather(*searches, return_exceptions=True)
+            raise
 
     def abort(self, request_id: str) -> None:
         self._commands.put((self.engine.abort_request, (request_id,), None))

@@ -8,7 +8,7 @@ from tqdm import tqdm
 from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.input_processor import Conversation
 from engine.llm_engine import LLMEngine, Prompt
-from engine.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from engine.outputs import BeamSearchOutput, RequestOutput
 from schemas.beam_search_params import BeamSearchParams
 from schemas.sampling_params import SamplingParams
 
@@ -47,12 +47,7 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict))):
             prompts = [prompts]
         ids = self._add(prompts, [params.sampling_params()] * len(prompts), None, params)
-        outputs = []
-        for out in self._run(ids, use_tqdm):
-            outputs.append(BeamSearchOutput([BeamSearchSequence(out.prompt_token_ids + c.token_ids, c.text,
-                                                                c.cumulative_logprob, c.finish_reason, c.stop_reason)
-                                             for c in out.outputs], out.kv_blocks_saved))
-        return outputs
+        return [BeamSearchOutput.of(out) for out in self._run(ids, use_tqdm)]
 
     def _add(self, prompts: list[Prompt], params: list[SamplingParams], priority: list[int] | None,
              beam_search: BeamSearchParams | None = None) -> list[str]:

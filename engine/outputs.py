@@ -66,3 +66,9 @@ class BeamSearchOutput:
     """LLM.beam_search's answer for one prompt: its beams, best first."""
     sequences: list[BeamSearchSequence]
     kv_blocks_saved: int = 0                         # the most KV blocks the beams shared at once
+
+    @classmethod
+    def of(cls, out: RequestOutput) -> BeamSearchOutput:
+        """A finished beam search request's output (its completions are the beams, best first) in this shape."""
+        return cls([BeamSearchSequence(out.prompt_token_ids + c.token_ids, c.text, c.cumulative_logprob,
+                                       c.finish_reason, c.stop_reason) for c in out.outputs], out.kv_blocks_saved)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10pagestream.proto\x12\rpagestream.v1\"\xe1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x33\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x17.pagestream.v1.TokenIdsH\x00\x12#\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x13.pagestream.v1.ChatH\x00\x12\x36\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1d.pagestream.v1.SamplingParams\x12\r\n\x05model\x18\x06 \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.pagestream.v1.Message\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x82\x04\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\rH\x04\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x05\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\xfd\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x17\n\rstop_token_id\x18\x06 \x01(\rH\x00\x12\x12\n\x08stop_str\x18\x07 \x01(\tH\x00\x12#\n\x05usage\x18\x08 \x01(\x0b\x32\x14.pagestream.v1.Usage\x12-\n\x08logprobs\x18\t \x03(\x0b\x32\x1b.pagestream.v1.TokenLogprobB\r\n\x0bstop_reason\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x32[\n\nGeneration\x12M\n\x08Generate\x12\x1e.pagestream.v1.GenerateRequest\x1a\x1f.pagestream.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10pagestream.proto\x12\rpagestream.v1\"\xa8\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x33\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x17.pagestream.v1.TokenIdsH\x00\x12#\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x13.pagestream.v1.ChatH\x00\x12\x36\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1d.pagestream.v1.SamplingParams\x12\r\n\x05model\x18\x06 \x01(\t\x12\x36\n\x0fresponse_format\x18\x07 \x01(\x0b\x32\x1d.pagestream.v1.ResponseFormat\x12\r\n\x05whole\x18\x08 \x01(\x08\x42\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xbe\x01\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.pagestream.v1.Message\x12\"\n\x05tools\x18\x02 \x03(\x0b\x32\x13.pagestream.v1.Tool\x12.\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x19.pagestream.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"k\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.pagestream.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"]\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\x12\x13\n\x06strict\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_strict\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"N\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12.\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x19.pagestream.v1.JsonSchema\"_\n\nJsonSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06schema\x18\x03 \x01(\t\x12\x13\n\x06strict\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_strict\"\xd0\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x16.pagestream.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x12\x18\n\x0estructural_tag\x18\x06 \x01(\tH\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x07 \x01(\x08\x42\x0c\n\nconstraint\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xc0\x04\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\rH\x04\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x05\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x06\x88\x01\x01\x12<\n\x12structured_outputs\x18\x12 \x01(\x0b\x32 .pagestream.v1.StructuredOutputsB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\xc5\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x17\n\rstop_token_id\x18\x06 \x01(\rH\x00\x12\x12\n\x08stop_str\x18\x07 \x01(\tH\x00\x12#\n\x05usage\x18\x08 \x01(\x0b\x32\x14.pagestream.v1.Usage\x12-\n\x08logprobs\x18\t \x03(\x0b\x32\x1b.pagestream.v1.TokenLogprob\x12\x19\n\x11reasoning_content\x18\n \x01(\t\x12+\n\ntool_calls\x18\x0b \x03(\x0b\x32\x17.pagestream.v1.ToolCallB\r\n\x0bstop_reason\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x32[\n\nGeneration\x12M\n\x08Generate\x12\x1e.pagestream.v1.GenerateRequest\x1a\x1f.pagestream.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagestream_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=36
-  _globals['_GENERATEREQUEST']._serialized_end=261
-  _globals['_TOKENIDS']._serialized_start=263
-  _globals['_TOKENIDS']._serialized_end=286
-  _globals['_CHAT']._serialized_start=288
-  _globals['_CHAT']._serialized_end=336
-  _globals['_MESSAGE']._serialized_start=338
-  _globals['_MESSAGE']._serialized_end=378
-  _globals['_SAMPLINGPARAMS']._serialized_start=381
-  _globals['_SAMPLINGPARAMS']._serialized_end=895
-  _globals['_GENERATERESPONSE']._serialized_start=898
-  _globals['_GENERATERESPONSE']._serialized_end=1151
-  _globals['_USAGE']._serialized_start=1153
-  _globals['_USAGE']._serialized_end=1233
-  _globals['_TOKENLOGPROB']._serialized_start=1235
-  _globals['_TOKENLOGPROB']._serialized_end=1311
-  _globals['_GENERATION']._serialized_start=1313
-  _globals['_GENERATION']._serialized_end=1404
+  _globals['_GENERATEREQUEST']._serialized_end=332
+  _globals['_TOKENIDS']._serialized_start=334
+  _globals['_TOKENIDS']._serialized_end=357
+  _globals['_CHAT']._serialized_start=360
+  _globals['_CHAT']._serialized_end=550
+  _globals['_MESSAGE']._serialized_start=552
+  _globals['_MESSAGE']._serialized_end=659
+  _globals['_TOOL']._serialized_start=661
+  _globals['_TOOL']._serialized_end=754
+  _globals['_TOOLCHOICE']._serialized_start=756
+  _globals['_TOOLCHOICE']._serialized_end=814
+  _globals['_TOOLCALL']._serialized_start=816
+  _globals['_TOOLCALL']._serialized_end=871
+  _globals['_RESPONSEFORMAT']._serialized_start=873
+  _globals['_RESPONSEFORMAT']._serialized_end=951
+  _globals['_JSONSCHEMA']._serialized_start=953
+  _globals['_JSONSCHEMA']._serialized_end=1048
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=1051
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1259
+  _globals['_CHOICES']._serialized_start=1261
+  _globals['_CHOICES']._serialized_end=1287
+  _globals['_SAMPLINGPARAMS']._serialized_start=1290
+  _globals['_SAMPLINGPARAMS']._serialized_end=1866
+  _globals['_GENERATERESPONSE']._serialized_start=1869
+  _globals['_GENERATERESPONSE']._serialized_end=2194
+  _globals['_USAGE']._serialized_start=2196
+  _globals['_USAGE']._serialized_end=2276
+  _globals['_TOKENLOGPROB']._serialized_start=2278
+  _globals['_TOKENLOGPROB']._serialized_end=2354
+  _globals['_GENERATION']._serialized_start=2356
+  _globals['_GENERATION']._serialized_end=2447
 # @@protoc_insertion_point(module_scope)

@@ -5,7 +5,10 @@
     await server.stop()
 
 Generate converts the proto request to a GenerateRequest, streams each ReplyItem back as a GenerateResponse as it
-arrives, and ends the call on an error with the gRPC status matching its HTTP code. The health service follows the
+arrives, and ends the call on an error with the gRPC status matching its HTTP code. A chat's tools, tool_choice,
+messages and output constraints go through the HTTP API's own parser (services/openai_protocol.py), and its
+output through the HTTP API's ResponseBuilder where it must be split (tool calls, reasoning) or answered whole:
+one reading of each field and one tool-call parser for both APIs. The health service follows the
 pipeline's liveness (the scheduler's and the worker's heartbeats), so a load balancer stops sending calls that would
 fail.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 from collections import defaultdict
@@ -30,9 +34,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from schemas import pagestream_pb2 as pb
 from schemas import pagestream_pb2_grpc as pb_grpc
 from schemas.codec import decode, encode
-from schemas.messages import ChatMessage, GenerateRequest, ReplyItem
+from schemas.messages import GenerateRequest, ReplyItem
 from schemas.sampling_params import SamplingParams
+from services.openai_protocol import (Limits, ParsedRequest, ProtocolError, ResponseBuilder, TokenText,
+                                      parse_messages, parse_structured_outputs, parse_tools)
 from services.pipeline_client import Overloaded, PipelineClient, Unavailable
+from services.reasoning import REASONING_PARSERS
 
 log = logging.getLogger("pagestream.grpc")
 
@@ -55,7 +62,7 @@ class Settings(Protocol):
     api_keys: list[str]
     max_n: int
     served_model_name: str
-    sampling_defaults: dict[str, float]
+    limits: Limits                          # the HTTP API's: sampling defaults, tool-call and reasoning parsers
 
 
 # ---- conversion ------------------------------------------------------------------------------------------------
@@ -76,27 +83,105 @@ def params_from_proto(p: pb.SamplingParams, defaults: dict[str, float] | None = 
         include_stop_str_in_output=p.include_stop_str_in_output, skip_special_tokens=optional("skip_special_tokens"))
 
 
-def request_from_proto(msg: pb.GenerateRequest, request_id: str,
-                       sampling_defaults: dict[str, float] | None = None) -> GenerateRequest:
-    """The pipeline's request for a proto one, named request_id (the server's id; msg.request_id, the client's,
-    is not used here). Raises ValueError for anything the pipeline would reject as malformed."""
+def parse_proto(msg: pb.GenerateRequest, limits: Limits) -> ParsedRequest:
+    """The request as the HTTP API's parser reads the same one; unset sampling fields take limits' sampling
+    defaults. Raises ValueError for anything the pipeline would reject as malformed."""
     if len(msg.request_id) > MAX_CLIENT_REQUEST_ID:         # never in the pipeline, but echoed in every response
         raise ValueError(f"request_id is longer than {MAX_CLIENT_REQUEST_ID} characters")
-    request = GenerateRequest(request_id=request_id, gateway="",
-                              params=params_from_proto(msg.sampling_params, sampling_defaults), arrival=time.time())
-    match msg.WhichOneof("input"):
-        case "prompt":
-            request.prompt = msg.prompt
-        case "prompt_token_ids":
-            request.prompt_token_ids = list(msg.prompt_token_ids.ids)
-        case "chat":
-            request.messages = [ChatMessage(role=m.role, content=m.content) for m in msg.chat.messages]
-        case None:
-            raise ValueError("one of prompt, prompt_token_ids or chat is required")
+    params = params_from_proto(msg.sampling_params, limits.sampling_defaults)
+    try:
+        params.structured_outputs = parse_structured_outputs(_output_constraint(msg))
+        match msg.WhichOneof("input"):
+            case "prompt":
+                parsed = ParsedRequest(chat=False, model=limits.served_model_name, params=params,
+                                       prompts=[msg.prompt])
+            case "prompt_token_ids":
+                parsed = ParsedRequest(chat=False, model=limits.served_model_name, params=params,
+                                       prompts=[list(msg.prompt_token_ids.ids)])
+            case "chat":
+                parsed = ParsedRequest(chat=True, model=limits.served_model_name, params=params,
+                                       messages=parse_messages([_message(m) for m in msg.chat.messages]),
+                                       reasoning_format=REASONING_PARSERS.get(limits.reasoning_parser),
+                                       **parse_tools(_tool_fields(msg.chat), params, limits))
+            case None:
+                raise ValueError("one of prompt, prompt_token_ids or chat is required")
+    except ProtocolError as e:
+        raise ValueError(str(e)) from None
+    parsed.stream = not msg.whole
+    return parsed
+
+
+def request_from_proto(msg: pb.GenerateRequest, request_id: str, limits: Limits | None = None) -> GenerateRequest:
+    """The pipeline's request for a proto one, named request_id (the server's id; msg.request_id, the client's,
+    is not used here). Raises ValueError for anything the pipeline would reject as malformed."""
+    return pipeline_request(parse_proto(msg, limits or Limits(served_model_name="")), request_id)
+
+
+def pipeline_request(parsed: ParsedRequest, request_id: str) -> GenerateRequest:
+    (request,) = parsed.generate_requests(request_id, time.time())
     # The tokenizer decodes with the schema's size limits, and a request it cannot decode is never answered:
     # check them here, where the client can still be told.
     decode(GenerateRequest, encode(request))
     return request
+
+
+def _json(text: str, name: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not valid JSON: {e}") from None
+
+
+def _message(m: pb.Message) -> dict:
+    """A chat message as the HTTP API's JSON has it."""
+    calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+             for c in m.tool_calls]
+    return {"role": m.role, "content": m.content, "tool_calls": calls or None, "tool_call_id": m.tool_call_id or None}
+
+
+def _tool_fields(chat: pb.Chat) -> dict:
+    """A chat's tools, tool_choice and parallel_tool_calls as the HTTP API's JSON body has them."""
+    tools = []
+    for i, tool in enumerate(chat.tools):
+        function = {"name": tool.name}
+        if tool.description:
+            function["description"] = tool.description
+        if tool.parameters:
+            function["parameters"] = _json(tool.parameters, f"tools[{i}].parameters")
+        if tool.HasField("strict"):
+            function["strict"] = tool.strict
+        tools.append({"type": "function", "function": function})
+    body: dict = {"tools": tools or None}
+    match chat.tool_choice.WhichOneof("choice"):
+        case "mode":
+            body["tool_choice"] = chat.tool_choice.mode
+        case "function":
+            body["tool_choice"] = {"type": "function", "function": {"name": chat.tool_choice.function}}
+    if chat.HasField("parallel_tool_calls"):
+        body["parallel_tool_calls"] = chat.parallel_tool_calls
+    return body
+
+
+def _output_constraint(msg: pb.GenerateRequest) -> dict:
+    """response_format and structured_outputs as the HTTP API's JSON body has them."""
+    body = {}
+    if msg.HasField("response_format"):
+        response_format: dict = {"type": msg.response_format.type}
+        if msg.response_format.HasField("json_schema"):
+            schema = msg.response_format.json_schema
+            response_format["json_schema"] = {"schema": _json(schema.schema, "response_format.json_schema.schema")}
+            response_format["json_schema"].update({k: getattr(schema, k) for k in ("name", "description")
+                                                   if getattr(schema, k)})
+            if schema.HasField("strict"):
+                response_format["json_schema"]["strict"] = schema.strict
+        body["response_format"] = response_format
+    if msg.sampling_params.HasField("structured_outputs"):
+        spec = msg.sampling_params.structured_outputs
+        kind = spec.WhichOneof("constraint")
+        body["structured_outputs"] = {"disable_any_whitespace": spec.disable_any_whitespace}
+        if kind is not None:
+            body["structured_outputs"][kind] = list(spec.choice.choices) if kind == "choice" else getattr(spec, kind)
+    return body
 
 
 def response_from_reply(item: ReplyItem, usage: pb.Usage | None = None, request_id: str | None = None
@@ -136,6 +221,70 @@ class _UsageCounter:
                         cached_tokens=self.cached_tokens)
 
 
+class _Responses:
+    """One request's ReplyItems as its GenerateResponses: each as it comes, or (whole) each completion's once all
+    finished. A chat's text is split into its answer, its thinking and its tool calls by the HTTP API's
+    ResponseBuilder, as it streams or whole; text that needs no splitting streams as it came."""
+
+    def __init__(self, parsed: ParsedRequest, request_id: str, echoed_id: str):
+        self.echoed_id, self.whole = echoed_id, not parsed.stream
+        self.usage = _UsageCounter()
+        splits = parsed.tool_format is not None or parsed.reasoning_format is not None
+        # Token text is for the HTTP API's logprobs, which gRPC sends as token ids: none is needed.
+        self.builder = ResponseBuilder(parsed, request_id, 0, TokenText()) if splits or self.whole else None
+        self.completions: dict[int, ReplyItem] = defaultdict(lambda: ReplyItem(request_id, logprobs=[]))
+        self.usages: dict[int, pb.Usage] = {}
+
+    def add(self, item: ReplyItem) -> pb.GenerateResponse | None:
+        usage = self.usage.add(item)
+        if self.whole:
+            self.builder.add(0, item)
+            kept = self.completions[item.index]
+            kept.token_ids += item.token_ids
+            kept.logprobs += item.logprobs or ()
+            if usage is not None:
+                self.usages[item.index] = usage
+            return None
+        response = response_from_reply(item, usage, self.echoed_id)
+        if self.builder is not None:
+            _split(response, [c["choices"][0] for c in self.builder.add_chunks(0, item)])
+        return response
+
+    def finish(self) -> list[pb.GenerateResponse]:
+        """Whole: each completion's response, in order of index."""
+        if not self.whole:
+            return []
+        responses = []
+        for choice in self.builder.response()["choices"]:
+            item = self.completions[choice["index"]]
+            item.index, item.stop_reason = choice["index"], choice["stop_reason"]
+            response = response_from_reply(item, self.usages.get(item.index), self.echoed_id)
+            message = choice.get("message") or {"content": choice["text"]}
+            response.text = message["content"] or ""
+            response.reasoning_content = message.get("reasoning_content") or ""
+            response.tool_calls.extend(pb.ToolCall(id=call["id"], name=call["function"]["name"],
+                                                   arguments=call["function"]["arguments"])
+                                       for call in message.get("tool_calls") or ())
+            response.finish_reason = choice["finish_reason"] or ""
+            responses.append(response)
+        return responses
+
+
+def _split(response: pb.GenerateResponse, chunks: list[dict]) -> None:
+    """Sets response's text, reasoning_content, tool_calls and finish_reason from the HTTP API's stream chunks
+    for the same item (their choices: a call's first delta has its id and name, the next its arguments)."""
+    deltas = [chunk["delta"] for chunk in chunks]
+    response.text = "".join(delta.get("content") or "" for delta in deltas)
+    response.reasoning_content = "".join(delta.get("reasoning_content") or "" for delta in deltas)
+    for delta in deltas:
+        for call in delta.get("tool_calls") or ():
+            if "id" in call:
+                response.tool_calls.append(pb.ToolCall(id=call["id"], name=call["function"]["name"]))
+            response.tool_calls[-1].arguments += call["function"]["arguments"]
+    if chunks and chunks[-1]["finish_reason"] is not None:      # "tool_calls" where it called any
+        response.finish_reason = chunks[-1]["finish_reason"]
+
+
 # ---- the service -----------------------------------------------------------------------------------------------
 class _Generation(pb_grpc.GenerationServicer):
     def __init__(self, client: PipelineClient, settings: Settings):
@@ -154,7 +303,8 @@ class _Generation(pb_grpc.GenerationServicer):
                                 f"model {msg.model!r} is not served here (this server serves "
                                 f"{settings.served_model_name!r})")
         try:
-            request = request_from_proto(msg, self._client.new_request_id("grpc"), settings.sampling_defaults)
+            parsed = parse_proto(msg, settings.limits)
+            request = pipeline_request(parsed, self._client.new_request_id("grpc"))
             echoed_id = msg.request_id or request.request_id        # the client's id, or ours when it sent none
             if request.params.n > settings.max_n:
                 raise ValueError(f"n must be at most {settings.max_n}, got {request.params.n}")
@@ -162,14 +312,19 @@ class _Generation(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
         failure: tuple[grpc.StatusCode, str] | None = None
-        usage = _UsageCounter()
+        responses = _Responses(parsed, request.request_id, echoed_id)
         try:
             async with aclosing(self._client.generate(request)) as items:
                 async for item in items:
                     if item.error is not None:
                         failure = status_for(item.error.code), item.error.message
                         break
-                    await context.write(response_from_reply(item, usage.add(item), echoed_id))
+                    response = responses.add(item)
+                    if response is not None:
+                        await context.write(response)
+            if failure is None:
+                for response in responses.finish():
+                    await context.write(response)
         except Overloaded as e:
             failure = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
         except Unavailable as e:

@@ -145,14 +145,13 @@ def _stop(body: dict) -> list[str]:
 
 
 # Features that, ignored, would silently change the answer: refuse them instead.
-_UNSUPPORTED = ("functions", "suffix", "guided_whitespace_pattern")
+_UNSUPPORTED = ("suffix", "guided_whitespace_pattern")
 
 
 def _reject_unsupported(body: dict) -> None:
     for name in _UNSUPPORTED:
         if body.get(name):
-            raise ProtocolError(f"{name} is not supported by this server"
-                                + (" (use tools and tool_choice)" if name == "functions" else ""), param=name)
+            raise ProtocolError(f"{name} is not supported by this server", param=name)
 
 
 def _logit_bias(body: dict) -> dict[int, float] | None:
@@ -196,7 +195,7 @@ _GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice
 _JSON_SCHEMA_FIELDS = {"name", "description", "schema", "strict"}
 
 
-def _structured_outputs(body: dict) -> StructuredOutputsParams | None:
+def parse_structured_outputs(body: dict) -> StructuredOutputsParams | None:
     """The request's output constraint, from whichever way the client sent it: OpenAI's response_format
     (json_object, json_schema), vLLM's structured_outputs object, or vLLM's older guided_* fields. At most one
     constraint per request. Whether it compiles is the tokenizer's to say (400 with xgrammar's message)."""
@@ -293,6 +292,7 @@ class ParsedRequest:
     tools: list[dict] | None = None        # chat: the functions offered, for the chat template
     tool_format: ToolCallFormat | None = None   # chat: the format tool calls are parsed out of the output in
     reasoning_format: ReasoningFormat | None = None   # chat: the format the thinking is split from the answer in
+    legacy_functions: bool = False         # chat sent OpenAI's deprecated functions: one call, as function_call
 
     @property
     def num_prompts(self) -> int:
@@ -362,7 +362,7 @@ def _common(body: dict, limits: Limits, *, max_tokens: int | None, logprobs: int
             include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
             skip_special_tokens=_field(body, "skip_special_tokens", bool, True),
             logit_bias=_logit_bias(body), allowed_token_ids=allowed, bad_words=_strings(body, "bad_words"),
-            structured_outputs=_structured_outputs(body))
+            structured_outputs=parse_structured_outputs(body))
     except ValueError as e:
         raise ProtocolError(str(e)) from None
     return dict(model=model, params=params, stream=stream, include_usage=include_usage,
@@ -459,7 +459,8 @@ def _content(value: Any, param: str) -> str:
     return "".join(texts)
 
 
-def _messages(value: Any) -> list[ChatMessage]:
+def parse_messages(value: Any) -> list[ChatMessage]:
+    """A chat's messages, as OpenAI's API sends them (the deprecated function-calling turns too)."""
     if not isinstance(value, list) or not value:
         raise ProtocolError("messages must be a non-empty list", param="messages")
     messages = []
@@ -467,12 +468,46 @@ def _messages(value: Any) -> list[ChatMessage]:
         if not isinstance(m, dict):
             raise ProtocolError(f"messages[{i}] must be an object", param=f"messages[{i}]")
         role = m.get("role")
+        if role == "function" or m.get("function_call") is not None:
+            messages.append(_legacy_message(m, i, messages))
+            continue
         if role not in CHAT_ROLES:
-            raise ProtocolError(f"messages[{i}].role must be one of {', '.join(sorted(CHAT_ROLES))}, "
+            raise ProtocolError(f"messages[{i}].role must be one of {', '.join(sorted(CHAT_ROLES | {'function'}))}, "
                                 f"got {role!r}", param=f"messages[{i}].role")
         messages.append(ChatMessage(role=role, content=_content(m.get("content"), f"messages[{i}].content"),
                                     tool_calls=_message_tool_calls(m, i), tool_call_id=_tool_call_id(m, i)))
     return messages
+
+
+def _legacy_message(m: dict, i: int, earlier: list[ChatMessage]) -> ChatMessage:
+    """The deprecated function-calling turns, as the tool-calling ones the chat template knows: an assistant's
+    function_call ({name, arguments}) becomes its one tool call, and a "function" message (the function's
+    result, with its name) the tool message answering the last call made before it."""
+    content = _content(m.get("content"), f"messages[{i}].content")
+    if m.get("role") == "function":
+        param = f"messages[{i}].name"
+        if not isinstance(m.get("name"), str) or not m["name"]:
+            raise ProtocolError(f"{param} is required in a function message (the function whose result it is)",
+                                param=param)
+        called = next((call for message in reversed(earlier) for call in reversed(message.tool_calls or ())), None)
+        if called is None:
+            raise ProtocolError(f"messages[{i}]: a function message answers an earlier assistant message's "
+                                "function_call, and there is none", param=f"messages[{i}]")
+        return ChatMessage(role="tool", content=content, tool_call_id=called.id)
+    param = f"messages[{i}].function_call"
+    if m.get("role") != "assistant" or m.get("tool_calls") is not None:
+        raise ProtocolError(f"{param}: only assistant messages without tool_calls have a function_call",
+                            param=param)
+    call = m["function_call"]
+    if (not isinstance(call, dict) or not isinstance(call.get("name"), str)
+            or not isinstance(call.get("arguments", ""), str)):
+        raise ProtocolError(f"{param} must be {{\"name\": ..., \"arguments\": JSON text}}", param=param)
+    for text in (call["name"], call.get("arguments", "")):
+        _check_text(text, param)
+    # The call's id: none came with it, and a tool message must name the one it answers.
+    return ChatMessage(role="assistant", content=content,
+                       tool_calls=[ChatToolCall(id=f"call_{i}", name=call["name"],
+                                                arguments=call.get("arguments", ""))])
 
 
 def _message_tool_calls(m: dict, i: int) -> list[ChatToolCall] | None:
@@ -520,28 +555,61 @@ def _tools(body: dict) -> list[dict] | None:
         return None
     if not isinstance(tools, list):
         raise ProtocolError("tools must be a list of function tools", param="tools")
-    names = set()
     for i, tool in enumerate(tools):
-        param = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
-            raise ProtocolError(f"{param} must be {{\"type\": \"function\", \"function\": {{...}}}}", param="tools")
-        function = tool["function"]
+            raise ProtocolError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}",
+                                param="tools")
+    _check_functions([tool["function"] for tool in tools], "tools", lambda i: f"tools[{i}].function")
+    return tools
+
+
+def _check_functions(functions: list[dict], param: str, where) -> None:
+    """Function definitions ({name, description, parameters, strict}); where(i): how a message names the i-th."""
+    names = set()
+    for i, function in enumerate(functions):
         unknown = set(function) - _FUNCTION_FIELDS
         if unknown:
-            raise ProtocolError(f"{param}.function: unknown field(s) {', '.join(sorted(unknown))}", param="tools")
+            raise ProtocolError(f"{where(i)}: unknown field(s) {', '.join(sorted(unknown))}", param=param)
         name = function.get("name")
         if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
-            raise ProtocolError(f"{param}.function.name must be 1 to 64 letters, digits, '_', '-' or '.', got "
-                                f"{name!r}", param="tools")
+            raise ProtocolError(f"{where(i)}.name must be 1 to 64 letters, digits, '_', '-' or '.', got "
+                                f"{name!r}", param=param)
         if name in names:
-            raise ProtocolError(f"{param}: two tools named {name!r}", param="tools")
+            raise ProtocolError(f"{where(i)}: two {param} named {name!r}", param=param)
         names.add(name)
         if not isinstance(function.get("description", ""), str):
-            raise ProtocolError(f"{param}.function.description must be a string", param="tools")
+            raise ProtocolError(f"{where(i)}.description must be a string", param=param)
         if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
-            raise ProtocolError(f"{param}.function.parameters must be a JSON schema object", param="tools")
-    _check_text(json.dumps(tools), "tools")
-    return tools
+            raise ProtocolError(f"{where(i)}.parameters must be a JSON schema object", param=param)
+    _check_text(json.dumps(functions), param)
+
+
+def _legacy_functions(body: dict) -> dict:
+    """OpenAI's deprecated functions and function_call, as the tools and tool_choice they stand for."""
+    for newer, older in (("tools", "functions"), ("tool_choice", "function_call"),
+                         ("parallel_tool_calls", "functions")):
+        if body.get(newer) is not None:
+            raise ProtocolError(f"{newer} cannot be combined with {older} (the deprecated form of tools; "
+                                "send tools and tool_choice only)", param=older)
+    functions = body.get("functions")
+    if functions is None:
+        raise ProtocolError("function_call needs functions", param="function_call")
+    if not isinstance(functions, list) or not all(isinstance(f, dict) for f in functions):
+        raise ProtocolError("functions must be a list of function objects ({\"name\": ..., \"description\": "
+                            "..., \"parameters\": {...}})", param="functions")
+    _check_functions(functions, "functions", lambda i: f"functions[{i}]")
+    call = body.get("function_call")
+    if call is None or call in ("none", "auto"):
+        choice = call
+    elif isinstance(call, dict) and set(call) == {"name"} and isinstance(call["name"], str):
+        if call["name"] not in {f["name"] for f in functions}:
+            raise ProtocolError(f"function_call names the function {call['name']!r}, which is not among the "
+                                "functions", param="function_call")
+        choice = {"type": "function", "function": {"name": call["name"]}}
+    else:
+        raise ProtocolError("function_call must be none, auto or {\"name\": ...}", param="function_call")
+    return {"tools": [{"type": "function", "function": f} for f in functions], "tool_choice": choice,
+            "parallel_tool_calls": False}
 
 
 def _tool_choice(body: dict, tools: list[dict] | None) -> str | None:
@@ -579,13 +647,25 @@ def parse_chat(body: dict, limits: Limits) -> ParsedRequest:
         raise ProtocolError("top_logprobs requires logprobs to be true", param="top_logprobs")
     common = _common(body, limits, max_tokens=max_tokens,
                      logprobs=(top_logprobs or 0) if wants_logprobs else None)
-    tools = _tools(body)
-    tool_choice = _tool_choice(body, tools)
-    parallel = _field(body, "parallel_tool_calls", bool, True)
+    return ParsedRequest(chat=True, messages=parse_messages(body.get("messages")),
+                         add_generation_prompt=_field(body, "add_generation_prompt", bool, True),
+                         reasoning_format=REASONING_PARSERS.get(limits.reasoning_parser),
+                         **parse_tools(body, common["params"], limits), **common)
+
+
+def parse_tools(body: dict, params: SamplingParams, limits: Limits) -> dict:
+    """A chat's tools, tool_choice and parallel_tool_calls (or the deprecated functions and function_call), as
+    ParsedRequest's keyword arguments: the tools for the chat template, the format calls are parsed out of the
+    output in (None: they are not), and whether to answer in the legacy shape. tool_choice required or a named
+    function holds params to calls, by a grammar. The one reading of them, for the HTTP and the gRPC APIs."""
+    legacy_functions = body.get("functions") is not None or body.get("function_call") is not None
+    fields = _legacy_functions(body) if legacy_functions else body      # the legacy form makes one call at most
+    tools = _tools(fields)
+    tool_choice = _tool_choice(fields, tools)
+    parallel = _field(fields, "parallel_tool_calls", bool, True)
     tool_format = None
     if tool_choice != "none":
         tool_format = TOOL_CALL_PARSERS[limits.tool_call_parser]
-        params = common["params"]
         if tool_choice != "auto":          # "required" or a named function: the grammar allows only calls
             if params.structured_outputs is not None:
                 raise ProtocolError("tool_choice required or a named function cannot be combined with another "
@@ -597,10 +677,7 @@ def parse_chat(body: dict, limits: Limits) -> ParsedRequest:
                 raise ProtocolError(str(e), param="tools") from None
         if tool_format.start_is_special:
             params.skip_special_tokens = False       # [TOOL_CALLS]: the parser must see it
-    return ParsedRequest(chat=True, messages=_messages(body.get("messages")),
-                         add_generation_prompt=_field(body, "add_generation_prompt", bool, True), tools=tools,
-                         tool_format=tool_format, reasoning_format=REASONING_PARSERS.get(limits.reasoning_parser),
-                         **common)
+    return dict(tools=tools, tool_format=tool_format, legacy_functions=legacy_functions)
 
 
 # ---- /tokenize and /detokenize (vLLM's) -------------------------------------------------------------------------
@@ -627,7 +704,7 @@ def parse_tokenize(body: dict, limits: Limits) -> TokenizeRequest:
     if body.get("messages") is not None:
         if body.get("prompt") is not None:
             raise ProtocolError("give either prompt or messages, not both", param="prompt")
-        messages = [{"role": m.role, "content": m.content} for m in _messages(body["messages"])]
+        messages = [{"role": m.role, "content": m.content} for m in parse_messages(body["messages"])]
         return TokenizeRequest(messages=messages, add_special_tokens=_field(body, "add_special_tokens", bool, False),
                                add_generation_prompt=_field(body, "add_generation_prompt", bool, True),
                                return_token_strs=return_token_strs)
@@ -880,6 +957,11 @@ class ResponseBuilder:
                     deltas.append({"content": event.text})
                 continue
             call, choice.calls_sent = choice.calls_sent, choice.calls_sent + 1
+            if self.request.legacy_functions:
+                if call == 0:                   # the legacy shape holds one call: any further ones are dropped
+                    deltas.append({"function_call": {"name": event.name, "arguments": ""}})
+                    deltas.append({"function_call": {"arguments": event.arguments}})
+                continue
             deltas.append({"tool_calls": [{"index": call, "id": tool_call_id(self.response_id, index, call),
                                            "type": "function", "function": {"name": event.name, "arguments": ""}}]})
             deltas.append({"tool_calls": [{"index": call, "function": {"arguments": event.arguments}}]})
@@ -888,9 +970,7 @@ class ResponseBuilder:
         chunks = []
         for i, delta in enumerate(deltas):
             last = i == len(deltas) - 1
-            finish = item.finish_reason if last else None
-            if finish == "stop" and choice.calls_sent:         # "length" stays: the last call may be cut
-                finish = "tool_calls"
+            finish = self._finish_reason(item.finish_reason, choice.calls_sent > 0) if last else None
             chunks.append({**self._head, "choices": [{
                 "index": index, "delta": delta,
                 "logprobs": {"content": logprobs} if i == 0 and logprobs is not None else None,
@@ -944,8 +1024,18 @@ class ResponseBuilder:
             message["reasoning_content"] = reasoning or None
         if calls:
             message["content"] = content if content.strip() else None
-            message["tool_calls"] = calls
+            if self.request.legacy_functions:       # one call, without an id (any further ones are dropped)
+                message["function_call"] = calls[0]["function"]
+            else:
+                message["tool_calls"] = calls
         return message
+
+    def _finish_reason(self, reason: str | None, called: bool) -> str | None:
+        """A choice that stopped after calling a function finished to call it ("length" stays: the last call
+        may be cut)."""
+        if reason != "stop" or not called:
+            return reason
+        return "function_call" if self.request.legacy_functions else "tool_calls"
 
     def usage(self) -> dict:
         return usage(sum(self.prompt_tokens), self.completion_tokens, sum(self.cached_tokens))
@@ -976,8 +1066,9 @@ class ResponseBuilder:
                 entry = {"index": index, "text": text, "logprobs": c.logprobs}
                 if k is not None:
                     entry["prompt_logprobs"] = prompt_logprobs(self.prompt_logprobs[prompt_index], self.token_text, k)
-            entry["finish_reason"] = "tool_calls" if c.finish_reason == "stop" and "tool_calls" in entry.get(
-                "message", {}) else c.finish_reason
+            message = entry.get("message", {})
+            entry["finish_reason"] = self._finish_reason(c.finish_reason,
+                                                         "tool_calls" in message or "function_call" in message)
             entry["stop_reason"] = c.stop_reason
             choices.append(entry)
         body = {**self._head, "choices": choices, "usage": self.usage()}
@@ -1100,21 +1191,30 @@ def openapi_schema(limits: Limits, api_keys: bool, metrics_keys: bool) -> dict:
             "function": {"type": "object", "required": ["name"], "properties": {
                 "name": {"type": "string"}, "arguments": {"type": "string"}}}}}}
     # One shape per role, as _messages accepts them: only an assistant message has tool calls, and a tool
-    # message must say which call it answers.
+    # message must say which call it answers. The deprecated function calling's turns: an assistant's
+    # function_call, and a "function" message with its result (after an assistant message that called one).
     speakers = sorted(CHAT_ROLES - {"assistant", "tool"})
+    function_call = {"type": "object", "required": ["name"], "description": "deprecated: tool_calls",
+                     "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}
     message = _one_of(
         {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {
             "role": {"type": "string", "enum": speakers}, "content": content}},
         {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {
             "role": {"type": "string", "enum": ["assistant"]}, "content": content, "tool_calls": tool_calls}},
+        {"type": "object", "required": ["role", "function_call"], "additionalProperties": False, "properties": {
+            "role": {"type": "string", "enum": ["assistant"]}, "content": content, "function_call": function_call}},
         {"type": "object", "required": ["role", "tool_call_id"], "additionalProperties": False, "properties": {
             "role": {"type": "string", "enum": ["tool"]}, "content": content,
-            "tool_call_id": {"type": "string", "description": "the call this answers"}}})
+            "tool_call_id": {"type": "string", "description": "the call this answers"}}},
+        {"type": "object", "required": ["role", "name"], "additionalProperties": False, "description":
+            "deprecated: a tool message", "properties": {
+                "role": {"type": "string", "enum": ["function"]}, "content": content,
+                "name": {"type": "string", "minLength": 1, "description": "the function whose result this is"}}})
+    function = {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}, "description": {"type": "string"},
+        "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}
     tool = {"type": "object", "required": ["type", "function"], "properties": {
-        "type": {"type": "string", "enum": ["function"]},
-        "function": {"type": "object", "required": ["name"], "properties": {
-            "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}, "description": {"type": "string"},
-            "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}}}
+        "type": {"type": "string", "enum": ["function"]}, "function": function}}
     completion = {"type": "object", "required": ["prompt"], "properties": {
         **sampling,
         "prompt": _one_of({"type": "string", "minLength": 1},
@@ -1139,6 +1239,11 @@ def openapi_schema(limits: Limits, api_keys: bool, metrics_keys: bool) -> dict:
                                    "function": {"type": "object", "required": ["name"],
                                                 "properties": {"name": {"type": "string"}}}}}),
         "parallel_tool_calls": {"type": "boolean"},
+        "functions": {"type": "array", "items": function, "description": "deprecated: tools (not with them); "
+                      "a call comes back as message.function_call"},
+        "function_call": _one_of({"type": "string", "enum": ["none", "auto"]},
+                                 {"type": "object", "required": ["name"], "additionalProperties": False,
+                                  "properties": {"name": {"type": "string"}}}),
     }}
     tokenize = {"type": "object", "properties": {
         "model": sampling["model"],

@@ -3,9 +3,11 @@ detokenizer, Redis): prompts and chats stream to a finish, health is SERVING, a 
 INVALID_ARGUMENT, and a cancelled stream aborts its request while the server keeps serving."""
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
+import jsonschema
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -121,3 +123,75 @@ def test_cancelled_stream_aborts_and_the_server_keeps_serving(stub, serve_stack)
     _, token_ids, last = complete(stub, pb.GenerateRequest(
         prompt="Hello", sampling_params=pb.SamplingParams(max_tokens=4, **GREEDY)))
     assert len(token_ids) == 4 and last.finish_reason == "length"
+
+
+# ---- chat tools and output constraints, read and answered as the HTTP API does ---------------------------------
+ADD = {"name": "add", "description": "Add two integers",
+       "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": -99, "maximum": 99},
+                                                       "b": {"type": "integer", "minimum": -99, "maximum": 99}},
+                      "required": ["a", "b"], "additionalProperties": False}}
+ASK_SUM = pb.Message(role="user", content="What is 17 plus 25?")
+
+
+def by_completion(responses) -> dict[int, dict]:
+    """Each completion's text, calls (name, arguments) and finish reason, from its responses."""
+    completions: dict[int, dict] = {}
+    for r in responses:
+        c = completions.setdefault(r.index, {"text": "", "calls": [], "finish": ""})
+        c["text"] += r.text
+        c["calls"] += [(call.name, call.arguments) for call in r.tool_calls]
+        assert all(call.id.startswith("call_") for call in r.tool_calls)
+        c["finish"] = r.finish_reason or c["finish"]
+    return completions
+
+
+def test_a_named_tool_is_called_streamed_and_whole(stub):
+    """tool_choice naming a function: each completion calls it once, with arguments valid for its schema; a seeded
+    request samples the same calls whether it streams or comes whole."""
+    msg = pb.GenerateRequest(
+        chat=pb.Chat(messages=[ASK_SUM], tools=[pb.Tool(name="add", description=ADD["description"],
+                                                        parameters=json.dumps(ADD["parameters"]))],
+                     tool_choice=pb.ToolChoice(function="add")),
+        sampling_params=pb.SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=60))
+    streamed = by_completion(stub.Generate(msg, timeout=TIMEOUT_S))
+    msg.whole = True
+    whole_responses = list(stub.Generate(msg, timeout=TIMEOUT_S))
+    assert [r.index for r in whole_responses] == [0, 1]
+    whole = by_completion(whole_responses)
+    assert streamed == whole
+    for completion in whole.values():
+        assert completion["finish"] == "tool_calls" and not completion["text"].strip()
+        [(name, arguments)] = completion["calls"]
+        assert name == "add"
+        jsonschema.validate(json.loads(arguments), ADD["parameters"])
+
+
+def test_output_constraints_hold(stub):
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+              "required": ["answer"], "additionalProperties": False}
+    chat = pb.Chat(messages=[pb.Message(role="user", content="Is the sky blue? Answer in JSON.")])
+    by_schema = pb.GenerateRequest(chat=chat, whole=True, response_format=pb.ResponseFormat(
+        type="json_schema", json_schema=pb.JsonSchema(name="answer", schema=json.dumps(schema))),
+        sampling_params=pb.SamplingParams(temperature=1.0, seed=1, max_tokens=60))
+    (response,) = stub.Generate(by_schema, timeout=TIMEOUT_S)
+    assert response.finish_reason == "stop", response.text
+    jsonschema.validate(json.loads(response.text), schema)
+
+    by_choice = pb.GenerateRequest(chat=chat, sampling_params=pb.SamplingParams(
+        temperature=1.0, seed=2, max_tokens=10, structured_outputs=pb.StructuredOutputs(
+            choice=pb.Choices(choices=["sure", "nope"]))))
+    text, _, last = complete(stub, by_choice)
+    assert text in ("sure", "nope") and last.finish_reason == "stop"
+
+
+def test_bad_tools_are_invalid_arguments(stub):
+    bad = pb.GenerateRequest(chat=pb.Chat(messages=[ASK_SUM], tools=[pb.Tool(name="add", parameters="{")]))
+    with pytest.raises(grpc.RpcError) as failure:
+        list(stub.Generate(bad, timeout=TIMEOUT_S))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tools[0].parameters" in failure.value.details()
+    # A grammar xgrammar cannot compile is the tokenizer's to refuse: the same status, through the pipeline.
+    uncompilable = pb.GenerateRequest(prompt="Hi", sampling_params=pb.SamplingParams(
+        max_tokens=4, structured_outputs=pb.StructuredOutputs(grammar="root ::= nothing_defined")))
+    with pytest.raises(grpc.RpcError) as failure:
+        list(stub.Generate(uncompilable, timeout=TIMEOUT_S))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT

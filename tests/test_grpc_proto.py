@@ -7,6 +7,8 @@ Regenerate the committed code after editing the .proto:  python tests/test_grpc_
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from schemas.messages import ChatMessage, ErrorInfo, ReplyItem, TokenLogprobsWir
 from schemas.sampling_params import SamplingParams
 from services import grpc_server
 from services.grpc_server import params_from_proto, request_from_proto, response_from_reply
+from services.openai_protocol import Limits, ResponseBuilder, TokenText, parse_chat, parse_completion
 from services.pipeline_client import Overloaded, Unavailable
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
@@ -126,6 +129,110 @@ def test_replies_convert():
     assert by_string.stop_str == "END"
 
 
+# ---- chat tools, structured outputs: read as the HTTP API reads the same request ------------------------------
+WEATHER = {"name": "get_weather", "description": "the weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+TIME = {"name": "get_time", "parameters": {"type": "object", "properties": {}}}
+CALL_TEXT = 'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' \
+            '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+
+
+def proto_tool(function: dict) -> pb.Tool:
+    return pb.Tool(name=function["name"], description=function.get("description", ""),
+                   parameters=json.dumps(function["parameters"]))
+
+
+def proto_chat(**chat) -> pb.GenerateRequest:
+    messages = [pb.Message(role="user", content="Weather in Paris?"),
+                pb.Message(role="assistant", tool_calls=[pb.ToolCall(id="call_1", name="get_weather",
+                                                                     arguments='{"city": "Paris"}')]),
+                pb.Message(role="tool", tool_call_id="call_1", content="18C")]
+    return pb.GenerateRequest(chat=pb.Chat(messages=messages, tools=[proto_tool(WEATHER), proto_tool(TIME)], **chat),
+                              sampling_params=pb.SamplingParams(max_tokens=40))
+
+
+HTTP_MESSAGES = [{"role": "user", "content": "Weather in Paris?"},
+                 {"role": "assistant", "content": None, "tool_calls": [
+                     {"id": "call_1", "type": "function",
+                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                 {"role": "tool", "tool_call_id": "call_1", "content": "18C"}]
+HTTP_TOOLS = [{"type": "function", "function": WEATHER}, {"type": "function", "function": TIME}]
+
+
+@pytest.mark.parametrize("chat, http", [
+    ({}, {}),
+    ({"tool_choice": pb.ToolChoice(mode="none")}, {"tool_choice": "none"}),
+    ({"tool_choice": pb.ToolChoice(mode="required")}, {"tool_choice": "required"}),
+    ({"tool_choice": pb.ToolChoice(mode="required"), "parallel_tool_calls": False},
+     {"tool_choice": "required", "parallel_tool_calls": False}),
+    ({"tool_choice": pb.ToolChoice(function="get_time")},
+     {"tool_choice": {"type": "function", "function": {"name": "get_time"}}}),
+])
+def test_chat_tools_read_as_the_http_api_reads_them(chat, http):
+    limits = Limits("tiny", reasoning_parser="qwen3")
+    got = grpc_server.parse_proto(proto_chat(**chat), limits)
+    want = parse_chat({"messages": HTTP_MESSAGES, "tools": HTTP_TOOLS, "max_tokens": 40, **http}, limits)
+    assert (got.messages, got.tools, got.tool_format, got.reasoning_format, got.params.structured_outputs) == \
+        (want.messages, want.tools, want.tool_format, want.reasoning_format, want.params.structured_outputs)
+    (request,) = want.generate_requests("x", 0.0)
+    assert request_from_proto(proto_chat(**chat), "x", limits).tools == request.tools       # to the template
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize("proto, http", [
+    (pb.GenerateRequest(response_format=pb.ResponseFormat(type="json_object")),
+     {"response_format": {"type": "json_object"}}),
+    (pb.GenerateRequest(response_format=pb.ResponseFormat(type="json_schema", json_schema=pb.JsonSchema(
+        name="a", schema=json.dumps(SCHEMA), strict=True))),
+     {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA, "strict": True}}}),
+    (pb.GenerateRequest(response_format=pb.ResponseFormat(type="text")), {"response_format": {"type": "text"}}),
+    (pb.GenerateRequest(sampling_params=pb.SamplingParams(structured_outputs=pb.StructuredOutputs(
+        json=json.dumps(SCHEMA), disable_any_whitespace=True))),
+     {"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}}),
+    (pb.GenerateRequest(sampling_params=pb.SamplingParams(structured_outputs=pb.StructuredOutputs(regex="[a-z]+"))),
+     {"structured_outputs": {"regex": "[a-z]+"}}),
+    (pb.GenerateRequest(sampling_params=pb.SamplingParams(structured_outputs=pb.StructuredOutputs(
+        choice=pb.Choices(choices=["yes", "no"])))), {"structured_outputs": {"choice": ["yes", "no"]}}),
+    (pb.GenerateRequest(sampling_params=pb.SamplingParams(structured_outputs=pb.StructuredOutputs(
+        grammar='root ::= "a"'))), {"structured_outputs": {"grammar": 'root ::= "a"'}}),
+    (pb.GenerateRequest(sampling_params=pb.SamplingParams(structured_outputs=pb.StructuredOutputs(json_object=True))),
+     {"structured_outputs": {"json_object": True}}),
+])
+def test_output_constraints_read_as_the_http_api_reads_them(proto, http):
+    proto.prompt = "Hi"
+    got = request_from_proto(proto, "x").params.structured_outputs
+    assert got == parse_completion({"prompt": "Hi", **http}, Limits("tiny")).params.structured_outputs
+    assert (got is None) == (http.get("response_format") == {"type": "text"})
+
+
+@pytest.mark.parametrize("msg, message", [
+    (proto_chat(tool_choice=pb.ToolChoice(function="nope")), "not among the tools"),
+    (proto_chat(tool_choice=pb.ToolChoice(mode="always")), "tool_choice"),
+    (pb.GenerateRequest(chat=pb.Chat(messages=[pb.Message(role="user", content="Hi")],
+                                     tools=[pb.Tool(name="f", parameters="{not json")])), "tools[0].parameters"),
+    (pb.GenerateRequest(chat=pb.Chat(messages=[pb.Message(role="user", content="Hi")],
+                                     tools=[pb.Tool(name="bad name")])), "tools[0].function.name"),
+    (pb.GenerateRequest(chat=pb.Chat(messages=[pb.Message(role="tool", content="18C")])), "tool_call_id"),
+    (pb.GenerateRequest(chat=pb.Chat(messages=[pb.Message(role="user", content="Hi", tool_calls=[
+        pb.ToolCall(name="f")])])), "only assistant messages"),
+    (pb.GenerateRequest(chat=pb.Chat(messages=[pb.Message(role="user", content="Hi")]),
+                        response_format=pb.ResponseFormat(type="json_object"),
+                        sampling_params=pb.SamplingParams(structured_outputs=pb.StructuredOutputs(regex="a"))),
+     "only one structured output constraint"),
+    (pb.GenerateRequest(chat=proto_chat(tool_choice=pb.ToolChoice(mode="required")).chat,
+                        response_format=pb.ResponseFormat(type="json_object")), "cannot be combined"),
+    (pb.GenerateRequest(prompt="Hi", response_format=pb.ResponseFormat(type="xml")), "response_format.type"),
+    (pb.GenerateRequest(prompt="Hi", response_format=pb.ResponseFormat(type="json_schema")), "json_schema"),
+    (pb.GenerateRequest(prompt="Hi", sampling_params=pb.SamplingParams(
+        structured_outputs=pb.StructuredOutputs())), "structured"),
+])
+def test_bad_chat_fields_raise_with_the_http_apis_message(msg, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        request_from_proto(msg, "grpc-1")
+
+
 @pytest.mark.parametrize("code, status", [(400, S.INVALID_ARGUMENT), (401, S.UNAUTHENTICATED), (404, S.NOT_FOUND),
                                           (429, S.RESOURCE_EXHAUSTED), (503, S.UNAVAILABLE), (500, S.INTERNAL),
                                           (413, S.INTERNAL)])
@@ -140,6 +247,13 @@ class Settings:
     max_n: int = 4
     served_model_name: str = "tiny"
     sampling_defaults: dict = field(default_factory=dict)
+    tool_call_parser: str = "hermes"
+    reasoning_parser: str | None = None
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.served_model_name, self.max_n, sampling_defaults=self.sampling_defaults,
+                      tool_call_parser=self.tool_call_parser, reasoning_parser=self.reasoning_parser)
 
 
 class FakeClient:
@@ -268,6 +382,84 @@ def test_cancelling_the_call_closes_the_pipeline_stream():
         await asyncio.wait_for(client.closed.wait(), timeout=5)     # PipelineClient sends its abort here
 
     run_with_server(client, test)
+
+
+def text_items(text: str, index: int = 0, finish: str = "stop") -> list[ReplyItem]:
+    """The text as the detokenizer sends it: a few characters an item, the last one finishing."""
+    pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
+    return [ReplyItem("grpc-0", index, i, p, [100 + i], prompt_tokens=7,
+                      finish_reason=finish if i == len(pieces) - 1 else None) for i, p in enumerate(pieces)]
+
+
+CALLS = [("get_weather", {"city": "Paris"}), ("get_time", {})]
+
+
+def calls_of(responses) -> list[tuple[str, dict]]:
+    calls = [c for r in responses for c in r.tool_calls]
+    assert all(c.id.startswith("call_") for c in calls) and len({c.id for c in calls}) == len(calls)
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def test_tool_calls_stream_parsed_out_of_the_text():
+    client = FakeClient(text_items(CALL_TEXT))
+    responses = run_with_server(client, lambda stub, _: collect(stub, proto_chat()))
+    assert "".join(r.text for r in responses) == "Let me look."
+    assert calls_of(responses) == CALLS
+    assert [r.finish_reason for r in responses] == [""] * (len(responses) - 1) + ["tool_calls"]
+    # Each call comes whole in the response whose text closed it, beside the tokens of that text.
+    closing = [i for i, r in enumerate(responses) if r.tool_calls]
+    ends = [CALL_TEXT.index("</tool_call>", start) + len("</tool_call>") - 1
+            for start in (0, CALL_TEXT.index("get_time"))]
+    assert [end // 3 for end in ends] == closing
+    assert [list(r.token_ids) for r in responses] == [[100 + i] for i in range(len(responses))]
+    assert responses[-1].usage.completion_tokens == len(responses)
+    assert json.loads(client.requests[0].tools) == HTTP_TOOLS
+
+
+def test_whole_completions_hold_their_text_calls_and_tokens():
+    other = "No tools needed."
+    client = FakeClient(text_items(CALL_TEXT) + text_items(other, index=1, finish="length"))
+    msg = proto_chat()
+    msg.whole, msg.sampling_params.n = True, 2
+    responses = run_with_server(client, lambda stub, _: collect(stub, msg))
+    assert [r.index for r in responses] == [0, 1]
+    first, second = responses
+    assert (first.text, calls_of([first]), first.finish_reason) == ("Let me look.", CALLS, "tool_calls")
+    assert (second.text, list(second.tool_calls), second.finish_reason) == (other, [], "length")
+    assert list(first.token_ids) == [100 + i for i in range(len(text_items(CALL_TEXT)))]
+    assert (first.usage.completion_tokens, second.usage.completion_tokens) == \
+        (len(first.token_ids), len(second.token_ids))
+    # The same calls the HTTP API answers for the same text, ids included.
+    http = ResponseBuilder(parse_chat({"messages": HTTP_MESSAGES, "tools": HTTP_TOOLS}, Limits("tiny")), "grpc-0", 0,
+                           TokenText())
+    for item in text_items(CALL_TEXT):
+        http.add(0, item)
+    assert [(c.id, c.name, c.arguments) for c in first.tool_calls] == \
+        [(c["id"], c["function"]["name"], c["function"]["arguments"])
+         for c in http.response()["choices"][0]["message"]["tool_calls"]]
+
+
+def test_plain_prompts_can_be_whole_too():
+    client = FakeClient(text_items("Hello there"))
+    msg = pb.GenerateRequest(prompt="Hi", whole=True)
+    (response,) = run_with_server(client, lambda stub, _: collect(stub, msg))
+    assert (response.text, response.finish_reason, len(response.token_ids)) == ("Hello there", "stop", 4)
+
+
+def test_reasoning_is_split_from_the_answer():
+    text = "<think>sky is blue</think>\n\nBlue."
+    msg = pb.GenerateRequest(chat=pb.Chat(messages=[pb.Message(role="user", content="Color of the sky?")]))
+    settings = Settings(reasoning_parser="qwen3")
+    streamed = run_with_server(FakeClient(text_items(text)), lambda stub, _: collect(stub, msg), settings)
+    assert ("".join(r.reasoning_content for r in streamed), "".join(r.text for r in streamed)) == \
+        ("sky is blue", "Blue.")
+    assert streamed[-1].finish_reason == "stop"
+    msg.whole = True
+    (whole,) = run_with_server(FakeClient(text_items(text)), lambda stub, _: collect(stub, msg), settings)
+    assert (whole.reasoning_content, whole.text) == ("sky is blue", "Blue.")
+    # Without the parser the text is all content, as it came.
+    (plain,) = run_with_server(FakeClient(text_items(text)), lambda stub, _: collect(stub, msg))
+    assert (plain.reasoning_content, plain.text) == ("", text)
 
 
 def test_health_follows_the_pipeline(monkeypatch):

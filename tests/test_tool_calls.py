@@ -87,7 +87,23 @@ def parse(body: dict, parser: str = "hermes"):
     ({"messages": [{"role": "tool", "content": "18C"}]}, "messages[0].tool_call_id"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"arguments": "{}"}}]}]},
      "messages[0].tool_calls"),
-    ({"functions": [WEATHER["function"]]}, "functions"),
+    # OpenAI's deprecated functions / function_call: with their newer forms, malformed, or naming no function.
+    ({"functions": [WEATHER["function"]], "tools": [TIME]}, "functions"),
+    ({"functions": [WEATHER["function"]], "tool_choice": "auto"}, "function_call"),
+    ({"functions": [WEATHER["function"]], "parallel_tool_calls": True}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
+    ({"functions": WEATHER["function"]}, "functions"),
+    ({"functions": [{"name": "bad name"}]}, "functions"),
+    ({"functions": [WEATHER["function"], WEATHER["function"]]}, "functions"),
+    ({"functions": [WEATHER["function"]], "function_call": "required"}, "function_call"),
+    ({"functions": [WEATHER["function"]], "function_call": {"name": "get_time"}}, "function_call"),
+    ({"functions": [WEATHER["function"]], "function_call": {"type": "function", "name": "get_weather"}},
+     "function_call"),
+    ({"messages": ASK + [{"role": "function", "content": "18C"}]}, "messages[1].name"),
+    ({"messages": ASK + [{"role": "function", "name": "get_weather", "content": "18C"}]}, "messages[1]"),
+    ({"messages": [{"role": "user", "function_call": {"name": "f"}}]}, "messages[0].function_call"),
+    ({"messages": [{"role": "assistant", "function_call": {"name": "f", "arguments": {"x": 1}}}]},
+     "messages[0].function_call"),
 ])
 def test_bad_tool_fields_are_400s(body, param):
     with pytest.raises(ProtocolError) as e:
@@ -170,3 +186,56 @@ def test_no_calls_and_tool_choice_none_keep_the_text():
     for item in items("plain answer"):
         builder.add_chunks(0, item)
     assert builder.response()["choices"][0]["message"] == {"role": "assistant", "content": "plain answer"}
+
+
+def test_legacy_functions_are_tools():
+    """functions / function_call make the request tools / tool_choice would (without parallel calls)."""
+    for legacy, newer in [({"function_call": "auto"}, {"tool_choice": "auto", "parallel_tool_calls": False}),
+                          ({}, {"parallel_tool_calls": False}),
+                          ({"function_call": "none"}, {"tool_choice": "none"}),
+                          ({"function_call": {"name": "get_time"}},
+                           {"tool_choice": {"type": "function", "function": {"name": "get_time"}},
+                            "parallel_tool_calls": False})]:
+        old = parse({"functions": [WEATHER["function"], TIME["function"]], **legacy})
+        new = parse({"tools": [WEATHER, TIME], **newer})
+        assert old.legacy_functions and not new.legacy_functions
+        assert (old.tools, old.tool_format, old.params) == (new.tools, new.tool_format, new.params)
+    # The legacy turns of a follow-up: the call and the function's result, as a tool call and its answer.
+    follow = parse({"functions": [WEATHER["function"]], "messages": ASK + [
+        {"role": "assistant", "content": None,
+         "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"role": "function", "name": "get_weather", "content": "18C"}]})
+    (request,) = follow.generate_requests("r", 0.0)
+    assert json.loads(request.tools) == [{"type": "function", "function": WEATHER["function"]}]
+    call = request.messages[1].tool_calls[0]
+    assert (request.messages[1].role, call.name, call.arguments) == ("assistant", "get_weather", '{"city": "Paris"}')
+    assert (request.messages[2].role, request.messages[2].tool_call_id, request.messages[2].content) == \
+        ("tool", call.id, "18C")
+
+
+def test_legacy_functions_answer_with_function_call():
+    """One call, as message.function_call (or delta.function_call pieces), finish_reason function_call; a second
+    call has no place in that shape and is dropped."""
+    functions = {"functions": [WEATHER["function"], TIME["function"]]}
+    whole = ResponseBuilder(parse(functions), "chatcmpl-4", 0, TokenText())
+    for item in items(TEXT):
+        whole.add_chunks(0, item)
+    choice = whole.response()["choices"][0]
+    assert choice["finish_reason"] == "function_call"
+    assert choice["message"] == {"role": "assistant", "content": "Let me look.",
+                                 "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+
+    streamed = ResponseBuilder(parse({**functions, "stream": True}), "chatcmpl-4", 0, TokenText())
+    chunks = [c for item in items(TEXT) for c in streamed.add_chunks(0, item)]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("content", "") for d in deltas) == "Let me look."
+    assert [d["function_call"] for d in deltas if "function_call" in d] == [
+        {"name": "get_weather", "arguments": ""}, {"arguments": '{"city": "Paris"}'}]
+    assert not any("tool_calls" in d for d in deltas)
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["function_call"]
+
+    plain = ResponseBuilder(parse(functions), "chatcmpl-5", 0, TokenText())
+    for item in items("no call"):
+        plain.add_chunks(0, item)
+    assert plain.response()["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "no call"},
+                                              "logprobs": None, "finish_reason": "stop", "stop_reason": None}

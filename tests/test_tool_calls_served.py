@@ -179,6 +179,66 @@ def test_bad_tools_are_400s(client, kwargs):
     assert ok.choices[0].finish_reason == "length"
 
 
+FUNCTIONS = [t["function"] for t in TOOLS]
+
+
+def test_legacy_function_call_is_answered_in_its_shape(client):
+    """An older client's functions / function_call: a named function_call is always called, and comes back as
+    message.function_call (whole or as streamed deltas) with finish_reason function_call; a follow-up with the
+    legacy turns (the call, then a "function" message) reaches the prompt as the tool-calling turns would."""
+    kwargs = dict(model=MODEL, messages=ask(PROMPTS[0]), functions=FUNCTIONS, function_call={"name": "get_weather"},
+                  n=N, temperature=1.0, max_tokens=80)
+    r = client.chat.completions.create(seed=30, **kwargs)
+    for choice in r.choices:
+        assert choice.finish_reason == "function_call" and choice.message.tool_calls is None, choice.message
+        assert choice.message.content is None and choice.message.function_call.name == "get_weather"
+        jsonschema.validate(json.loads(choice.message.function_call.arguments), SCHEMAS["get_weather"])
+
+    streamed = {}
+    for chunk in client.chat.completions.create(seed=30, stream=True, **kwargs):
+        for c in chunk.choices:
+            acc = streamed.setdefault(c.index, {"name": None, "arguments": "", "finish": None})
+            assert c.delta.tool_calls is None
+            if c.delta.function_call is not None:
+                if c.delta.function_call.name is not None:
+                    assert acc["name"] is None                          # the name comes once, first
+                    acc["name"] = c.delta.function_call.name
+                acc["arguments"] += c.delta.function_call.arguments or ""
+            acc["finish"] = c.finish_reason or acc["finish"]
+    # The same seed samples the same calls, whole or streamed.
+    assert streamed == {c.index: {"name": c.message.function_call.name, "arguments": c.message.function_call.arguments,
+                                  "finish": "function_call"} for c in r.choices}
+
+    call = r.choices[0].message.function_call
+    legacy = ask(PROMPTS[0]) + [{"role": "assistant", "content": None,
+                                 "function_call": {"name": call.name, "arguments": call.arguments}},
+                                {"role": "function", "name": call.name, "content": "18 degrees"}]
+    newer = ask(PROMPTS[0]) + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"}]
+    old = client.chat.completions.create(model=MODEL, messages=legacy, functions=FUNCTIONS, max_tokens=6,
+                                         temperature=0)
+    new = client.chat.completions.create(model=MODEL, messages=newer, tools=TOOLS, max_tokens=6, temperature=0,
+                                         parallel_tool_calls=False)
+    assert old.usage.prompt_tokens == new.usage.prompt_tokens > r.usage.prompt_tokens
+    assert old.choices[0].message.content == new.choices[0].message.content
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"functions": FUNCTIONS, "tools": TOOLS},
+    {"function_call": "auto"},
+    {"functions": FUNCTIONS, "function_call": {"name": "nope"}},
+    {"functions": [{"name": "bad name!"}]},
+    {"functions": FUNCTIONS, "function_call": "required"},
+])
+def test_bad_legacy_functions_are_400s(client, kwargs):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=4, **kwargs)
+    assert "function" in e.value.body["message"]
+    ok = client.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=2)     # still serving
+    assert ok.choices[0].finish_reason == "length"
+
+
 THINK = r"<think>[a-z ]{1,16}</think>\n\n[A-Za-z ]{1,16}"
 
 
