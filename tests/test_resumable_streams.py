@@ -94,7 +94,7 @@ def read_events(stack, payload: dict, headers: dict | None = None, on_event=None
 def gateway_pid(stack, response_id: str) -> int:
     """The pid of the gateway that made a response id: its heartbeat says where it runs (host:pid)."""
     gateway = parse_event_id(f"{response_id}/0-0/0").gateway
-    beat = redis.Redis.from_url(stack.redis_url).get(f"{stack.prefix}:alive:gateway:{gateway}")
+    beat = redis.Redis.from_url(stack.redis_url).get(Names(stack.prefix).alive("gateway", gateway))
     return int(beat.decode().rsplit(":", 1)[1])
 
 
@@ -251,7 +251,7 @@ def test_resuming_on_another_connection_takes_the_stream_over(stack):
 
 def test_dead_gateways_request_is_aborted_after_the_grace_period(stack):
     r = redis.Redis.from_url(stack.redis_url)
-    stats = f"{stack.prefix}:stats:scheduler"
+    stats = Names(stack.prefix).scheduler_stats
     first = read_events(stack, body(2000), on_event=kill_gateway_after(3, stack))
     assert first.broken
     gateway = parse_event_id(first.last_id).gateway
@@ -263,7 +263,7 @@ def test_dead_gateways_request_is_aborted_after_the_grace_period(stack):
     late = read_events(stack, body(2000), {"Last-Event-ID": first.last_id})
     error = json.loads(next(d for _, d in late.events if '"error"' in d))["error"]   # the rest, then why it ended
     assert error["code"] == 404 and "no longer running" in error["message"]
-    while r.exists(f"{stack.prefix}:reply:{gateway}"):
+    while r.exists(Names(stack.prefix).reply(gateway)):
         assert time.monotonic() - killed < GRACE_S + 35, "the dead gateway's reply stream was not deleted"
         time.sleep(0.5)
 
