@@ -191,13 +191,14 @@ class DetokenizerService:
             except redis.WatchError:
                 raise LeaseLost() from None
 
-    def _advance(self, c: _Completion, msg: StepTokens, i: int, pipe, elsewhere) -> ReplyItem:
+    def _advance(self, c: _Completion, msg: StepTokens, i: int, pipe, elsewhere=None) -> ReplyItem:
         """Detokenize one token of completion c, checkpoint it (in pipe), and return its reply item (an abort, for
-        a stop string, goes in elsewhere)."""
+        a stop string, goes in elsewhere: on a Redis Cluster, pipe holds only the partition's slot)."""
         rid, index, token = msg.request_ids[i], msg.indexes[i], msg.token_ids[i]
         out = c.state.add_token(token, msg.finish_reasons[i], msg.stop_reasons[i])
         if out.stop_upstream:                            # a stop string: the worker doesn't know, stop it there
-            self.transport.publish(self.names.abort, encode(Abort(rid, index, "stop", out.stop_reason)), elsewhere)
+            self.transport.publish(self.names.abort, encode(Abort(rid, index, "stop", out.stop_reason)),
+                                   pipe if elsewhere is None else elsewhere)
         item = ReplyItem(request_id=rid, index=index, seq=c.next_seq, text=out.text, token_ids=[token],
                          logprobs=[msg.logprobs[i]] if msg.logprobs is not None else None,
                          prompt_logprobs=msg.prompt_logprobs[i] if msg.prompt_logprobs else None,

@@ -16,6 +16,10 @@ whose reply was lost left them delivered to it but never seen. A transaction who
 not: sent again, it only repeats entries, which their readers drop.
 
 All names live under a prefix, so several deployments (or tests) can share one Redis.
+
+The Redis may be a Redis Cluster (a redis+cluster:// URL, see connect): the names' hash tags keep what one
+command or transaction uses in one slot and spread the rest (Names); a transaction that would span slots
+acknowledges last instead (ClusterTransaction); a read of streams in several slots asks each (_xreadgroup).
 """
 from __future__ import annotations
 
@@ -268,8 +272,8 @@ class Transport:
 
     def pipeline(self):
         """A MULTI/EXEC transaction: effects and acknowledgements land together or not at all. On a Redis Cluster
-        a transaction cannot span hash slots: see SlotTransactions."""
-        return SlotTransactions(self.redis) if self.cluster else self.redis.pipeline(transaction=True)
+        a transaction cannot span hash slots: see ClusterTransaction."""
+        return ClusterTransaction(self.redis) if self.cluster else self.redis.pipeline(transaction=True)
 
     def publish(self, stream: str, payload: bytes, pipe=None) -> None:
         (pipe or self.redis).xadd(stream, {FIELD: payload}, maxlen=self.maxlen, approximate=True)
@@ -428,38 +432,41 @@ class Transport:
         (pipe or self.redis).set(key, value, px=HEARTBEAT_TTL_MS)
 
 
-class SlotTransactions:
-    """Transport.pipeline() on a Redis Cluster, where MULTI/EXEC cannot span hash slots: the commands are queued
-    by their key's slot, and each slot's run as one MULTI/EXEC, those that acknowledge (XACK) last. So an entry is
-    acknowledged only once its effects elsewhere are written; a consumer that dies in between leaves it pending, to
-    be handled again, and its effects repeat, which their readers drop (every message has its (request_id, seq),
-    every plan and event its id). Results come back in the order the commands were queued."""
+class ClusterTransaction:
+    """Transport.pipeline() on a Redis Cluster, where MULTI/EXEC cannot span hash slots. The commands are queued as
+    given; execute() sends those of the slots that acknowledge nothing first, in one pipeline (one round trip to
+    each node, all at once; each slot's commands in order), then the commands of each slot that acknowledges
+    (XACK) as one MULTI/EXEC. So an entry is acknowledged only once its effects elsewhere are written; a consumer
+    that dies in between leaves it pending, to be handled again, and its effects are written again, which their
+    readers drop (every message has its (request_id, seq), every plan and event its id). execute() returns the
+    results in the order the commands were queued."""
 
     def __init__(self, client: RedisCluster):
         self.client = client
-        self.pipes: dict[int, object] = {}            # slot -> its transaction (a ClusterPipeline)
-        self.queued: list[tuple[int, int]] = []       # each command's (slot, place in that slot's transaction)
-        self.counts: dict[int, int] = {}              # commands queued per slot
-        self.acknowledging: set[int] = set()
+        self.queued: list[tuple[int, str, tuple, dict]] = []      # (slot, command, arguments, options)
 
     def __getattr__(self, command: str):
         def queue(key, *args, **kwargs):              # every command queued here names its key first
-            slot = self.client.keyslot(key)
-            if slot not in self.pipes:
-                self.pipes[slot] = self.client.pipeline(transaction=True)
-            self.queued.append((slot, self.counts.get(slot, 0)))
-            self.counts[slot] = self.counts.get(slot, 0) + 1
-            getattr(self.pipes[slot], command)(key, *args, **kwargs)
-            if command == "xack":
-                self.acknowledging.add(slot)
+            self.queued.append((self.client.keyslot(key), command, (key, *args), kwargs))
             return self
         return queue
 
     def execute(self) -> list:
-        results = {}
-        for slot in sorted(self.pipes, key=lambda s: s in self.acknowledging):     # (a stable sort)
-            results[slot] = self.pipes[slot].execute()
-        return [results[slot][place] for slot, place in self.queued]
+        acknowledging = sorted({slot for slot, command, _, _ in self.queued if command == "xack"})
+        effects = [i for i, (slot, *_) in enumerate(self.queued) if slot not in acknowledging]
+        steps = [effects] + [[i for i, (s, *_) in enumerate(self.queued) if s == slot] for slot in acknowledging]
+        results: list = [None] * len(self.queued)
+        for step, indexes in enumerate(steps):
+            if not indexes:
+                continue
+            pipe = self.client.pipeline(transaction=step > 0)
+            for i in indexes:
+                _, command, args, kwargs = self.queued[i]
+                getattr(pipe, command)(*args, **kwargs)
+            for i, result in zip(indexes, pipe.execute()):
+                results[i] = result
+        self.queued = []
+        return results
 
 
 class Reclaimer:

@@ -226,6 +226,12 @@ def redis_cluster_url():
         yield url
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def any_redis_url(request):
+    """Each test that takes it runs twice: on one redis-server (redis_url), and on a Redis Cluster."""
+    return request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")
+
+
 @pytest.fixture(scope="module")
 def client(serve_stack):
     """The official openai client on the shared stack (a module with its own stack defines its own)."""

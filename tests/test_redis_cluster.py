@@ -16,7 +16,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from conftest import start_stack, stop_stack
-from services.transport import (FIELD, Names, SlotTransactions, Transport, _cluster_arguments, connect,
+from services.transport import (FIELD, Names, ClusterTransaction, Transport, _cluster_arguments, connect,
                                 is_cluster_url, partition_of)
 from test_server_e2e import (test_200_concurrent_streams_survive_killed_tokenizer_and_detokenizer,  # noqa: F401
                              test_bad_input_gets_a_4xx_and_the_server_keeps_serving,
@@ -94,7 +94,7 @@ def test_a_transaction_across_slots_acknowledges_last(transport):
     [entry] = transport.read([src], "g", "c", block_ms=None)
     client.set(names.reply("broken"), b"not a stream")
     pipe = transport.pipeline()
-    assert isinstance(pipe, SlotTransactions)
+    assert isinstance(pipe, ClusterTransaction)
     transport.ack(src, "g", [entry.id], pipe)                # queued first, but runs last
     transport.publish(dst, b"effect", pipe)
     transport.publish(names.reply("broken"), b"fails", pipe)  # an effect that fails (WRONGTYPE)
