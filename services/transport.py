@@ -57,8 +57,9 @@ DEFAULT_PARTITIONS = 8           # detokenizer partitions (--partitions)
 REDIS_URL_ENV = "PAGESTREAM_REDIS_URL"   # how serve hands its services the Redis URL (it may hold a password;
                                          # an environment, unlike argv, is not shown to every user by ps)
 # Redis unreachable: a connection refused or lost, a timeout, or (a ConnectionError too) BusyLoadingError while a
-# restarted Redis loads its append-only file. A refused password is also a ConnectionError, but no outage.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+# restarted Redis loads its append-only file; on a Redis Cluster also CLUSTERDOWN, while a node that went away
+# rejoins. A refused password is also a ConnectionError, but no outage.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError)
 BACKOFF_BASE_S = 0.05            # the first wait for a Redis that went away; doubled at each failure
 BACKOFF_CAP_S = 1.0              # the longest wait: a Redis back is seen within about a second
 # A Redis up for less than this has just restarted: heartbeats that expired while it was down are on their way

