@@ -36,7 +36,8 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
     """What every service of the pipeline shares, then each service's own flags."""
     group = parser.add_argument_group("pipeline")
     group.add_argument("--redis-url", default=os.environ.get("PAGESTREAM_REDIS_URL"),
-                       help="an existing Redis (default: $PAGESTREAM_REDIS_URL; serve without it starts its own)")
+                       help="an existing Redis, or a Redis Cluster: redis+cluster://[:password@]host:port"
+                            "[,host:port...] (default: $PAGESTREAM_REDIS_URL; serve without it starts its own)")
     group.add_argument("--prefix", default="ps", help="namespace of this deployment's streams and keys")
     group.add_argument("--worker-name", default="w0", help="the worker this scheduler and gateway belong to")
     group.add_argument("--partitions", type=int, default=8, help="detokenizer partitions (worker and "

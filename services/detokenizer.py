@@ -14,6 +14,11 @@ and the entries' acknowledgement go in one MULTI/EXEC, guarded by WATCH on the p
 effects happen entirely or not at all, a replica that lost its lease cannot write, and whoever takes over rebuilds
 each completion from its checkpoint by replaying its tokens: no text lost, none sent twice.
 
+On a Redis Cluster the partition's stream, lease and requests' keys share a hash slot (transport.Names), so that
+transaction stays whole; only the replies and aborts live in other slots: they are written just before it, on
+their own. If the transaction then fails (the lease was lost) or never runs, they are written again by whoever
+handles the entries, with the same reply seqs, and the gateways drop the repeats (the scheduler, repeated aborts).
+
 Redis going away: whether a batch's transaction ran is then unknown, so the partition's completions are
 rebuilt from their checkpoints, and once Redis is back its pending entries are read again (tokens already
 handled are dropped by position, as are the repeats a publisher that retried sends). A lease this replica
@@ -72,6 +77,9 @@ class LeaseLost(Exception):
 
 class DetokenizerService:
     def __init__(self, transport: Transport, output_processor: OutputProcessor, partitions: int, worker: str = "w0"):
+        if transport.cluster and partitions != transport.names.partitions:
+            raise ValueError(f"{partitions} partitions, but the transport names keys for "
+                             f"{transport.names.partitions}: a request's keys would leave its partition's slot")
         self.transport, self.names, self.redis = transport, transport.names, transport.redis
         self.output_processor, self.partitions, self.worker = output_processor, partitions, worker
         self.limits: Limits | None = None                # the worker's, its tokens are checked against (once known)
@@ -93,10 +101,10 @@ class DetokenizerService:
             if not self.owned:
                 stop.wait(0.1)
                 return
-            streams = [self.names.tokens(p) for p in sorted(self.owned)]
+            streams = {self.names.tokens(p): p for p in sorted(self.owned)}
             batches: dict[int, list[Entry]] = {}
-            for entry in self.transport.read(streams, GROUP, self.consumer, count=64, block_ms=50):
-                batches.setdefault(int(entry.stream.rsplit(":", 1)[1]), []).append(entry)
+            for entry in self.transport.read(list(streams), GROUP, self.consumer, count=64, block_ms=50):
+                batches.setdefault(streams[entry.stream], []).append(entry)
             for partition, entries in batches.items():
                 self._handle_safely(partition, entries)
 
@@ -162,30 +170,35 @@ class DetokenizerService:
             completions = [[self._completion(rid, index, pipe) for rid, index in zip(msg.request_ids, msg.indexes)]
                            for msg in messages]
             pipe.multi()
+            elsewhere = self.transport.pipeline() if self.transport.cluster else pipe     # other slots' writes
             replies: dict[str, list[ReplyItem]] = {}
             for msg, step_completions in zip(messages, completions):
                 for i, completion in enumerate(step_completions):
                     if completion is None or completion.finished or msg.positions[i] < completion.next_position:
                         continue                         # unknown (expired), already ended, or a repeat
-                    item = self._advance(completion, msg, i, pipe)
+                    item = self._advance(completion, msg, i, pipe, elsewhere)
                     if msg.on_host:
                         item.stamps = (msg.first_stamps[i] if msg.first_stamps else []) + [msg.on_host, took]
                     replies.setdefault(completion.meta.gateway, []).append(item)
             for gateway, items in replies.items():
-                self.transport.publish(self.names.reply(gateway), encode(Reply(items)), pipe)
+                self.transport.publish(self.names.reply(gateway), encode(Reply(items)), elsewhere)
             if ids:
                 self.transport.ack(stream, GROUP, ids, pipe)
             try:
+                if elsewhere is not pipe:
+                    elsewhere.execute()
                 pipe.execute()
             except redis.WatchError:
                 raise LeaseLost() from None
 
-    def _advance(self, c: _Completion, msg: StepTokens, i: int, pipe) -> ReplyItem:
-        """Detokenize one token of completion c, checkpoint it, and return its reply item."""
+    def _advance(self, c: _Completion, msg: StepTokens, i: int, pipe, elsewhere=None) -> ReplyItem:
+        """Detokenize one token of completion c, checkpoint it (in pipe), and return its reply item (an abort, for
+        a stop string, goes in elsewhere: on a Redis Cluster, pipe holds only the partition's slot)."""
         rid, index, token = msg.request_ids[i], msg.indexes[i], msg.token_ids[i]
         out = c.state.add_token(token, msg.finish_reasons[i], msg.stop_reasons[i])
         if out.stop_upstream:                            # a stop string: the worker doesn't know, stop it there
-            self.transport.publish(self.names.abort, encode(Abort(rid, index, "stop", out.stop_reason)), pipe)
+            self.transport.publish(self.names.abort, encode(Abort(rid, index, "stop", out.stop_reason)),
+                                   pipe if elsewhere is None else elsewhere)
         item = ReplyItem(request_id=rid, index=index, seq=c.next_seq, text=out.text, token_ids=[token],
                          logprobs=[msg.logprobs[i]] if msg.logprobs is not None else None,
                          prompt_logprobs=msg.prompt_logprobs[i] if msg.prompt_logprobs else None,
@@ -296,7 +309,7 @@ class DetokenizerService:
 def run(args: argparse.Namespace) -> int:
     setup_logging("detokenizer")
     files = resolve_model(args.model, args.load_format, progress=False)
-    transport = Transport(args.redis_url, args.prefix)
+    transport = Transport(args.redis_url, args.prefix, partitions=args.partitions)
     processor = OutputProcessor(load_tokenizer(files, args.tokenizer))
     DetokenizerService(transport, processor, args.partitions, args.worker_name).run(stop_event())
     return 0

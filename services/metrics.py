@@ -345,7 +345,7 @@ class PipelineScraper:
     async def _token_streams(self) -> list[str]:
         """tokens:<p> streams that exist, found by SCAN (the partition count is the worker's setting)."""
         if time.monotonic() - self._partitions_at > PARTITIONS_TTL_S:
-            found = [key async for key in self.redis.scan_iter(match=f"{self.names.prefix}:tokens:*", count=1000,
+            found = [key async for key in self.redis.scan_iter(match=self.names.tokens("*"), count=1000,
                                                                 _type="STREAM")]
             self._partitions = sorted(k.decode() if isinstance(k, bytes) else k for k in found)
             self._partitions_at = time.monotonic()
@@ -364,7 +364,6 @@ class PipelineScraper:
             log.warning("could not read the pipeline's metrics from Redis: %s", e)
             return []
         stats, infos = results[0], results[1:]
-        cut = len(self.names.prefix) + 1
         per_stream = []
         for i, stream in enumerate(streams):
             info, groups = infos[2 * i], infos[2 * i + 1]
@@ -374,7 +373,7 @@ class PipelineScraper:
             if stream == self.reply_stream:
                 read = self.reply_read_id()
                 groups = [] if read is None else [{"name": "gateway", "pending": 0, "last-delivered-id": read}]
-            per_stream.append((stream[cut:], info, groups))
+            per_stream.append((self.names.label(stream), info, groups))
         return (scheduler_metrics(stats) if isinstance(stats, dict) else []) + stream_metrics(per_stream)
 
 

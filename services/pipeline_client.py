@@ -32,11 +32,12 @@ from schemas.codec import SchemaError, decode, encode
 from schemas.messages import (RESUMED_ELSEWHERE, Abort, ErrorInfo, GenerateRequest, Reply, ReplyItem, Resume,
                               WorkerInfo)
 from services.transport import (FIELD, HEARTBEAT_SECONDS, HEARTBEAT_TTL_MS, REDIS_DOWN, STREAM_MAXLEN, Names,
-                                RedisOutage, just_restarted, stream_id)
+                                RedisOutage, connect_async, is_cluster_url, just_restarted, on_node_of, stream_id)
 
 log = logging.getLogger("pagestream.pipeline_client")
 
 REDIS_CONNECTIONS = 64
+CLUSTER_CONNECTIONS_PER_NODE = 1024
 READY_TTL_S = 1.0               # a readiness answer is reused this long: one probe a second, however many ask
 # A resumed request the scheduler no longer holds may still have finished: its last items can be a moment behind
 # the scheduler's answer. Past this, the answer stands.
@@ -89,9 +90,13 @@ class PipelineClient:
         # (a repeated XADD is dropped downstream); a Redis that is gone fails at once (redis-py's default holds a
         # call for seconds). The reader's socket timeout: a Redis that stops answering is an outage too.
         retry = Retry(ExponentialWithJitterBackoff(cap=0.05, base=0.01), 1)
-        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            redis_url, max_connections=REDIS_CONNECTIONS, timeout=None, retry=retry))
-        self._reader = aioredis.Redis.from_url(redis_url, retry=retry, socket_timeout=REPLY_BLOCK_MS / 1000 + 2)
+        if is_cluster_url(redis_url):     # (redis-py's cluster client has no blocking pool: past its ceiling a
+            self.redis = connect_async(redis_url, retry=retry,  # command fails, so the ceiling is set far above)
+                                       max_connections=CLUSTER_CONNECTIONS_PER_NODE)
+        else:
+            self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+                redis_url, max_connections=REDIS_CONNECTIONS, timeout=None, retry=retry))
+        self._reader = connect_async(redis_url, retry=retry, socket_timeout=REPLY_BLOCK_MS / 1000 + 2)
         self.redis_url = redis_url
         self.names = Names(prefix)
         self.worker = worker
@@ -430,7 +435,8 @@ class PipelineClient:
     async def _check_liveness(self) -> None:
         values = await self.redis.mget(self.names.alive("scheduler"), self.names.alive("worker", self.worker))
         epochs = tuple(v.decode() if v else None for v in values)
-        if None in epochs and epochs != self._epochs and just_restarted(await self.redis.info("server")):
+        if None in epochs and epochs != self._epochs and just_restarted(
+                await self.redis.info("server", **on_node_of(self.redis, self.names.alive("scheduler")))):
             # Heartbeats that expired while Redis was down: the services beat again in a moment (not dead).
             epochs = tuple(old if new is None else new for new, old in zip(epochs, self._epochs))
         self._epochs = epochs
@@ -451,7 +457,7 @@ class _Follower:
     def __init__(self, client: PipelineClient, stream: str, position: str):
         self.client, self.stream, self.position = client, stream, position
         self.requests: set[str] = set()
-        self.redis = aioredis.Redis.from_url(client.redis_url)
+        self.redis = connect_async(client.redis_url)
         self.task = asyncio.create_task(self._run(), name=f"follow {stream}")
 
     async def _run(self) -> None:

@@ -11,6 +11,9 @@ postpones the write by up to 2 s and replies meanwhile, so a SIGKILL then loses 
 The password stays off every command line (argv is visible to every user through ps): the configuration is a
 file readable by its owner only, in a directory of its own (mkdtemp's, 0700) beside the append-only file and
 the server's log; the services get the URL, password included, in their environment (REDIS_URL_ENV).
+
+running_redis_cluster starts a Redis Cluster of such servers (cluster mode enabled, one password, no replicas)
+for the tests and for trying `--redis-url redis+cluster://...` on one machine.
 """
 from __future__ import annotations
 
@@ -48,15 +51,18 @@ class RedisServer:
     """One embedded redis-server's files, command line and URL; whoever runs it (serve's supervisor, a test)
     starts `argv` as often as it needs: every start finds the same port, password and data."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, password: str | None = None, cluster: bool = False):
         self.port = port
-        self.password = secrets.token_urlsafe(32)
+        self.password = password or secrets.token_urlsafe(32)
         self.dir = Path(tempfile.mkdtemp(prefix="pagestream-redis-"))
         self.config = self.dir / "redis.conf"
         self.log = self.dir / "redis.log"
         settings = {"port": port, "bind": "127.0.0.1", "requirepass": self.password, "dir": f'"{self.dir}"',
                     "save": '""', "appendonly": "yes", "appendfsync": "no", "logfile": f'"{self.log}"',
                     "loglevel": "warning"}
+        if cluster:                              # its cluster state beside its data; it talks to its peers on
+            settings.update({"cluster-enabled": "yes", "cluster-config-file": "nodes.conf",      # port + 10000
+                             "cluster-node-timeout": 5000})
         fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.writelines(f"{key} {value}\n" for key, value in settings.items())
@@ -104,6 +110,10 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def cluster_url(password: str, ports: list[int]) -> str:
+    return f"redis+cluster://:{password}@" + ",".join(f"127.0.0.1:{port}" for port in ports)
+
+
 @contextlib.contextmanager
 def running_redis(port: int) -> Iterator[str]:
     """A RedisServer started and answering, for tests and tools (serve supervises its own): yields its URL, then
@@ -118,3 +128,45 @@ def running_redis(port: int) -> Iterator[str]:
             proc.terminate()
             proc.wait()
         server.remove()
+
+
+CLUSTER_SLOTS = 16384
+
+
+@contextlib.contextmanager
+def running_redis_cluster(ports: list[int], timeout_s: float = 20.0) -> Iterator[str]:
+    """A Redis Cluster of len(ports) masters on local ports (each also uses port + 10000, its cluster bus), the
+    hash slots split evenly among them: yields its redis+cluster:// URL, then stops it and removes its files."""
+    password = secrets.token_urlsafe(32)
+    servers = [RedisServer(port, password, cluster=True) for port in ports]
+    procs: list[subprocess.Popen] = []
+    try:
+        for server in servers:
+            procs.append(subprocess.Popen(server.argv, stdout=subprocess.DEVNULL))
+            server.wait_until_serving(procs[-1])
+        clients = [redis.Redis(host="127.0.0.1", port=port, password=password) for port in ports]
+        bounds = [CLUSTER_SLOTS * i // len(ports) for i in range(len(ports) + 1)]
+        for client, first, end in zip(clients, bounds, bounds[1:]):
+            client.cluster("ADDSLOTS", *range(first, end))      # (Redis 6 has no ADDSLOTSRANGE)
+        for port in ports[1:]:
+            clients[0].cluster("MEET", "127.0.0.1", port)
+        deadline = time.monotonic() + timeout_s
+        while not all(_cluster_ready(c, len(ports)) for c in clients):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster on ports {ports} was not ready within {timeout_s:g} s")
+            time.sleep(0.05)
+        for client in clients:
+            client.close()
+        yield cluster_url(password, ports)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+        for server in servers:
+            server.remove()
+
+
+def _cluster_ready(client: redis.Redis, nodes: int) -> bool:
+    info = client.cluster("INFO")
+    return info["cluster_state"] == "ok" and int(info["cluster_known_nodes"]) == nodes

@@ -265,8 +265,8 @@ class SchedulerService:
         redis = self.transport.redis
         if now >= self._list_streams_at:
             self._list_streams_at = now + REPLY_STREAMS_EVERY_S
-            prefix = self.names.reply("")
-            self.reply_streams = {k.decode()[len(prefix):] for k in redis.scan_iter(match=prefix + "*", count=1000)}
+            self.reply_streams = {self.names.gateway_of_reply(k.decode())
+                                  for k in redis.scan_iter(match=self.names.reply("*"), count=1000)}
         owners = {rid: self.owners.get(rid, gateway) for rid, gateway in self.gateways.items()}
         gateways = sorted(set(owners.values()) | self.reply_streams)
         if not gateways:
@@ -402,7 +402,7 @@ class SchedulerService:
 def run(args: argparse.Namespace) -> int:
     setup_logging("scheduler")
     from services.cli import scheduler_config
-    transport = Transport(args.redis_url, args.prefix)
+    transport = Transport(args.redis_url, args.prefix, partitions=args.partitions)
     SchedulerService(transport, scheduler_config(args), args.worker_name, args.enable_prefix_caching,
                      args.seed, args.resume_grace, args.partitions).run(stop_event())
     return 0

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     files = resolve_model(args.model, args.load_format, progress=False)
     # Without a tokenizer (dummy weights), prompts must come as token ids (as with vLLM's skip_tokenizer_init).
     tokenizer = load_tokenizer(files, args.tokenizer)
-    transport = Transport(args.redis_url, args.prefix)
+    transport = Transport(args.redis_url, args.prefix, partitions=args.partitions)
     max_model_len = resolve_max_model_len(files.config, args.max_model_len)
     # Structured-output specs are compiled here to be validated (a bad one is the client's 400); the worker
     # compiles its own (engine/structured_output.py says why).

@@ -16,9 +16,14 @@ whose reply was lost left them delivered to it but never seen. A transaction who
 not: sent again, it only repeats entries, which their readers drop.
 
 All names live under a prefix, so several deployments (or tests) can share one Redis.
+
+The Redis may be a Redis Cluster (a redis+cluster:// URL, see connect): the names' hash tags keep what one
+command or transaction uses in one slot and spread the rest (Names); a transaction that would span slots
+acknowledges last instead (ClusterTransaction); a read of streams in several slots asks each (_xreadgroup).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -29,7 +34,10 @@ import zlib
 from dataclasses import dataclass
 
 import redis
+import redis.asyncio
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode, RedisCluster as AsyncRedisCluster
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from schemas.codec import SchemaError, decode, encode
@@ -45,62 +53,89 @@ DEAD_LETTER_BYTES = 4096         # of a dead-lettered payload, only its first by
 TRIM_EVERY_S = 1.0
 HEARTBEAT_SECONDS = 1.0
 HEARTBEAT_TTL_MS = 3000          # a service is gone once its heartbeat is this old
+DEFAULT_PARTITIONS = 8           # detokenizer partitions (--partitions)
 REDIS_URL_ENV = "PAGESTREAM_REDIS_URL"   # how serve hands its services the Redis URL (it may hold a password;
                                          # an environment, unlike argv, is not shown to every user by ps)
 # Redis unreachable: a connection refused or lost, a timeout, or (a ConnectionError too) BusyLoadingError while a
-# restarted Redis loads its append-only file. A refused password is also a ConnectionError, but no outage.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+# restarted Redis loads its append-only file; on a Redis Cluster also CLUSTERDOWN, while a node that went away
+# rejoins. A refused password is also a ConnectionError, but no outage.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError)
 BACKOFF_BASE_S = 0.05            # the first wait for a Redis that went away; doubled at each failure
 BACKOFF_CAP_S = 1.0              # the longest wait: a Redis back is seen within about a second
 # A Redis up for less than this has just restarted: heartbeats that expired while it was down are on their way
 # back (each service beats within a backoff and a heartbeat of reaching it), so a missing one is no death yet.
 RESTART_GRACE_S = 5
+CLUSTER_WAIT_MS = 2              # on a Redis Cluster, a read of streams in several slots waits on one slot at a
+                                 # time, this long, between looks at all of them (Transport._xreadgroup)
 
 
 class Names:
-    """Every stream and key of one deployment."""
+    """Every stream and key of one deployment.
 
-    def __init__(self, prefix: str = "ps"):
-        self.prefix = prefix
-        self.tokenize = f"{prefix}:tokenize"
-        self.schedule = f"{prefix}:schedule"
-        self.abort = f"{prefix}:abort"
-        self.resume = f"{prefix}:resume"
-        self.dead_letter = f"{prefix}:dead-letter"
-        self.scheduler_stats = f"{prefix}:stats:scheduler"
+    Each name begins with a hash tag, {prefix:...}: on a Redis Cluster, the keys that one command or transaction
+    uses together share a hash slot, and the rest spread over the nodes.
+      {ps:scheduler}:...   the scheduler's inputs (schedule, abort, resume, events:<worker>): one XREADGROUP reads them
+      {ps:tokens:<p>}      a detokenizer partition's stream, and beside it (...:lease, ...:request:<id>, ...:detok:...)
+                           its lease and the keys of every request whose tokens it carries: the detokenizer's fenced
+                           transaction (WATCH the lease, checkpoint, acknowledge) stays in one slot
+      {ps:alive}:...       heartbeats, and {ps:stats}:... the services' statistics: each read together (MGET)
+      {ps:tokenize}, {ps:plan:<worker>}, {ps:reply:<gateway>}, {ps:dead-letter}, {ps:worker:<worker>}: one each
+    A request's keys follow its partition (partition_of), so every service that names them must know the
+    deployment's number of partitions."""
+
+    def __init__(self, prefix: str = "ps", partitions: int = DEFAULT_PARTITIONS):
+        self.prefix, self.partitions = prefix, partitions
+        self.tokenize = f"{{{prefix}:tokenize}}"
+        self.schedule = f"{{{prefix}:scheduler}}:schedule"
+        self.abort = f"{{{prefix}:scheduler}}:abort"
+        self.resume = f"{{{prefix}:scheduler}}:resume"
+        self.dead_letter = f"{{{prefix}:dead-letter}}"
+        self.scheduler_stats = f"{{{prefix}:stats}}:scheduler"
 
     def plan(self, worker: str) -> str:
-        return f"{self.prefix}:plan:{worker}"
+        return f"{{{self.prefix}:plan:{worker}}}"
 
     def events(self, worker: str) -> str:
-        return f"{self.prefix}:events:{worker}"
+        return f"{{{self.prefix}:scheduler}}:events:{worker}"
 
-    def tokens(self, partition: int) -> str:
-        return f"{self.prefix}:tokens:{partition}"
+    def tokens(self, partition: int | str) -> str:
+        return f"{{{self.prefix}:tokens:{partition}}}"
 
     def reply(self, gateway: str) -> str:
-        return f"{self.prefix}:reply:{gateway}"
+        return f"{{{self.prefix}:reply:{gateway}}}"
+
+    def gateway_of_reply(self, stream: str) -> str:
+        """The gateway whose reply stream this is (reply's inverse)."""
+        return stream[len(self.reply("")) - 1:-1]
 
     def request_meta(self, request_id: str) -> str:
-        return f"{self.prefix}:request:{request_id}"
+        return f"{self._request(request_id)}:request:{request_id}"
 
     def alive(self, service: str, instance: str = "") -> str:
-        return f"{self.prefix}:alive:{service}" + (f":{instance}" if instance else "")
+        return f"{{{self.prefix}:alive}}:{service}" + (f":{instance}" if instance else "")
 
     def gateway_stats(self, gateway: str) -> str:
-        return f"{self.prefix}:stats:gateway:{gateway}"
+        return f"{{{self.prefix}:stats}}:gateway:{gateway}"
 
     def worker_info(self, worker: str) -> str:
-        return f"{self.prefix}:worker:{worker}"
+        return f"{{{self.prefix}:worker:{worker}}}"
 
     def partition_lease(self, partition: int) -> str:
-        return f"{self.prefix}:lease:tokens:{partition}"
+        return f"{self.tokens(partition)}:lease"
 
     def detok_state(self, request_id: str, index: int) -> str:
-        return f"{self.prefix}:detok:{request_id}:{index}"
+        return f"{self._request(request_id)}:detok:{request_id}:{index}"
 
     def detok_done(self, request_id: str) -> str:
-        return f"{self.prefix}:detok:{request_id}:done"
+        return f"{self._request(request_id)}:detok:{request_id}:done"
+
+    def _request(self, request_id: str) -> str:
+        return self.tokens(partition_of(request_id, self.partitions))
+
+    def label(self, key: str) -> str:
+        """The key without its hash tag's prefix, for people (metrics): "tokens:3", "schedule", "events:w0"."""
+        tag, _, rest = key.partition("}")
+        return rest[1:] if rest else tag[len(self.prefix) + 2:]
 
 
 @dataclass
@@ -152,19 +187,74 @@ class RedisOutage:
         return 0.0 if self.since is None else time.monotonic() - self.since
 
 
+# --redis-url of a Redis Cluster: redis+cluster://[[user]:password@]host:port[,host:port...] (rediss+cluster:// with
+# TLS); the nodes listed are where the client starts (any one will do: it finds the others), the credentials, TLS
+# and query options apply to all.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0] in CLUSTER_SCHEMES
+
+
+def _cluster_arguments(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """A cluster URL as redis-py takes it: the first node's plain URL (credentials, TLS, options) and the others'
+    (host, port)."""
+    scheme, _, rest = url.partition("://")
+    userinfo, at, rest = rest.rpartition("@")
+    rest, _, query = rest.partition("?")
+    rest, _, db = rest.partition("/")
+    if db not in ("", "0"):
+        raise ValueError(f"a Redis Cluster has database 0 only, not {db!r}")
+    nodes = []
+    for node in rest.split(","):
+        host, _, port = node.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"a Redis Cluster URL lists host:port pairs, separated by commas: not {node!r}")
+        nodes.append((host, int(port)))
+    first = f"{CLUSTER_SCHEMES[scheme]}://{userinfo}{at}{nodes[0][0]}:{nodes[0][1]}" + (f"?{query}" if query else "")
+    return first, nodes[1:]
+
+
+def connect(url: str, **options) -> redis.Redis | RedisCluster:
+    """A client of the Redis at `url`: redis-py's Redis, or its RedisCluster for a cluster URL."""
+    if not is_cluster_url(url):
+        return redis.Redis.from_url(url, **options)
+    first, others = _cluster_arguments(url)
+    return RedisCluster(url=first, startup_nodes=[ClusterNode(host, port) for host, port in others], **options)
+
+
+def connect_async(url: str, **options) -> redis.asyncio.Redis | AsyncRedisCluster:
+    """connect's asyncio twin."""
+    if not is_cluster_url(url):
+        return redis.asyncio.Redis.from_url(url, **options)
+    first, others = _cluster_arguments(url)
+    return AsyncRedisCluster.from_url(first, startup_nodes=[AsyncClusterNode(host, port) for host, port in others],
+                                      **options)
+
+
+def on_node_of(client, key: str) -> dict:
+    """The options that send a command without keys (INFO) to the node that holds `key`, on a Redis Cluster."""
+    if isinstance(client, (RedisCluster, AsyncRedisCluster)):
+        return {"target_nodes": client.get_node_from_key(key)}
+    return {}
+
+
 def just_restarted(server_info: dict) -> bool:
     """Whether Redis (its INFO server section) started less than RESTART_GRACE_S ago."""
     return server_info.get("uptime_in_seconds", RESTART_GRACE_S) < RESTART_GRACE_S
 
 
 class Transport:
-    def __init__(self, url: str, prefix: str = "ps", maxlen: int = STREAM_MAXLEN):
+    def __init__(self, url: str, prefix: str = "ps", maxlen: int = STREAM_MAXLEN,
+                 partitions: int = DEFAULT_PARTITIONS):
         self.url = url
         # No retries inside redis-py: every failure reaches the loop around the call, which waits Redis out and
         # knows that a read may have delivered entries it never saw (its default, 10 retries of each command and
         # of each connect, also held a caller for seconds).
-        self.redis = redis.Redis.from_url(url, health_check_interval=30, retry=Retry(NoBackoff(), 0))
-        self.names = Names(prefix)
+        self.redis = connect(url, health_check_interval=30, retry=Retry(NoBackoff(), 0))
+        self.cluster = isinstance(self.redis, RedisCluster)
+        self.names = Names(prefix, partitions)
         self.maxlen = maxlen
         self._groups: set[tuple[str, str]] = set()
         self._readers: set[tuple[str, str, str]] = set()         # (stream, group, consumer) read so far
@@ -178,11 +268,13 @@ class Transport:
         self._pending_from = {reader: b"0" for reader in self._readers}
 
     def restarted_recently(self) -> bool:
-        return just_restarted(self.redis.info("server"))
+        """Whether the Redis that holds the heartbeats has just restarted."""
+        return just_restarted(self.redis.info("server", **on_node_of(self.redis, self.names.alive("scheduler"))))
 
     def pipeline(self):
-        """A MULTI/EXEC transaction: effects and acknowledgements land together or not at all."""
-        return self.redis.pipeline(transaction=True)
+        """A MULTI/EXEC transaction: effects and acknowledgements land together or not at all. On a Redis Cluster
+        a transaction cannot span hash slots: see ClusterTransaction."""
+        return ClusterTransaction(self.redis) if self.cluster else self.redis.pipeline(transaction=True)
 
     def publish(self, stream: str, payload: bytes, pipe=None) -> None:
         (pipe or self.redis).xadd(stream, {FIELD: payload}, maxlen=self.maxlen, approximate=True)
@@ -227,7 +319,7 @@ class Transport:
         pending = {s: self._pending_from[(s, group, consumer)] for s in streams
                    if (s, group, consumer) in self._pending_from}
         if pending:
-            entries = self._entries(self.redis.xreadgroup(group, consumer, pending, count=count))
+            entries = self._xreadgroup(group, consumer, pending, count, None)
             for stream in pending:
                 last = [e.id for e in entries if e.stream == stream]
                 if last:
@@ -236,8 +328,34 @@ class Transport:
                     del self._pending_from[(stream, group, consumer)]
             if entries:
                 return entries
-        return self._entries(self.redis.xreadgroup(group, consumer, {s: ">" for s in streams}, count=count,
-                                                   block=block_ms))
+        return self._xreadgroup(group, consumer, {s: ">" for s in streams}, count, block_ms)
+
+    def _xreadgroup(self, group: str, consumer: str, streams: dict[str, str], count: int,
+                    block_ms: int | None) -> list[Entry]:
+        """XREADGROUP; on a Redis Cluster, one per hash slot of the streams (a command reads one slot only)."""
+        by_slot: dict[int, dict[str, str]] = {}
+        for stream, position in streams.items():
+            by_slot.setdefault(self.redis.keyslot(stream) if self.cluster else 0, {})[stream] = position
+        if len(by_slot) == 1:
+            return self._entries(self.redis.xreadgroup(group, consumer, streams, count=count, block=block_ms))
+        # Streams in several slots (a detokenizer's partitions): every slot asked at once (one round trip to each
+        # node); while none has entries, wait on each slot in turn, CLUSTER_WAIT_MS at a time (no one command
+        # can wait on several nodes), until block_ms is over.
+        deadline = time.monotonic() + (block_ms or 0) / 1000
+        slots = list(by_slot.values())
+        for turn in itertools.count():
+            pipe = self.redis.pipeline(transaction=False)
+            for positions in slots:
+                pipe.xreadgroup(group, consumer, positions, count=count)
+            entries = [e for reply in pipe.execute() for e in self._entries(reply)]
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if entries or left_ms <= 0:
+                return entries
+            entries = self._entries(self.redis.xreadgroup(group, consumer, slots[turn % len(slots)], count=count,
+                                                          block=min(left_ms, CLUSTER_WAIT_MS)))
+            if entries:
+                return entries
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _entries(reply) -> list[Entry]:
@@ -313,6 +431,43 @@ class Transport:
 
     def heartbeat(self, key: str, value: str | bytes = b"1", pipe=None) -> None:
         (pipe or self.redis).set(key, value, px=HEARTBEAT_TTL_MS)
+
+
+class ClusterTransaction:
+    """Transport.pipeline() on a Redis Cluster, where MULTI/EXEC cannot span hash slots. The commands are queued as
+    given; execute() sends those of the slots that acknowledge nothing first, in one pipeline (one round trip to
+    each node, all at once; each slot's commands in order), then the commands of each slot that acknowledges
+    (XACK) as one MULTI/EXEC. So an entry is acknowledged only once its effects elsewhere are written; a consumer
+    that dies in between leaves it pending, to be handled again, and its effects are written again, which their
+    readers drop (every message has its (request_id, seq), every plan and event its id). execute() returns the
+    results in the order the commands were queued."""
+
+    def __init__(self, client: RedisCluster):
+        self.client = client
+        self.queued: list[tuple[int, str, tuple, dict]] = []      # (slot, command, arguments, options)
+
+    def __getattr__(self, command: str):
+        def queue(key, *args, **kwargs):              # every command queued here names its key first
+            self.queued.append((self.client.keyslot(key), command, (key, *args), kwargs))
+            return self
+        return queue
+
+    def execute(self) -> list:
+        acknowledging = sorted({slot for slot, command, _, _ in self.queued if command == "xack"})
+        effects = [i for i, (slot, *_) in enumerate(self.queued) if slot not in acknowledging]
+        steps = [effects] + [[i for i, (s, *_) in enumerate(self.queued) if s == slot] for slot in acknowledging]
+        results: list = [None] * len(self.queued)
+        for step, indexes in enumerate(steps):
+            if not indexes:
+                continue
+            pipe = self.client.pipeline(transaction=step > 0)
+            for i in indexes:
+                _, command, args, kwargs = self.queued[i]
+                getattr(pipe, command)(*args, **kwargs)
+            for i, result in zip(indexes, pipe.execute()):
+                results[i] = result
+        self.queued = []
+        return results
 
 
 class Reclaimer:

@@ -375,6 +375,6 @@ class WorkerService:
 def run(args: argparse.Namespace) -> int:
     setup_logging("worker")
     from services.cli import engine_config
-    transport = Transport(args.redis_url, args.prefix)
+    transport = Transport(args.redis_url, args.prefix, partitions=args.partitions)
     WorkerService(transport, engine_config(args), args.worker_name, args.partitions).run(stop_event())
     return 0

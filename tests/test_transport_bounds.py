@@ -10,8 +10,8 @@ from services.transport import DEAD_LETTER_BYTES, DEAD_LETTER_MAXLEN, FIELD, Tra
 
 
 @pytest.fixture
-def transport(redis_url):
-    return Transport(redis_url, prefix=f"test-{uuid.uuid4().hex[:6]}")
+def transport(any_redis_url):
+    return Transport(any_redis_url, prefix=f"test-{uuid.uuid4().hex[:6]}")
 
 
 def test_a_dead_lettered_10_mb_payload_is_stored_truncated(transport):
