@@ -107,7 +107,7 @@ class MixedGraphs:
         self.hidden = torch.zeros(max_tokens, model.args.hidden_size, dtype=dtype, device=device)
         # size -> one graph per piece; and the Attention that runs after each piece but the last
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        self.attentions: list = []
+        self.attentions = [layer.self_attn for layer in model.layers]
         self.steps = 0                          # steps replayed (tests and stats)
 
     def _pieces(self, size: int):
@@ -117,12 +117,10 @@ class MixedGraphs:
     def _piece(self, pieces, size: int, first: bool) -> bool:
         """Run the next piece; False once the forward is done (its hidden states copied to self.hidden)."""
         try:
-            call = next(pieces) if first else pieces.send(self.attention_out[:size])
+            next(pieces) if first else pieces.send(self.attention_out[:size])
         except StopIteration as end:
             self.hidden[:size].copy_(end.value)
             return False
-        if len(self.attentions) < len(self.model.layers):
-            self.attentions.append(call[0])
         return True
 
     @torch.inference_mode()
