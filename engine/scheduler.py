@@ -90,6 +90,28 @@ class Scheduler:
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
         return seq
 
+    def adopt(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Continue here a request whose worker is gone: its unfinished sequences, taken from that worker's
+        scheduler, wait with the tokens known so far and are recomputed when admitted, as after a preemption. Each
+        keeps its seed, index and prompt length, so its output positions and its sampler stream go on where they
+        were: greedy and seeded sampling continue exactly as undisturbed. (A beam search is not adopted: its beams'
+        tokens were never streamed, so it starts again with add_request.)"""
+        seqs = [s for s in seqs if not s.is_finished]
+        if not seqs:
+            return []
+        request_id = seqs[0].request_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        moved = [replace(s, seq_id=self._new_seq_id(), arrival=self._next_arrival, token_ids=list(s.token_ids),
+                         status=SequenceStatus.WAITING, num_inflight=0, num_computed_tokens=0, num_cached_tokens=0,
+                         block_ids=[], block_hashes=[]) for s in seqs]
+        self._next_arrival += 1
+        self.requests[request_id] = moved
+        for seq in moved:
+            self._seqs[seq.seq_id] = seq
+            bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+        return moved
+
     def check_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                       beam_search: BeamSearchParams | None = None) -> None:
         """What only the scheduler knows. The prompt itself (not empty, in the vocabulary, within max_model_len

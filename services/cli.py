@@ -19,6 +19,7 @@ import os
 import sys
 
 from engine.config import SchedulerConfig, add_engine_args, engine_kwargs
+from services.placement import POLICIES
 
 def engine_config(args: argparse.Namespace):
     from engine.config import EngineConfig
@@ -39,7 +40,12 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
                        help="an existing Redis, or a Redis Cluster: redis+cluster://[:password@]host:port"
                             "[,host:port...] (default: $PAGESTREAM_REDIS_URL; serve without it starts its own)")
     group.add_argument("--prefix", default="ps", help="namespace of this deployment's streams and keys")
-    group.add_argument("--worker-name", default="w0", help="the worker this scheduler and gateway belong to")
+    group.add_argument("--worker-name", default="w0", help="this worker's name (the worker service), unique in the "
+                       "deployment; auto: one from the host name and pid (for replicas of one container)")
+    group.add_argument("--placement", choices=POLICIES, default="prefix",
+                       help="which worker a request runs on, with several (the scheduler): prefix = the one whose "
+                            "KV cache holds the prompt's prefix unless it is overloaded, else the least loaded; "
+                            "round-robin ignores the cache")
     group.add_argument("--partitions", type=int, default=8, help="detokenizer partitions (worker and "
                                                                   "detokenizers must agree)")
     group.add_argument("--resume-grace", type=float, default=30.0,

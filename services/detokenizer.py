@@ -76,12 +76,12 @@ class LeaseLost(Exception):
 
 
 class DetokenizerService:
-    def __init__(self, transport: Transport, output_processor: OutputProcessor, partitions: int, worker: str = "w0"):
+    def __init__(self, transport: Transport, output_processor: OutputProcessor, partitions: int):
         if transport.cluster and partitions != transport.names.partitions:
             raise ValueError(f"{partitions} partitions, but the transport names keys for "
                              f"{transport.names.partitions}: a request's keys would leave its partition's slot")
         self.transport, self.names, self.redis = transport, transport.names, transport.redis
-        self.output_processor, self.partitions, self.worker = output_processor, partitions, worker
+        self.output_processor, self.partitions = output_processor, partitions
         self.limits: Limits | None = None                # the worker's, its tokens are checked against (once known)
         self.consumer = instance_id("detokenizer")
         self.owned: set[int] = set()
@@ -258,7 +258,7 @@ class DetokenizerService:
         if now < self._rebalance_at:
             return
         self._rebalance_at = now + REBALANCE_EVERY_S
-        info = self.transport.worker_info(self.worker)   # read again every rebalance: a restarted worker
+        info = self.transport.any_worker_info()          # read again every rebalance: a restarted worker
         self.limits = Limits.of(info) if info is not None else None     # registers anew
         for partition in list(self.owned):
             if not self._renew(keys=[self.names.partition_lease(partition)], args=[self.consumer, HEARTBEAT_TTL_MS]):
@@ -311,5 +311,5 @@ def run(args: argparse.Namespace) -> int:
     files = resolve_model(args.model, args.load_format, progress=False)
     transport = Transport(args.redis_url, args.prefix, partitions=args.partitions)
     processor = OutputProcessor(load_tokenizer(files, args.tokenizer))
-    DetokenizerService(transport, processor, args.partitions, args.worker_name).run(stop_event())
+    DetokenizerService(transport, processor, args.partitions).run(stop_event())
     return 0

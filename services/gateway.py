@@ -261,7 +261,7 @@ class Api:
         self.metrics = settings.metrics
         # The reply stream's lag needs the id of the last entry the client read (PipelineClient.last_reply_id);
         # a client that does not keep it leaves that one stream out of /metrics.
-        self.scraper = PipelineScraper(client.redis, client.names, client.worker, client.reply_stream,
+        self.scraper = PipelineScraper(client.redis, client.names, client.reply_stream,
                                        lambda: getattr(client, "last_reply_id", None))
 
     # -- generation --
@@ -776,7 +776,7 @@ async def _start_grpc(client: PipelineClient, settings: GatewaySettings, host: s
 
 
 async def serve(args: argparse.Namespace, settings: GatewaySettings) -> None:
-    client = PipelineClient(args.redis_url, args.prefix, args.worker_name, args.max_pending)
+    client = PipelineClient(args.redis_url, args.prefix, args.max_pending)
     await client.start()
     stats = asyncio.create_task(publish_gateway_stats(client.redis, client.names, client.gateway_id,
                                                       settings.metrics))

@@ -36,7 +36,8 @@ from services.transport import REDIS_URL_ENV
 
 log = logging.getLogger("pagestream.serve")
 
-SERVE_ONLY = {"tokenizers", "detokenizers", "gateways", "redis_port"}     # serve's own flags, not passed on
+SERVE_ONLY = {"tokenizers", "detokenizers", "gateways", "redis_port", "data_parallel_size",
+              "worker_name"}     # serve's own flags (and the workers' names, serve's to give), not passed on
 NOT_ON_ARGV = {"redis_url"}      # passed on in the environment: a URL may hold a password, and ps shows argv
 RESTART_DELAY_S = 1.0            # a service is started at most once in this long, however fast it dies
 STOP_GRACE_S = 15.0              # what services get to finish the requests they hold, once serving
@@ -236,11 +237,37 @@ def announce_when_ready(base_url: str, banner: str, stop: threading.Event, ready
     return thread
 
 
+def worker_devices(data_parallel_size: int, tensor_parallel_size: int) -> list[str | None]:
+    """Each worker's GPUs (CUDA_VISIBLE_DEVICES), tensor_parallel_size apiece, from those this serve sees; None: one
+    worker, which sees them all (as serve does)."""
+    if data_parallel_size == 1:
+        return [None]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [d.strip() for d in visible.split(",") if d.strip()]
+    else:
+        try:
+            import torch
+            gpus = [str(i) for i in range(torch.cuda.device_count())]
+        except ImportError:
+            gpus = []
+    need = data_parallel_size * tensor_parallel_size
+    if not gpus:              # no GPU (the CPU path): the workers share the CPU
+        return [""] * data_parallel_size
+    if len(gpus) < need:
+        raise SystemExit(f"--data-parallel-size {data_parallel_size} x --tensor-parallel-size "
+                         f"{tensor_parallel_size} needs {need} GPUs; {len(gpus)} visible")
+    return [",".join(gpus[r * tensor_parallel_size:(r + 1) * tensor_parallel_size])
+            for r in range(data_parallel_size)]
+
+
 def serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from services.runtime import setup_logging, stop_event
     setup_logging("serve")
     stop = stop_event()
     stack = Stack()
+    if args.data_parallel_size < 1:
+        raise SystemExit(f"--data-parallel-size must be at least 1, got {args.data_parallel_size}")
     try:
         # Every port first, so a port in use fails here, before Redis or any service starts.
         listener = listen(args.host, args.port)
@@ -261,7 +288,11 @@ def serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         common = forward_argv(parser, args, SERVE_ONLY | NOT_ON_ARGV)
         env = {**os.environ, REDIS_URL_ENV: args.redis_url}
         command = [sys.executable, "-m", "services.cli", "service"]
-        names = ["worker", "scheduler"] + ["tokenizer"] * args.tokenizers + ["detokenizer"] * args.detokenizers
+        for rank, devices in enumerate(worker_devices(args.data_parallel_size, args.tensor_parallel_size)):
+            worker_env = env if devices is None else {**env, "CUDA_VISIBLE_DEVICES": devices}
+            stack.services.append(Service("worker", command + ["worker", *common, "--worker-name", f"w{rank}"],
+                                          env=worker_env))
+        names = ["scheduler"] + ["tokenizer"] * args.tokenizers + ["detokenizer"] * args.detokenizers
         for name in names:
             stack.services.append(Service(name, command + [name] + common, env=env))
         # Every gateway gets the API's socket (--fd) and, with --grpc-port, serves gRPC on the port reserved above
@@ -292,5 +323,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detokenizers", type=int, default=1, help="detokenizer processes")
     parser.add_argument("--gateways", type=int, default=1,
                         help="gateway (HTTP and gRPC API) processes, all accepting on --port (and --grpc-port)")
+    parser.add_argument("--data-parallel-size", type=int, default=1,
+                        help="workers, each with its own GPUs (--tensor-parallel-size apiece) and KV cache; one "
+                             "scheduler places requests on them (--placement)")
     parser.add_argument("--redis-port", type=int, default=None,
                         help="port of the embedded redis-server (default: a free one)")

@@ -265,6 +265,20 @@ SCHEDULER_FIELDS = {
                                   "Over the finished beam searches, the sum of the most KV blocks each one's "
                                   "beams shared at once."),
 }
+# Each worker's own (data parallel), from the fields worker:<name>:<field>, labelled by worker.
+WORKER_FIELDS = {
+    "running": ("pagestream_worker_requests_running", Gauge, "Sequences running on a worker."),
+    "waiting": ("pagestream_worker_requests_waiting", Gauge, "Sequences waiting for admission on a worker."),
+    "kv_usage": ("pagestream_worker_kv_cache_usage_ratio", Gauge, "Fraction of a worker's KV cache blocks in use."),
+    "prefix_cache_queries": ("pagestream_worker_prefix_cache_queries_total", Counter,
+                             "A worker's prefix cache lookups (tokens)."),
+    "prefix_cache_hits": ("pagestream_worker_prefix_cache_hits_total", Counter,
+                          "A worker's prefix cache hits (tokens)."),
+    "prefix_cache_hit_rate": ("pagestream_worker_prefix_cache_hit_rate", Gauge,
+                              "A worker's prefix cache hits / queries."),
+}
+PLACED = ("pagestream_requests_placed_total", "Requests placed on a worker, by why: prefix (its cache holds the "
+          "prompt's prefix), load (the least loaded), round_robin, migrated (its worker was lost).")
 QUEUE_TIME = ("pagestream_request_queue_time_seconds", "From a request's arrival to its admission by the "
               "scheduler.")
 
@@ -285,6 +299,27 @@ def scheduler_metrics(stats: dict) -> list[Metric]:
             metric = kind(name, help)
             metric.values[()] = stats[key]
             out.append(metric)
+    if stats.get("workers") is not None:
+        metric = Gauge("pagestream_workers", "Workers alive (data parallel: each with its own KV cache).")
+        metric.values[()] = stats["workers"]
+        out.append(metric)
+    if stats.get("migrated") is not None:
+        metric = Counter("pagestream_requests_migrated_total", "Requests moved off a lost worker, recomputed on "
+                         "another.")
+        metric.values[()] = stats["migrated"]
+        out.append(metric)
+    per_worker = {key: kind(name, help, ["worker"]) for key, (name, kind, help) in WORKER_FIELDS.items()}
+    placed = Counter(*PLACED, ["worker", "reason"])
+    for key, value in stats.items():
+        if not key.startswith("worker:") or value is None:
+            continue
+        worker, _, field = key[len("worker:"):].rpartition(":")
+        if field in per_worker:
+            metric = per_worker[field]
+            metric.values[metric._key({"worker": worker})] = value
+        elif worker.endswith(":placed"):                   # worker:<name>:placed:<reason>
+            placed.values[placed._key({"worker": worker[:-len(":placed")], "reason": field})] = value
+    out += [m for m in [*per_worker.values(), placed] if m.values]
     buckets = [(_number(k.split(":", 1)[1]), v) for k, v in stats.items() if k.startswith("queue_time_bucket:")]
     total = stats.get("queue_time_sum")
     if buckets and total is not None and all(le is not None and v is not None for le, v in buckets) \
@@ -333,12 +368,10 @@ class PipelineScraper:
     is: reply_read_id() gives the id of the last entry it read, reported as the stream's group "gateway" (None:
     nothing read yet, or not known; then the reply stream is left out)."""
 
-    def __init__(self, redis, names: Names, worker: str, reply_stream: str,
-                 reply_read_id: Callable[[], bytes | None]):
+    def __init__(self, redis, names: Names, reply_stream: str, reply_read_id: Callable[[], bytes | None]):
         self.redis, self.names = redis, names
         self.reply_stream, self.reply_read_id = reply_stream, reply_read_id
-        self.fixed_streams = [names.tokenize, names.schedule, names.abort, names.plan(worker),
-                              names.events(worker), reply_stream]
+        self.fixed_streams = [names.tokenize, names.schedule, names.abort, reply_stream]
         self._partitions: list[str] = []
         self._partitions_at = -math.inf
 
@@ -353,7 +386,10 @@ class PipelineScraper:
 
     async def collect(self) -> list[Metric]:
         try:
-            streams = self.fixed_streams + await self._token_streams()
+            workers = sorted(w.decode() if isinstance(w, bytes) else w
+                             for w in await self.redis.smembers(self.names.workers))
+            streams = self.fixed_streams + [s for w in workers for s in (self.names.plan(w), self.names.events(w))] \
+                + await self._token_streams()
             pipe = self.redis.pipeline(transaction=False)
             pipe.hgetall(self.names.scheduler_stats)
             for stream in streams:

@@ -2,8 +2,9 @@
 
 Shared by the HTTP gateway and the gRPC server. Each gateway instance has its own reply stream; one reader task
 takes every Reply from it and hands each item to its request's queue, dropping repeats by (request, index, seq).
-A watcher follows the scheduler's and the worker's heartbeats: when either dies or restarts, every request
-in flight ends with a clear 503 error instead of hanging. Redis going away ends nothing at first: the reader
+A watcher follows the scheduler's and the workers' heartbeats: when the scheduler dies or restarts, every request
+in flight ends with a clear 503 error instead of hanging (a worker that dies loses no request: the scheduler moves
+its requests to another worker); with no scheduler or no worker alive, new requests get a 503. Redis going away ends nothing at first: the reader
 waits it out and goes on from the last reply it read; but once it has failed to reach Redis for REDIS_LOST_S,
 every request in flight ends with a 503 error (and is aborted upstream once Redis is back). The gateway has a
 heartbeat of its own, by which the scheduler knows when to abort a dead gateway's requests; until then another
@@ -61,7 +62,7 @@ class StreamGone(Exception):
 @dataclass
 class _InFlight:
     queue: asyncio.Queue
-    epochs: tuple
+    scheduler_epoch: str | None           # the scheduler's when it was sent: another one never knew of it
     next_seq: dict[int, int] = field(default_factory=dict)     # completion index -> next expected seq
     open_indexes: int = 1                                       # completions not yet finished
     first_entry: bytes | None = None                            # the reply-stream entry of its first item
@@ -82,8 +83,7 @@ def _resumed_elsewhere(request_id: str) -> ReplyItem:
 
 
 class PipelineClient:
-    def __init__(self, redis_url: str, prefix: str = "ps", worker: str = "w0", max_pending: int = 1024,
-                 gateway_id: str | None = None):
+    def __init__(self, redis_url: str, prefix: str = "ps", max_pending: int = 1024, gateway_id: str | None = None):
         # Requests wait for a free connection rather than fail when hundreds arrive at once; the reply reader
         # has its own, since its XREAD blocks.
         # One quick retry: a pooled connection that died with a restarted Redis is replaced at once, not a 503
@@ -99,12 +99,12 @@ class PipelineClient:
         self._reader = connect_async(redis_url, retry=retry, socket_timeout=REPLY_BLOCK_MS / 1000 + 2)
         self.redis_url = redis_url
         self.names = Names(prefix)
-        self.worker = worker
         self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:8]}"     # resumable.EventId parses this form
         self.reply_stream = self.names.reply(self.gateway_id)
         self.max_pending = max_pending
         self._inflight: dict[str, _InFlight] = {}
-        self._epochs: tuple = (None, None)           # (scheduler epoch, worker epoch) as last seen
+        self._scheduler_epoch: str | None = None      # as last seen (None: not alive)
+        self._workers_alive = False                  # whether any worker's heartbeat was, when last looked
         self._tasks: list[asyncio.Task] = []
         self._followers: dict[str, _Follower] = {}       # another gateway's reply stream -> its follower
         self._ids = itertools.count()
@@ -145,7 +145,7 @@ class PipelineClient:
 
     @property
     def pipeline_alive(self) -> bool:
-        return None not in self._epochs
+        return self._scheduler_epoch is not None and self._workers_alive
 
     # ---- requests ------------------------------------------------------------------------------------------
     def new_request_id(self, kind: str = "cmpl") -> str:
@@ -162,10 +162,10 @@ class PipelineClient:
         if request.request_id in self._inflight:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
         request.gateway = self.gateway_id
-        request.epoch = self._epochs[0] or ""
+        request.epoch = self._scheduler_epoch or ""
         payload = encode(request)
         decode(GenerateRequest, payload)     # the schema's limits, checked here: a tokenizer could not answer it
-        flight = _InFlight(asyncio.Queue(), self._epochs, open_indexes=request.params.num_sequences)
+        flight = _InFlight(asyncio.Queue(), self._scheduler_epoch, open_indexes=request.params.num_sequences)
 
         async def send() -> None:
             await self.redis.xadd(self.names.tokenize, {FIELD: payload}, maxlen=STREAM_MAXLEN, approximate=True)
@@ -193,7 +193,7 @@ class PipelineClient:
         previous = self._inflight.get(request_id)
         if previous is not None:            # an earlier connection to this gateway, broken unnoticed: it lets go
             previous.queue.put_nowait(_resumed_elsewhere(request_id))
-        flight = _InFlight(asyncio.Queue(), self._epochs, open_indexes=n, resumed=True)
+        flight = _InFlight(asyncio.Queue(), self._scheduler_epoch, open_indexes=n, resumed=True)
 
         async def send() -> None:
             await self.redis.xadd(self.names.resume, {FIELD: encode(Resume(request_id, self.gateway_id))},
@@ -250,7 +250,7 @@ class PipelineClient:
             with contextlib.suppress(redis.RedisError, OSError):
                 await self._check_liveness()
         if not self.pipeline_alive:
-            raise Unavailable("the scheduler or the worker is not running")
+            raise Unavailable("the scheduler or every worker is not running")
 
     def _let_go(self, request_id: str, flight: _InFlight) -> None:
         if self._inflight.get(request_id) is flight:      # not a newer connection's, which took the request over
@@ -264,11 +264,14 @@ class PipelineClient:
             log.exception("could not send abort for %s", request_id)
 
     async def worker_info(self) -> WorkerInfo | None:
-        """What the worker registered at its start (its max_model_len, KV blocks, ...); None: not yet, or Redis
-        cannot say."""
+        """What a live worker registered at its start (the model's max_model_len, its KV blocks, ...); None: none
+        yet, or Redis cannot say."""
         try:
-            raw = await self.redis.get(self.names.worker_info(self.worker))
-            return decode(WorkerInfo, raw) if raw else None
+            for worker in await self._live_workers():
+                raw = await self.redis.get(self.names.worker_info(worker))
+                if raw:
+                    return decode(WorkerInfo, raw)
+            return None
         except (redis.RedisError, OSError, SchemaError) as e:
             log.warning("could not read the worker's registration: %s", e)
             return None
@@ -432,22 +435,27 @@ class PipelineClient:
         await self.redis.set(self.names.alive("gateway", self.gateway_id), f"{socket.gethostname()}:{os.getpid()}",
                              px=HEARTBEAT_TTL_MS)
 
+    async def _live_workers(self) -> list[str]:
+        names = sorted(m.decode() for m in await self.redis.smembers(self.names.workers))
+        beats = await self.redis.mget([self.names.alive("worker", n) for n in names]) if names else []
+        return [name for name, beat in zip(names, beats) if beat is not None]
+
     async def _check_liveness(self) -> None:
-        values = await self.redis.mget(self.names.alive("scheduler"), self.names.alive("worker", self.worker))
-        epochs = tuple(v.decode() if v else None for v in values)
-        if None in epochs and epochs != self._epochs and just_restarted(
+        beat = await self.redis.get(self.names.alive("scheduler"))
+        scheduler, workers_alive = beat.decode() if beat else None, bool(await self._live_workers())
+        if (scheduler is None or not workers_alive) and (scheduler, workers_alive) != (
+                self._scheduler_epoch, self._workers_alive) and just_restarted(
                 await self.redis.info("server", **on_node_of(self.redis, self.names.alive("scheduler")))):
             # Heartbeats that expired while Redis was down: the services beat again in a moment (not dead).
-            epochs = tuple(old if new is None else new for new, old in zip(epochs, self._epochs))
-        self._epochs = epochs
+            scheduler, workers_alive = scheduler or self._scheduler_epoch, workers_alive or self._workers_alive
+        self._scheduler_epoch, self._workers_alive = scheduler, workers_alive
         for request_id, flight in list(self._inflight.items()):
-            if flight.epochs != self._epochs:
-                which = "scheduler" if flight.epochs[0] != self._epochs[0] else "worker"
-                what = "stopped" if self._epochs[0 if which == "scheduler" else 1] is None else "restarted"
-                error = ErrorInfo(f"the {which} {what} while this request was in flight; please retry",
+            if flight.scheduler_epoch != scheduler:
+                what = "stopped" if scheduler is None else "restarted"
+                error = ErrorInfo(f"the scheduler {what} while this request was in flight; please retry",
                                   type="service_unavailable", code=503)
                 flight.queue.put_nowait(ReplyItem(request_id=request_id, error=error))
-                flight.epochs = self._epochs           # one error is enough
+                flight.scheduler_epoch = scheduler         # one error is enough
 
 
 class _Follower:

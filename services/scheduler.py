@@ -1,27 +1,37 @@
-"""The scheduler service: the engine's Scheduler and block accounting for one worker, one plan ahead of it.
+"""The scheduler service: the engine's Scheduler and block accounting for every worker, one plan ahead of each.
 
-It reads three streams in one call: new requests (schedule), aborts (abort) and the worker's per-plan events
-(events:<worker>). It keeps two plans outstanding: while the worker runs plan r, plan r+1 already waits in its
-stream, made before r's tokens were known (their tokens count as in flight, see engine.scheduler). So the worker
-never waits for the scheduler, and the scheduler never waits for a token it does not need. A prompt that can be
-admitted does not wait for those two: it goes out at once in a third plan, and the worker ends the running plan at
-its next step boundary and runs none of the queued one if it only decodes (each event says how many steps ran;
-Scheduler.cut takes back the rest).
+It reads its inputs in one call: new requests (schedule), aborts (abort), resumes, and each worker's per-plan
+events (events:<worker>). For each worker it keeps two plans outstanding: while the worker runs plan r, plan r+1
+already waits in its stream, made before r's tokens were known (their tokens count as in flight, see
+engine.scheduler). So a worker never waits for the scheduler, and the scheduler never waits for a token it does not
+need. A prompt that can be admitted does not wait for those two: it goes out at once in a third plan, and the worker
+ends the running plan at its next step boundary and runs none of the queued one if it only decodes (each event says
+how many steps ran; Scheduler.cut takes back the rest).
 
-If the worker dies or restarts (its heartbeat's epoch changes), every request it held is lost: the gateways
-fail them (they watch the same heartbeats) and this service starts over with the new worker's KV pool.
+Data parallel: the workers are those in the registry (each adds its name when it starts) whose heartbeat is alive.
+Each has its own KV pool, so each has its own engine Scheduler here, and a request is placed on one of them when it
+arrives (services/placement.py: prefix-cache affinity, then load). One scheduler over several workers, rather than
+one per worker behind a router, because placement then reads each pool's real prefix cache instead of a router's
+guess, and a request can move between workers without a handover between services.
+
+A worker that dies or restarts (its heartbeat gone, or its epoch changed) loses its KV pool, not its requests:
+each one it held moves to a live worker (Scheduler.adopt) with its prompt and the tokens known here, and is
+prefilled again there (recompute). The client's stream goes on without a gap or a repeat: the tokens it already
+got beyond those known here are computed again and dropped by position at the detokenizer, and the sampler is a
+function of (seed, position), so greedy and seeded requests continue exactly as undisturbed. With no worker alive,
+the requests wait here for one to register.
 
 Redis going away stops nothing held here: the loop waits it out (runtime.keep_running), reads its pending
 entries again (a repeated request or abort is dropped, an event for a plan no longer outstanding too), and a plan
-made meanwhile waits in `unsent` until Redis takes it, in order (sent twice, the worker drops the repeat by its
-plan id).
+made meanwhile waits in its worker's `unsent` until Redis takes it, in order (sent twice, the worker drops the
+repeat by its plan id).
 
 Each request has an owner, the gateway streaming it: first the one that took it, then any that took it over
 (Resume: its client came back there with Last-Event-ID, see services/resumable.py). When an owner's heartbeat is
 gone for the grace period (--resume-grace), its requests nobody took over are aborted; a dead gateway's reply
 stream is deleted once no request in flight writes to it any more.
 
-What it reads is trusted no further than its schema and value ranges, against the worker's limits (WorkerInfo):
+What it reads is trusted no further than its schema and value ranges, against the workers' limits (WorkerInfo):
 a request, abort or event that fails is dead-lettered (a request's gateway gets an error reply too), and the
 requests in flight go on as if it never came.
 """
@@ -31,7 +41,8 @@ import argparse
 import logging
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
 
 from engine.beam_search import BeamSearchResult
 from engine.block_manager import BlockManager
@@ -39,10 +50,14 @@ from engine.config import SchedulerConfig
 from engine.input_processor import InputProcessor
 from engine.plan import Plan, StepResult, TokenLogprobs
 from engine.scheduler import Scheduler
-from engine.sequence import FinishReason
+from engine.sequence import FinishReason, Sequence
 from schemas.codec import SchemaError, decode, encode
+from schemas.beam_search_params import BeamSearchParams
+from schemas.sampling_params import SamplingParams
 from schemas.limits import Limits
-from schemas.messages import RESUMED_ELSEWHERE, Abort, PlanMessage, Resume, ScheduleRequest, StepEvent, StepTokens
+from schemas.messages import (RESUMED_ELSEWHERE, Abort, PlanMessage, Resume, ScheduleRequest, StepEvent, StepTokens,
+                              WorkerInfo)
+from services.placement import Placement
 from services.runtime import Heartbeat, keep_running, setup_logging, stop_event
 from services.transport import Entry, Transport, Trimmer, instance_id, partition_of
 
@@ -52,6 +67,7 @@ GROUP = "scheduler"
 MAX_OUTSTANDING_PLANS = 2          # the one running and the next, waiting in the worker's stream
 MAX_OUTSTANDING_WITH_PROMPTS = 3   # plus one that admits prompts at the running plans' next step boundary
 STATS_EVERY_S = 0.5
+WORKERS_EVERY_S = 1.0              # how often the registry is read for workers that joined
 REAP_EVERY_S = 1.0                 # how often owners' heartbeats are looked at
 REPLY_STREAMS_EVERY_S = 10.0       # how often the reply streams are listed, for deleting dead gateways' streams
 REPLY_STREAM_LINGER_S = 10.0       # after the grace period and the last request writing to it, a stream's last items
@@ -73,23 +89,48 @@ class _Bounded(OrderedDict):
             self.popitem(last=False)
 
 
+@dataclass
+class WorkerSlot:
+    """One worker this scheduler drives: the engine Scheduler over its KV pool, and the plans in flight to it."""
+    name: str
+    epoch: str
+    scheduler: Scheduler
+    limits: Limits
+    outstanding: OrderedDict[int, Plan] = field(default_factory=OrderedDict)     # plan id -> plan, in order
+    unsent: deque[bytes] = field(default_factory=deque)    # plans made but not yet in the worker's stream
+    placed: Counter = field(default_factory=Counter)       # placement reason -> requests placed here
+
+
+@dataclass
+class Orphan:
+    """A request whose worker is gone, waiting for a live one: its unfinished sequences (adopted as they are), or,
+    for a beam search, the request itself (started again)."""
+    request_id: str
+    seqs: list[Sequence]
+    beam_search: tuple[SamplingParams, BeamSearchParams] | None = None     # the request's own params, and its search's
+
+
 class SchedulerService:
-    def __init__(self, transport: Transport, config: SchedulerConfig, worker: str, enable_prefix_caching: bool,
-                 seed: int = 0, resume_grace_s: float = 30.0, partitions: int = 8):
+    def __init__(self, transport: Transport, config: SchedulerConfig, enable_prefix_caching: bool,
+                 seed: int = 0, resume_grace_s: float = 30.0, partitions: int = 8, placement: str = "prefix"):
         self.transport, self.names = transport, transport.names
         self.partitions = partitions                       # the detokenizers': finished beam searches go there
         self.beam_searches = self.beam_kv_blocks_saved_peak = 0
-        self.config, self.worker, self.enable_prefix_caching = config, worker, enable_prefix_caching
+        self.config, self.enable_prefix_caching = config, enable_prefix_caching
         self.epoch = uuid.uuid4().hex
         self.consumer = instance_id("scheduler")
         self.seed = seed
-        self.scheduler: Scheduler | None = None
-        self.input_processor: InputProcessor | None = None     # the worker's limits; chooses unseeded requests' seeds
-        self.limits: Limits | None = None                      # the worker's vocabulary, KV pool, max_model_len
-        self.worker_epoch: str | None = None
-        self.outstanding: OrderedDict[int, Plan] = OrderedDict()     # plan id -> plan, in order
-        self.unsent: deque[bytes] = deque()                # plans made but not yet in the worker's stream
-        self.next_plan_id = 0
+        self.workers: dict[str, WorkerSlot] = {}           # the live workers, by name
+        self.placement = Placement(placement)
+        self.where: dict[str, str] = {}                    # request id -> the worker it runs on
+        self.orphans: list[Orphan] = []                    # requests of dead workers, with no live worker yet
+        # The beam searches in flight, as asked (a beam's params are the search's own): started again if moved.
+        self.beams: dict[str, tuple[SamplingParams, BeamSearchParams]] = {}
+        self.next_plan_id = 0            # one count over every worker: an event of a lost worker matches no plan
+        self.migrated = 0
+        self.input_processor: InputProcessor | None = None     # the deployment's limits; chooses unseeded seeds
+        self.limits: Limits | None = None                  # the model's vocabulary and max_model_len (every worker's)
+        self._workers_at = 0.0
         self.gateways: dict[str, str] = {}                 # request id -> the gateway whose reply stream has it
         self.owners: dict[str, str] = {}                   # request id -> the gateway that took it over, if one did
         self.resume_grace_s = resume_grace_s
@@ -102,28 +143,35 @@ class SchedulerService:
         self.queue_time_counts = [0] * (len(QUEUE_TIME_BUCKETS) + 1)
         self.queue_time_sum = 0.0
         self._stats_at = 0.0
+        self._stats_fields: set[str] = set()
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self, stop) -> None:
         Heartbeat(self.transport, self.names.alive("scheduler"), self.epoch, stop).start()
-        streams = [self.names.events(self.worker), self.names.abort, self.names.resume, self.names.schedule]
-        log.info("scheduler %s (epoch %s) for worker %s", self.consumer, self.epoch[:8], self.worker)
-        trim = Trimmer(self.transport, streams)
+        inputs = [self.names.abort, self.names.resume, self.names.schedule]
+        log.info("scheduler %s (epoch %s), placement %s", self.consumer, self.epoch[:8], self.placement.policy)
+        trimmers: dict[tuple, Trimmer] = {}
         idle = True
 
         def iteration() -> None:
             nonlocal idle
-            trim()
-            if not self._worker_is_current():
-                self._wait_for_worker(stop)
+            self._track_workers()
+            if not self.workers:                  # inputs wait in their streams until a worker registers
+                stop.wait(0.2)
                 return
+            streams = [self.names.events(w) for w in self.workers] + inputs
+            trim = trimmers.get(tuple(streams)) or trimmers.setdefault(tuple(streams), Trimmer(self.transport,
+                                                                                                streams))
+            trim()
             self._send_plans()
             # Don't wait for input when a plan can go out now; otherwise block until something arrives.
             entries = self.transport.read(streams, GROUP, self.consumer, count=512, block_ms=50 if idle else None)
             self._handle(entries)
-            room = len(self.outstanding) < MAX_OUTSTANDING_PLANS or (
-                len(self.outstanding) < MAX_OUTSTANDING_WITH_PROMPTS and self.scheduler.has_prompt_work())
-            planned = room and self._plan()
+            planned = False
+            for slot in list(self.workers.values()):
+                room = len(slot.outstanding) < MAX_OUTSTANDING_PLANS or (
+                    len(slot.outstanding) < MAX_OUTSTANDING_WITH_PROMPTS and slot.scheduler.has_prompt_work())
+                planned = (room and self._plan(slot)) or planned
             idle = not planned and not entries
             self._publish_stats()
             self._reap()
@@ -133,10 +181,13 @@ class SchedulerService:
     def _handle(self, entries: list[Entry]) -> None:
         pipe = self.transport.pipeline()
         took = time.time()
+        events = {self.names.events(w): slot for w, slot in self.workers.items()}
         for entry in entries:
             try:
-                if entry.stream == self.names.events(self.worker):
-                    self._on_event(decode(StepEvent, entry.payload, self.limits))
+                if entry.stream in events:
+                    slot = events[entry.stream]
+                    if self.workers.get(slot.name) is slot:        # not a worker lost while reading
+                        self._on_event(slot, decode(StepEvent, entry.payload, slot.limits))
                 elif entry.stream == self.names.abort:
                     self._on_abort(decode(Abort, entry.payload, self.limits))
                 elif entry.stream == self.names.resume:
@@ -158,33 +209,46 @@ class SchedulerService:
             self.transport.reply_error(request.gateway, rid, str(e), pipe)
             raise
         try:
-            # The tokenizer service validated the prompt; checked again against the worker's own limits, so that
-            # a stray message gets an error reply (and is dead-lettered) instead of breaking a plan or the worker.
+            # The tokenizer service validated the prompt; checked again against the workers' own limits, so that
+            # a stray message gets an error reply (and is dead-lettered) instead of breaking a plan or a worker.
             ids = self.input_processor.process(request.params, prompt_token_ids=request.prompt_token_ids)
         except ValueError as e:
             self.transport.reply_error(request.gateway, rid, str(e), pipe)
             raise SchemaError(f"schedule.prompt: {e}") from None
         if rid in self.seen or rid in self.aborted or (request.epoch and request.epoch != self.epoch):
             return                 # a repeat, aborted before it got here, or sent before this scheduler started
+        choice = self.placement.choose(ids, {name: slot.scheduler for name, slot in self.workers.items()})
+        slot = self.workers[choice.worker]
         try:
-            self.scheduler.add_request(rid, ids, request.params, self.input_processor.seed(request.params),
+            slot.scheduler.add_request(rid, ids, request.params, self.input_processor.seed(request.params),
                                        request.priority, request.beam_search)
         except ValueError as e:    # a valid request this pool cannot take (not seen: read again, answered again)
             self.transport.reply_error(request.gateway, rid, str(e), pipe)
             return
+        slot.placed[choice.reason] += 1
+        self.where[rid] = slot.name
+        if request.beam_search is not None:
+            self.beams[rid] = (request.params, request.beam_search)
         self.seen.add(rid)
         self.gateways[rid] = request.gateway
         self.stamps[rid] = [request.arrival, request.tokenizer_took, took]
 
     def _on_abort(self, abort: Abort) -> None:
-        seqs = self.scheduler.requests.get(abort.request_id)
         if abort.index is None:
             self.aborted.add(abort.request_id)
-            self.scheduler.abort_request(abort.request_id)
-        elif seqs:                                             # a stop string ended one completion
-            for seq in seqs:
-                if seq.index == abort.index:
-                    self.scheduler.finish(seq, FinishReason.STOP, abort.stop_reason)
+        slot = self.workers.get(self.where.get(abort.request_id, ""))
+        if slot is not None:
+            seqs = slot.scheduler.requests.get(abort.request_id)
+            if abort.index is None:
+                slot.scheduler.abort_request(abort.request_id)
+            elif seqs:                                         # a stop string ended one completion
+                for seq in seqs:
+                    if seq.index == abort.index:
+                        slot.scheduler.finish(seq, FinishReason.STOP, abort.stop_reason)
+        for orphan in self.orphans:                            # one waiting for a worker: ends before it moves
+            if orphan.request_id == abort.request_id:
+                orphan.seqs = [] if abort.index is None else [s for s in orphan.seqs if s.index != abort.index]
+        self.orphans = [o for o in self.orphans if o.seqs]
         self._forget_finished()
 
     def _on_resume(self, resume: Resume, pipe) -> None:
@@ -200,8 +264,9 @@ class SchedulerService:
             self.transport.reply_error(previous, rid, "this stream was resumed on another connection", pipe,
                                        code=409, type=RESUMED_ELSEWHERE)
 
-    def _on_event(self, event: StepEvent) -> None:
-        plan = self.outstanding.get(event.plan_id)
+    def _on_event(self, slot: WorkerSlot, event: StepEvent) -> None:
+        scheduler = slot.scheduler
+        plan = slot.outstanding.get(event.plan_id)
         if plan is None:
             return                                             # a plan of a worker that is gone
         # Checked before anything is applied: a stray event must not end (or grow) another plan's sequences.
@@ -212,18 +277,18 @@ class SchedulerService:
         candidates = {s: TokenLogprobs(0.0, list(zip(c.top_token_ids, c.top_logprobs)))
                       for s, c in zip(event.beam_seq_ids, event.beam_candidates)}
         for seq_id, tokens in zip(event.seq_ids, event.token_ids):
-            seq = self.scheduler.get_sequence(seq_id)
-            group = self.scheduler.beam_groups.get(seq.request_id) if seq is not None else None
+            seq = scheduler.get_sequence(seq_id)
+            group = scheduler.beam_groups.get(seq.request_id) if seq is not None else None
             if group is not None and group.is_beam(seq) and (len(tokens) > 1 or seq_id not in candidates):
                 raise SchemaError(f"step_event: beam {seq_id} must sample once, with its candidates")
-        del self.outstanding[event.plan_id]
-        self.scheduler.cut(plan, event.num_steps_run)
+        del slot.outstanding[event.plan_id]
+        scheduler.cut(plan, event.num_steps_run)
         steps = max(map(len, event.token_ids), default=0)
         for step in range(steps):
             pairs = [(s, tokens[step]) for s, tokens in zip(event.seq_ids, event.token_ids) if step < len(tokens)]
             logprobs = [candidates.get(s) for s, _ in pairs] if candidates and step == 0 else None
-            self.scheduler.update(StepResult([s for s, _ in pairs], [t for _, t in pairs], logprobs))
-        for search in self.scheduler.take_finished_beam_searches():
+            scheduler.update(StepResult([s for s, _ in pairs], [t for _, t in pairs], logprobs))
+        for search in scheduler.take_finished_beam_searches():
             self._publish_beams(search)
         self._forget_finished()
 
@@ -249,8 +314,12 @@ class SchedulerService:
         self.beam_kv_blocks_saved_peak += search.kv_blocks_saved
 
     def _forget_finished(self) -> None:
-        for rid in [r for r in self.gateways if r not in self.scheduler.requests]:
+        orphans = {o.request_id for o in self.orphans}
+        for rid in [r for r in self.gateways if r not in orphans and (
+                (slot := self.workers.get(self.where.get(r, ""))) is None or r not in slot.scheduler.requests)]:
             del self.gateways[rid]
+            self.where.pop(rid, None)
+            self.beams.pop(rid, None)
             self.owners.pop(rid, None)
             self.stamps.pop(rid, None)
 
@@ -259,7 +328,7 @@ class SchedulerService:
         """Abort the requests whose owner has been dead for the grace period, and delete the reply streams of
         gateways dead for longer still that no request in flight writes to."""
         now = time.monotonic()
-        if now < self._reap_at or self.scheduler is None:
+        if now < self._reap_at or not self.workers:
             return
         self._reap_at = now + REAP_EVERY_S
         redis = self.transport.redis
@@ -298,13 +367,13 @@ class SchedulerService:
             log.info("deleted the reply streams of gateways gone for good: %s", ", ".join(stale))
 
     # ---- output --------------------------------------------------------------------------------------------
-    def _plan(self) -> bool:
-        """Make and send the next plan; False when there was nothing to send."""
-        plan = self.scheduler.schedule()
+    def _plan(self, slot: WorkerSlot) -> bool:
+        """Make and send a worker's next plan; False when there was nothing to send."""
+        plan = slot.scheduler.schedule()
         if plan.is_empty and not plan.freed_seq_ids and not plan.beam_steps:
             return False
         now = time.time()
-        seqs = [self.scheduler.get_sequence(n.seq_id) for n in plan.new]
+        seqs = [slot.scheduler.get_sequence(n.seq_id) for n in plan.new]
         new_stamps = []
         for seq in seqs:
             stamps = self.stamps.pop(seq.request_id, None)          # None: sent again after preemption
@@ -312,28 +381,29 @@ class SchedulerService:
                 self._observe_queue_time(now - stamps[0])
                 stamps.append(now)
             new_stamps.append(stamps or [])
-        children = [self.scheduler.get_sequence(f.child_id) for f in plan.forks]
+        children = [slot.scheduler.get_sequence(f.child_id) for f in plan.forks]
         message = PlanMessage(
-            plan_id=self.next_plan_id, worker_epoch=self.worker_epoch, scheduler_epoch=self.epoch,
+            plan_id=self.next_plan_id, worker_epoch=slot.epoch, scheduler_epoch=self.epoch,
             num_steps=plan.num_steps, new=plan.new, new_request_ids=[s.request_id for s in seqs],
             new_indexes=[s.index for s in seqs], running=plan.running,
             scheduled_seq_ids=list(plan.num_scheduled_tokens), scheduled_tokens=list(plan.num_scheduled_tokens.values()),
             forks=plan.forks, fork_indexes=[c.index for c in children], block_copies=plan.block_copies,
             freed_seq_ids=plan.freed_seq_ids, new_stamps=new_stamps, beam_steps=plan.beam_steps)
         if not plan.is_empty:                                  # an empty plan (only frees) gets no event
-            self.outstanding[self.next_plan_id] = plan
+            slot.outstanding[self.next_plan_id] = plan
         self.next_plan_id += 1
-        self.unsent.append(encode(message))
+        slot.unsent.append(encode(message))
         self._send_plans()
         return True
 
     def _send_plans(self) -> None:
-        """The plans made, to the worker, in order. A plan counts as made (outstanding) before it is sent: if
+        """The plans made, to their workers, in order. A plan counts as made (outstanding) before it is sent: if
         Redis is gone, it waits here until Redis is back (a reply lost after the XADD ran sends it twice; the
         worker drops the repeat)."""
-        while self.unsent:
-            self.transport.publish(self.names.plan(self.worker), self.unsent[0])
-            self.unsent.popleft()
+        for slot in self.workers.values():
+            while slot.unsent:
+                self.transport.publish(self.names.plan(slot.name), slot.unsent[0])
+                slot.unsent.popleft()
 
     def _observe_queue_time(self, seconds: float) -> None:
         self.queue_time_sum += seconds
@@ -344,65 +414,138 @@ class SchedulerService:
         self.queue_time_counts[-1] += 1
 
     def _publish_stats(self) -> None:
+        """The deployment's figures (summed over the workers) and each worker's own (fields worker:<name>:...)."""
         now = time.monotonic()
-        if now - self._stats_at < STATS_EVERY_S or self.scheduler is None:
+        if now - self._stats_at < STATS_EVERY_S or not self.workers:
             return
         self._stats_at = now
-        s = self.scheduler.stats()
-        fields = {"running": s.num_running, "waiting": s.num_waiting, "preemptions": s.num_preemptions,
-                  "kv_blocks_total": s.kv.num_blocks, "kv_blocks_used": s.kv.num_used_blocks,
-                  "kv_usage": s.kv.usage, "kv_slot_waste": s.kv_slot_waste,
-                  "prefix_cache_queries": s.kv.prefix_queries, "prefix_cache_hits": s.kv.prefix_hits,
-                  "prefix_cache_hit_rate": s.kv.prefix_hit_rate, "queue_time_sum": self.queue_time_sum,
-                  "queue_time_count": sum(self.queue_time_counts), "beam_kv_blocks_saved": s.beam_kv_blocks_saved,
-                  "beam_searches": self.beam_searches, "beam_kv_blocks_saved_peak": self.beam_kv_blocks_saved_peak}
+        fields: dict = {"workers": len(self.workers), "migrated": self.migrated,
+                        "queue_time_sum": self.queue_time_sum, "queue_time_count": sum(self.queue_time_counts),
+                        "beam_searches": self.beam_searches,
+                        "beam_kv_blocks_saved_peak": self.beam_kv_blocks_saved_peak}
+        summed, waste = Counter(), 0.0
+        for name, slot in self.workers.items():
+            s = slot.scheduler.stats()
+            own = {"running": s.num_running, "waiting": s.num_waiting, "preemptions": s.num_preemptions,
+                   "kv_blocks_total": s.kv.num_blocks, "kv_blocks_used": s.kv.num_used_blocks,
+                   "prefix_cache_queries": s.kv.prefix_queries, "prefix_cache_hits": s.kv.prefix_hits,
+                   "beam_kv_blocks_saved": s.beam_kv_blocks_saved}
+            summed.update(own)
+            waste += s.kv_slot_waste * s.kv.num_used_blocks
+            own.update(kv_usage=s.kv.usage, prefix_cache_hit_rate=s.kv.prefix_hit_rate,
+                       **{f"placed:{reason}": count for reason, count in slot.placed.items()})
+            fields.update({f"worker:{name}:{key}": value for key, value in own.items()})
+        fields.update(summed)
+        fields["kv_usage"] = summed["kv_blocks_used"] / max(1, summed["kv_blocks_total"])
+        fields["kv_slot_waste"] = waste / max(1, summed["kv_blocks_used"])      # weighted by the blocks in use
+        fields["prefix_cache_hit_rate"] = summed["prefix_cache_hits"] / max(1, summed["prefix_cache_queries"])
         cumulative = 0
         for bound, count in zip([*QUEUE_TIME_BUCKETS, "+Inf"], self.queue_time_counts):
             cumulative += count
             fields[f"queue_time_bucket:{bound}"] = cumulative
-        self.transport.redis.hset(self.names.scheduler_stats, mapping={k: str(v) for k, v in fields.items()})
+        redis = self.transport.redis
+        redis.hset(self.names.scheduler_stats, mapping={k: str(v) for k, v in fields.items()})
+        gone = self._stats_fields - fields.keys()             # a lost worker's
+        if gone:
+            redis.hdel(self.names.scheduler_stats, *gone)
+        self._stats_fields = set(fields)
 
-    # ---- the worker ----------------------------------------------------------------------------------------
-    def _worker_is_current(self) -> bool:
-        if self.scheduler is None:
-            return False
-        alive = self.transport.redis.get(self.names.alive("worker", self.worker))
-        if alive is None:          # expired while a restarted Redis was down: the worker beats again in a moment
-            return self.transport.restarted_recently()
-        return alive.decode() == self.worker_epoch
-
-    def _wait_for_worker(self, stop) -> None:
-        """(Re)start from the live worker's registration: a fresh KV pool, nothing in flight."""
-        if self.scheduler is not None:
-            log.warning("worker %s is gone or restarted: dropping %d requests", self.worker,
-                        len(self.scheduler.requests))
-        self.scheduler, self.outstanding = None, OrderedDict()
-        self.unsent.clear()
-        self.gateways.clear()
-        self.stamps.clear()
-        while not stop.is_set():
-            alive = self.transport.redis.get(self.names.alive("worker", self.worker))
-            info = self.transport.worker_info(self.worker)
-            if alive is not None and info is not None and info.epoch == alive.decode():
-                break
-            stop.wait(0.2)
-        else:
+    # ---- the workers ---------------------------------------------------------------------------------------
+    def _track_workers(self) -> None:
+        """Lose the workers whose heartbeat is gone or whose epoch changed (their requests move), and take on the
+        registered workers that are alive and not driven yet."""
+        names = self.names
+        if self.workers:
+            beats = self.transport.redis.mget([names.alive("worker", w) for w in self.workers])
+            for (name, slot), beat in zip(list(self.workers.items()), beats):
+                if beat is None and self.transport.restarted_recently():
+                    continue       # expired while a restarted Redis was down: the worker beats again in a moment
+                if beat is None or beat.decode() != slot.epoch:
+                    self._lose(slot, "stopped" if beat is None else "restarted")
+        now = time.monotonic()
+        if now < self._workers_at and self.workers:
             return
-        self.worker_epoch = info.epoch
-        blocks = BlockManager(info.num_blocks, info.block_size, self.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config.for_device(info.device), blocks, info.max_model_len,
-                                   frozenset(info.eos_token_ids))
-        self.input_processor = InputProcessor(None, info.max_model_len, info.vocab_size, self.seed)
-        self.limits = Limits.of(info)
-        log.info("worker %s (epoch %s): %d KV blocks of %d, max_model_len %d", self.worker, info.epoch[:8],
-                 info.num_blocks, info.block_size, info.max_model_len)
+        self._workers_at = now + WORKERS_EVERY_S
+        for raw in sorted(self.transport.redis.smembers(names.workers)):
+            name = raw.decode()
+            if name in self.workers:
+                continue
+            alive = self.transport.redis.get(names.alive("worker", name))
+            info = self.transport.worker_info(name)
+            if alive is not None and info is not None and info.epoch == alive.decode():
+                self._take_on(info)
+        if self.workers and self.orphans:
+            self._place_orphans()
 
+    def _take_on(self, info: WorkerInfo) -> None:
+        limits = Limits.of(info)
+        first = next(iter(self.workers.values()), None)
+        if first is not None and (limits.vocab_size, limits.max_model_len, limits.block_size) != (
+                first.limits.vocab_size, first.limits.max_model_len, first.limits.block_size):
+            log.error("worker %s serves another model (vocabulary %d, max_model_len %d, block size %d) than %s: "
+                      "not used", info.worker, limits.vocab_size, limits.max_model_len, limits.block_size,
+                      first.name)
+            return
+        blocks = BlockManager(info.num_blocks, info.block_size, self.enable_prefix_caching)
+        scheduler = Scheduler(self.config.for_device(info.device), blocks, info.max_model_len,
+                              frozenset(info.eos_token_ids))
+        self.workers[info.worker] = WorkerSlot(info.worker, info.epoch, scheduler, limits)
+        if first is None:
+            self.limits = Limits(info.vocab_size, info.max_model_len)
+            if self.input_processor is None or (self.input_processor.max_model_len, self.input_processor.vocab_size
+                                                ) != (info.max_model_len, info.vocab_size):
+                self.input_processor = InputProcessor(None, info.max_model_len, info.vocab_size, self.seed)
+        log.info("worker %s (epoch %s): %d KV blocks of %d, max_model_len %d; %d workers", info.worker,
+                 info.epoch[:8], info.num_blocks, info.block_size, info.max_model_len, len(self.workers))
+
+    def _lose(self, slot: WorkerSlot, how: str) -> None:
+        """A worker is gone with its KV pool: every request it held waits for a live worker (now, if there is
+        one), with the tokens known here."""
+        del self.workers[slot.name]
+        self.placement.forget(slot.name)
+        # A worker that only stalled would come back holding sequences nobody schedules: its registration goes,
+        # which tells it to stop and start afresh (WorkerService._still_registered).
+        info = self.transport.worker_info(slot.name)
+        if info is not None and info.epoch == slot.epoch:
+            self.transport.redis.delete(self.names.worker_info(slot.name))
+        moved = 0
+        for rid, seqs in slot.scheduler.requests.items():
+            self.where.pop(rid, None)
+            beam_search = self.beams.get(rid)
+            if beam_search is not None:               # from its prompt again (its beams were never streamed)
+                seqs = seqs[:1]
+            self.orphans.append(Orphan(rid, [s for s in seqs if not s.is_finished], beam_search))
+            moved += 1
+        self.orphans = [o for o in self.orphans if o.seqs]
+        log.warning("worker %s %s: its %d requests move to %s", slot.name, how, moved,
+                    ", ".join(self.workers) or "the next worker to register")
+        self._place_orphans()
+
+    def _place_orphans(self) -> None:
+        schedulers = {name: slot.scheduler for name, slot in self.workers.items()}
+        if not schedulers:
+            return
+        for orphan in self.orphans:
+            first = orphan.seqs[0]
+            choice = self.placement.choose(first.token_ids, schedulers)
+            slot = self.workers[choice.worker]
+            if orphan.beam_search is not None:
+                params, beam_search = orphan.beam_search
+                slot.scheduler.add_request(orphan.request_id, first.token_ids[:first.num_prompt_tokens], params,
+                                           first.seed, first.priority, beam_search)
+            else:
+                slot.scheduler.adopt(orphan.seqs)
+            slot.placed["migrated"] += 1
+            self.where[orphan.request_id] = slot.name
+            self.migrated += 1
+        self.orphans = []
+        self._forget_finished()
 
 
 def run(args: argparse.Namespace) -> int:
     setup_logging("scheduler")
     from services.cli import scheduler_config
     transport = Transport(args.redis_url, args.prefix, partitions=args.partitions)
-    SchedulerService(transport, scheduler_config(args), args.worker_name, args.enable_prefix_caching,
-                     args.seed, args.resume_grace, args.partitions).run(stop_event())
+    SchedulerService(transport, scheduler_config(args), args.enable_prefix_caching, args.seed, args.resume_grace,
+                     args.partitions, args.placement).run(stop_event())
     return 0

@@ -79,7 +79,8 @@ class Names:
                            its lease and the keys of every request whose tokens it carries: the detokenizer's fenced
                            transaction (WATCH the lease, checkpoint, acknowledge) stays in one slot
       {ps:alive}:...       heartbeats, and {ps:stats}:... the services' statistics: each read together (MGET)
-      {ps:tokenize}, {ps:plan:<worker>}, {ps:reply:<gateway>}, {ps:dead-letter}, {ps:worker:<worker>}: one each
+      {ps:tokenize}, {ps:plan:<worker>}, {ps:reply:<gateway>}, {ps:dead-letter}, {ps:worker:<worker>} (a worker's
+      registration), {ps:workers} (the set of workers' names): one each
     A request's keys follow its partition (partition_of), so every service that names them must know the
     deployment's number of partitions."""
 
@@ -91,6 +92,7 @@ class Names:
         self.resume = f"{{{prefix}:scheduler}}:resume"
         self.dead_letter = f"{{{prefix}:dead-letter}}"
         self.scheduler_stats = f"{{{prefix}:stats}}:scheduler"
+        self.workers = f"{{{prefix}:workers}}"            # the registry: every worker adds its name at start
 
     def plan(self, worker: str) -> str:
         return f"{{{self.prefix}:plan:{worker}}}"
@@ -284,6 +286,27 @@ class Transport:
         """Tell a request's gateway (so its client) why the request is refused or ended."""
         reply = Reply([ReplyItem(request_id=request_id, error=ErrorInfo(message, type=type, code=code))])
         self.publish(self.names.reply(gateway), encode(reply), pipe)
+
+    def register_worker(self, info: WorkerInfo) -> None:
+        """A worker's registration (its KV pool and limits), and its name in the registry the scheduler reads."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.names.worker_info(info.worker), encode(info))
+        pipe.sadd(self.names.workers, info.worker)
+        pipe.execute()
+
+    def live_workers(self) -> list[str]:
+        """The registered workers whose heartbeat is alive, by name."""
+        names = sorted(m.decode() for m in self.redis.smembers(self.names.workers))
+        beats = self.redis.mget([self.names.alive("worker", n) for n in names]) if names else []
+        return [name for name, beat in zip(names, beats) if beat is not None]
+
+    def any_worker_info(self) -> WorkerInfo | None:
+        """A live worker's registration: the model's limits, which every worker of a deployment shares."""
+        for name in self.live_workers():
+            info = self.worker_info(name)
+            if info is not None:
+                return info
+        return None
 
     def worker_info(self, worker: str) -> WorkerInfo | None:
         """The worker's registration (WorkerInfo), checked: every other message is checked against it. None

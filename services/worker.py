@@ -28,6 +28,7 @@ import argparse
 import logging
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -53,6 +54,7 @@ from services.transport import REDIS_DOWN, REDIS_URL_ENV, Transport, Trimmer, in
 log = logging.getLogger("pagestream.worker")
 
 GROUP = "worker"
+REGISTRATION_CHECK_S = 1.0         # how often the plan reader looks whether the scheduler gave this worker up
 PENDING_POLL_S = 0.0002            # while a step runs on the GPU and no plan waits: how often to look at the GPU
 
 
@@ -114,9 +116,9 @@ class WorkerService:
         info = WorkerInfo(self.worker, self.epoch, r.num_blocks, r.block_size, r.max_model_len, r.args.vocab_size,
                           sorted(eos), r.device.type)
         self.limits = Limits.of(info)
-        until_done(stop, lambda: self.transport.redis.set(self.names.worker_info(self.worker), encode(info)),
-                   "registering the worker")
+        # The heartbeat first: the scheduler takes on a registered worker whose heartbeat is alive.
         Heartbeat(self.transport, self.names.alive("worker", self.worker), self.epoch, stop).start()
+        until_done(stop, lambda: self.transport.register_worker(info), "registering the worker")
         # The Redis URL (it may hold a password) in the environment, not on the command line.
         publisher = subprocess.Popen([sys.executable, "-m", "services.publisher", "--prefix", self.names.prefix,
                                       "--worker", self.worker], stdin=subprocess.PIPE,
@@ -171,8 +173,17 @@ class WorkerService:
     def _read_plans(self, stop) -> None:
         plans = self.names.plan(self.worker)
         trim = Trimmer(self.transport, [plans])
+        registered_at = time.monotonic()
 
         def iteration() -> None:
+            nonlocal registered_at
+            if time.monotonic() - registered_at > REGISTRATION_CHECK_S:
+                registered_at = time.monotonic()
+                if not self._still_registered():
+                    log.error("the scheduler gave this worker up (its heartbeat stalled): stopping, to be started "
+                              "afresh (its requests went on elsewhere)")
+                    stop.set()
+                    return
             entries = self.transport.read([plans], GROUP, self.consumer, count=16, block_ms=100)
             trim()
             for entry in entries:
@@ -194,6 +205,14 @@ class WorkerService:
                 self.inbox.put(message, entry.id)
 
         keep_running(stop, iteration, "plan reader", self.transport)
+
+    def _still_registered(self) -> bool:
+        """False once the scheduler has given this worker up: it missed its heartbeat's deadline (a stall, not a
+        death), its requests moved on, and its registration was withdrawn. The sequences it holds belong to no
+        scheduler any more, so it stops and starts afresh, with a new epoch. (A registration lost with a restarted
+        Redis is not that: the next heartbeats bring the scheduler back to it.)"""
+        info = self.transport.worker_info(self.worker)
+        return (info is not None and info.epoch == self.epoch) or self.transport.restarted_recently()
 
     def _from_live_scheduler(self, message: PlanMessage) -> bool:
         if message.scheduler_epoch != self.live_scheduler_epoch:          # asked once per scheduler epoch
@@ -376,5 +395,6 @@ def run(args: argparse.Namespace) -> int:
     setup_logging("worker")
     from services.cli import engine_config
     transport = Transport(args.redis_url, args.prefix, partitions=args.partitions)
-    WorkerService(transport, engine_config(args), args.worker_name, args.partitions).run(stop_event())
+    name = f"{socket.gethostname()}-{os.getpid()}" if args.worker_name == "auto" else args.worker_name
+    WorkerService(transport, engine_config(args), name, args.partitions).run(stop_event())
     return 0

@@ -212,8 +212,10 @@ def test_models_report_the_max_model_len_the_worker_registered(redis_url):
         async with gateway_alone(redis_url, GatewaySettings("m", "m", max_model_len=None)) as (url, client):
             async with httpx.AsyncClient(base_url=url, timeout=30) as http:
                 unknown = (await http.get("/v1/models")).json()["data"][0]["max_model_len"]
-                info = WorkerInfo(client.worker, "epoch", 100, 16, 777, 512, [2])      # as a worker registers
-                await client.redis.set(client.names.worker_info(client.worker), encode(info))
+                info = WorkerInfo("w0", "epoch", 100, 16, 777, 512, [2])      # as a worker registers
+                await client.redis.set(client.names.alive("worker", "w0"), "epoch")
+                await client.redis.set(client.names.worker_info("w0"), encode(info))
+                await client.redis.sadd(client.names.workers, "w0")
                 listed = (await http.get("/v1/models")).json()["data"][0]["max_model_len"]
                 card = (await http.get("/v1/models/m")).json()["max_model_len"]
                 return [unknown, listed, card]

@@ -71,6 +71,9 @@ class FakeRedis:
     def pipeline(self, transaction):
         return FakePipeline(self)
 
+    async def smembers(self, key):
+        return {b"w0"}                        # the workers' registry
+
 
 class FakePipeline:
     def __init__(self, redis: FakeRedis):
@@ -694,7 +697,7 @@ async def test_pipeline_scraper():
                names.tokens(3): ({"last-generated-id": b"9000-0"},
                               [{"name": b"detokenizer", "pending": 0, "last-delivered-id": b"8000-0"}]),
                names.reply("gw"): ({"last-generated-id": b"7000-0"}, [])}
-    scraper = PipelineScraper(FakeRedis(STATS, streams), names, "w0", names.reply("gw"), lambda: b"6500-1")
+    scraper = PipelineScraper(FakeRedis(STATS, streams), names, names.reply("gw"), lambda: b"6500-1")
     samples = parse_metrics(exposition(await scraper.collect()))
     assert samples[("pagestream_num_requests_running", ())] == 3
     assert samples[("pagestream_stream_pending_entries", (("group", "tokenizer"), ("stream", "tokenize")))] == 1

@@ -139,7 +139,6 @@ def test_the_engine_and_the_tokenizer_service_share_the_processor(tmp_path, redi
 def test_the_scheduler_service_refuses_a_stray_prompt_with_an_error_reply(redis_url):
     """A ScheduleRequest the tokenizer service would never send (empty, too long, out of the vocabulary) gets the
     input processor's message back at its gateway; the scheduler stays empty and seeds the valid one."""
-    import threading
     import uuid
 
     from engine.config import SchedulerConfig
@@ -151,9 +150,9 @@ def test_the_scheduler_service_refuses_a_stray_prompt_with_an_error_reply(redis_
     transport = Transport(redis_url, prefix=f"sched-{uuid.uuid4().hex[:6]}")
     names = transport.names
     transport.redis.set(names.alive("worker", "w0"), "e1")
-    transport.redis.set(names.worker_info("w0"), encode(WorkerInfo("w0", "e1", 64, 16, LIMIT, VOCAB, [2])))
-    service = SchedulerService(transport, SchedulerConfig(), "w0", enable_prefix_caching=True, seed=7)
-    service._wait_for_worker(threading.Event())
+    transport.register_worker(WorkerInfo("w0", "e1", 64, 16, LIMIT, VOCAB, [2]))
+    service = SchedulerService(transport, SchedulerConfig(), enable_prefix_caching=True, seed=7)
+    service._track_workers()
     assert type(service.input_processor) is InputProcessor
 
     def schedule(rid: str, ids: list[int]) -> None:
@@ -175,5 +174,5 @@ def test_the_scheduler_service_refuses_a_stray_prompt_with_an_error_reply(redis_
             InputProcessor(None, LIMIT, VOCAB).process(PARAMS, prompt_token_ids=ids)
         expected[rid] = str(refused.value)
     assert {r.request_id: r.error.message for r in replies} == expected
-    assert list(service.scheduler.requests) == ["ok"]
-    assert service.scheduler.requests["ok"][0].seed == InputProcessor(None, LIMIT, VOCAB, seed=7).seed(PARAMS)
+    assert list(service.workers["w0"].scheduler.requests) == ["ok"]
+    assert service.workers["w0"].scheduler.requests["ok"][0].seed == InputProcessor(None, LIMIT, VOCAB, seed=7).seed(PARAMS)

@@ -152,6 +152,7 @@ async def in_flight(server: Server, outage_s: float | None) -> tuple[list[ReplyI
     beat = redis.Redis.from_url(server.server.url)
     beat.set(names.alive("scheduler"), "s1")
     beat.set(names.alive("worker", "w0"), "w1")
+    beat.sadd(names.workers, "w0")
     await client.start()
     request = GenerateRequest(request_id="r1", gateway="", params=SamplingParams(max_tokens=4), arrival=time.time(),
                               prompt="hi")

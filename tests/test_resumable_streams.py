@@ -116,6 +116,7 @@ def test_replay_then_follow_gives_each_item_once_in_order(any_redis_url):
     r = connect(any_redis_url)
     r.set(names.alive("scheduler"), "s")
     r.set(names.alive("worker", "w0"), "w")
+    r.sadd(names.workers, "w0")
 
     def publish(stream: str, request_id: str, seqs: list[int], finish: bool = False) -> str:
         items = [ReplyItem(request_id=request_id, seq=s, text=f"<{s}>", token_ids=[s],
@@ -176,6 +177,7 @@ def test_resumed_events_are_only_those_past_each_choices_cursor(any_redis_url):
     r = connect(any_redis_url)
     r.set(names.alive("scheduler"), "s")
     r.set(names.alive("worker", "w0"), "w")
+    r.sadd(names.workers, "w0")
     response_id = "chatcmpl-gw-0a1b2c3d-5-" + "ab" * 16
     origin = names.reply("gw-0a1b2c3d")
     since = None

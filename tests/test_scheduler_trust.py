@@ -28,8 +28,8 @@ def scheduler(redis_url):
     transport = Transport(redis_url, prefix=f"test-{uuid.uuid4().hex[:6]}")
     stop = threading.Event()
     Heartbeat(transport, transport.names.alive("worker", "w0"), INFO.epoch, stop).start()
-    transport.redis.set(transport.names.worker_info("w0"), encode(INFO))
-    service = SchedulerService(transport, SchedulerConfig(num_scheduler_steps=2), "w0", True)
+    transport.register_worker(INFO)
+    service = SchedulerService(transport, SchedulerConfig(num_scheduler_steps=2), True)
     thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
     thread.start()
     yield transport
