@@ -102,6 +102,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def parse_pagestream(argv: list[str]):
+    """A `pagestream ...` command line (argv[0] == "pagestream") parsed by the CLI's own parser, as deployment files
+    and docs write them: a failed assertion naming the command, not argparse's exit, where it does not parse."""
+    import contextlib
+    import io
+    from services.cli import build_parser
+    assert argv[0] == "pagestream", argv
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            return build_parser(argv[1] if len(argv) > 1 else None).parse_args(argv[1:])
+    except SystemExit:
+        raise AssertionError(f"{' '.join(argv)}: {errors.getvalue().strip()}") from None
+
+
 @_dataclass
 class ServeStack:
     """A running `pagestream serve`: its own redis-server and every service as a process."""
