@@ -48,14 +48,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--request-timeout", type=float, default=3600.0, help="seconds, per request")
 
     data = parser.add_argument_group("dataset")
-    data.add_argument("--dataset", choices=["random", "workload", "sharegpt", "jsonl"], default="random",
+    data.add_argument("--dataset", choices=["random", "prefix", "workload", "sharegpt", "jsonl"], default="random",
                       help="where the prompts come from")
     data.add_argument("--dataset-path", default=None, help="the ShareGPT JSON or the JSONL file")
     data.add_argument("--num-prompts", type=int, default=1000, help="requests in a run")
     data.add_argument("--random-input-len", type=int, default=1024, help="prompt tokens (--dataset random)")
-    data.add_argument("--random-output-len", type=int, default=128, help="output tokens (--dataset random)")
+    data.add_argument("--random-output-len", type=int, default=128,
+                      help="output tokens (--dataset random, prefix)")
     data.add_argument("--random-range-ratio", type=float, default=0.0,
                       help="lengths uniform in [L*(1-r), L*(1+r)]")
+    data.add_argument("--prefix-count", type=int, default=32, help="shared prefixes (--dataset prefix)")
+    data.add_argument("--prefix-len", type=int, default=1000, help="tokens of each shared prefix (--dataset prefix)")
+    data.add_argument("--suffix-len", type=int, default=100,
+                      help="tokens of each request's own question, after its prefix (--dataset prefix)")
     data.add_argument("--workload", default="w256", help="w256, w1000 or a workload JSON (--dataset workload)")
     data.add_argument("--scale", type=float, default=1.0, help="multiply the workload's lengths")
     data.add_argument("--output-len", type=int, default=None,
@@ -204,13 +209,16 @@ def parse_rates(text: str) -> list[float]:
 # ---- the command -----------------------------------------------------------------------------------------------
 def load_requests(args: argparse.Namespace, tokenizer) -> list[SampleRequest]:
     from loadtest import datasets
-    if args.dataset in ("random", "workload", "sharegpt") and tokenizer is None:
+    if args.dataset in ("random", "prefix", "workload", "sharegpt") and tokenizer is None:
         raise SystemExit(f"the {args.dataset} dataset needs the model's tokenizer: pass --tokenizer")
     if args.dataset in ("sharegpt", "jsonl") and not args.dataset_path:
         raise SystemExit(f"--dataset {args.dataset} needs --dataset-path")
     if args.dataset == "random":
         requests = datasets.random_requests(tokenizer, args.num_prompts, args.random_input_len,
                                             args.random_output_len, args.random_range_ratio, args.seed)
+    elif args.dataset == "prefix":
+        requests = datasets.prefix_sharing_requests(tokenizer, args.prefix_count, args.prefix_len, args.num_prompts,
+                                                    args.suffix_len, args.random_output_len, args.seed)
     elif args.dataset == "workload":
         requests = datasets.workload_requests(tokenizer, args.workload, args.num_prompts, args.scale)
     elif args.dataset == "sharegpt":
