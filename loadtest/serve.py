@@ -3,6 +3,7 @@
     pagestream bench serve --base-url http://127.0.0.1:8000 --num-prompts 200 --request-rate 4 \\
         --random-input-len 256 --random-output-len 64 --slo ttft:500 tpot:50 --result-json run.json --plot-dir plots
     pagestream bench serve --sweep 2,4,8,inf ...          (the same prompts at each rate)
+    pagestream bench serve --dataset prefix --prefix-count 32 --prefix-len 1000 --suffix-len 100 --num-prompts 512
     python -m loadtest ...                                (the same command)
 
 Requests arrive at --request-rate as a Poisson process (--burstiness 1), or a gamma process (burstiness < 1:
@@ -11,7 +12,8 @@ caps the requests in flight (an arrival waits for a slot; its latencies count fr
 requests go first and are not measured. Output tokens are counted from the server's usage (stream_options
 include_usage, asked for unless --no-usage), else with the model's tokenizer. Every request's figures and the
 summary go to --result-json; --plot-dir gets latency CDFs, an ITL histogram and, with --sweep, throughput and
-latency against the rate.
+latency against the rate. Against pagestream, each run also reports its prefix-cache hit rate and, serving with
+data parallelism, how many requests went to each worker and why (loadtest/placement.py).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
+from loadtest import placement
 from loadtest.datasets import SampleRequest
 from loadtest.hops import breakdown, format_breakdown
 from loadtest.metrics import format_summary, parse_slo, summarize, tpot
@@ -196,6 +199,16 @@ async def scrape_metrics(http: HTTPClient) -> str:
     return response.text if response.status == 200 else ""
 
 
+async def scrape_settled(http: HTTPClient) -> str:
+    """/metrics once the prefix-cache and placement counters (loadtest.placement) have caught up with what the
+    server has done; at once from a server without them."""
+    text = await scrape_metrics(http)
+    if placement.counters(text):
+        await asyncio.sleep(placement.SETTLE_S)
+        text = await scrape_metrics(http)
+    return text
+
+
 def parse_rates(text: str) -> list[float]:
     try:
         rates = [float(x) for x in text.split(",") if x.strip()]
@@ -278,18 +291,21 @@ async def benchmark(args: argparse.Namespace) -> dict:
 
         runs = []
         for rate in rates:
-            before = await scrape_metrics(http)
+            before = await scrape_settled(http)
             outputs, duration, lag = await run_load(client, requests, rate, args.burstiness, args.max_concurrency,
                                                     args.seed, progress=not args.disable_tqdm)
-            hops = breakdown(before, await scrape_metrics(http))
+            after = await scrape_settled(http)
+            hops, server = breakdown(before, after), placement.figures(before, after)
             count_output_tokens(outputs, tokenizer)
             summary = summarize(outputs, duration, percentiles, slo)
             summary["max_dispatch_lag_ms"] = lag * 1000
             title = f"rate {'inf' if math.isinf(rate) else f'{rate:g}'}" + (f", {args.label}" if args.label else "")
             print(format_summary(summary, title, percentiles), flush=True)
+            if server:
+                print(placement.format_figures(server), flush=True)
             print(format_breakdown(hops), flush=True)
             runs.append({"request_rate": rate, "burstiness": args.burstiness,
-                         "max_concurrency": args.max_concurrency, "summary": summary,
+                         "max_concurrency": args.max_concurrency, "summary": summary, **server,
                          "hops": [asdict(h) for h in hops], "requests": [request_record(o) for o in outputs]})
     finally:
         http.close()
