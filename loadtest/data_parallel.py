@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loadtest import placement
-from loadtest.pipeline import _log, served_runs, start_server, stop_server
+from loadtest.pipeline import _log, add_server_arguments, served_runs, start_server, stop_server
 from loadtest.serve import jsonable
 
 
@@ -44,9 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prefix-len", type=int, default=1000, help="tokens of each shared prefix")
     group.add_argument("--suffix-len", type=int, default=100, help="tokens of each request's own question")
     group.add_argument("--output-len", type=int, default=128, help="output tokens of each prefix-dataset request")
-    group.add_argument("--tokenizers", type=int, default=4, help="the served pipeline's tokenizer processes")
-    group.add_argument("--detokenizers", type=int, default=2, help="the served pipeline's detokenizer processes")
-    group.add_argument("--gateways", type=int, default=1, help="the served pipeline's gateway processes")
+    add_server_arguments(group)
     group.add_argument("--result-json", type=Path, default=None, help="also write the results here, as JSON")
 
 

@@ -31,10 +31,10 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from loadtest import placement
 from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
 from loadtest.hops import breakdown, format_breakdown
 from loadtest.metrics import summarize
-from loadtest import placement
 from loadtest.serve import arrival_offsets, jsonable, run_load, scrape_settled
 from schemas.sampling_params import SamplingParams
 from services.step_stats import PREFIX as STEP_STATS
@@ -50,10 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scale", type=float, default=1.0, help="multiply input and output lengths")
     group.add_argument("--rates", default="inf,16", help="request rates, comma-separated (inf: all at once)")
     group.add_argument("--runs", type=int, default=3, help="how many times each all-at-once run is repeated")
+    add_server_arguments(group)
+    group.add_argument("--result-json", type=Path, default=None, help="also write the results here, as JSON")
+
+
+def add_server_arguments(group) -> None:
+    """The served pipeline's processes, as start_server starts them."""
     group.add_argument("--tokenizers", type=int, default=4, help="the served pipeline's tokenizer processes")
     group.add_argument("--detokenizers", type=int, default=2, help="the served pipeline's detokenizer processes")
     group.add_argument("--gateways", type=int, default=1, help="the served pipeline's gateway processes")
-    group.add_argument("--result-json", type=Path, default=None, help="also write the results here, as JSON")
 
 
 def schedule(args: argparse.Namespace) -> list[float]:

@@ -29,8 +29,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
 from loadtest import placement
+from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
 from loadtest.datasets import SampleRequest
 from loadtest.hops import breakdown, format_breakdown
 from loadtest.metrics import format_summary, parse_slo, summarize, tpot
