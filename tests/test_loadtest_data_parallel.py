@@ -58,7 +58,7 @@ def test_the_four_runs_on_one_cpu_worker(tmp_path):
     # The table: a row a run, (b) / (a) and (d) / (c) as the JSON's throughputs give them.
     rows = {line[:3]: line for line in proc.stdout.splitlines() if re.match(r"\([abcd]\) ", line)}
     assert list(rows) == ["(a)", "(b)", "(c)", "(d)"]
-    for row, over in (("(b)", 0), ("(d)", 2)):
-        ratio = runs["abcd".index(row[1])]["summary"]["output_throughput"] / runs[over]["summary"]["output_throughput"]
-        assert f"{ratio:6.3f}" in rows[row]
+    throughput = [r["summary"]["output_throughput"] for r in runs]
+    assert f"{throughput[1] / throughput[0]:6.3f}" in rows["(b)"]
+    assert f"{throughput[3] / throughput[2]:6.3f}" in rows["(d)"]
     assert all("%" in rows[row] for row in rows)                            # the prefix cache's hit rate
