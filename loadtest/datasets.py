@@ -2,6 +2,9 @@
 
   random    prompts of random token ids of the model's vocabulary, decoded to text; lengths drawn uniformly in
             [L * (1 - r), L * (1 + r)] for --random-input-len / --random-output-len L and --random-range-ratio r
+  prefix    requests in groups that share a prompt prefix, as requests sharing a system prompt do: --prefix-count
+            random prefixes of --prefix-len tokens, each request one of them then a random question of
+            --suffix-len tokens (what a prefix cache and a cache-aware placement of requests are measured on)
   workload  the project's fixed workloads (loadtest/workloads/*.json, read by loadtest.throughput), drawn as
             the offline bench draws them, the token ids then decoded to text
   sharegpt  a ShareGPT-format JSON file: each conversation's first human turn is the prompt, and the length
@@ -91,6 +94,45 @@ def random_requests(tokenizer, num: int, input_len: int, output_len: int, range_
         ids = [rng.choice(pool) for _ in range(il)]
         text, n = text_of_length(tokenizer, ids, il, rng, pool)
         requests.append(SampleRequest(text, n, ol))
+    return requests
+
+
+def prefix_sharing_requests(tokenizer, num_prefixes: int = 32, prefix_len: int = 1000, num: int = 512,
+                            suffix_len: int = 100, output_len: int = 128, seed: int = 0) -> list[SampleRequest]:
+    """num requests, each one of num_prefixes random "system prompts" of prefix_len tokens, a newline, then a
+    random question of suffix_len tokens. The prefixes are spread evenly (group sizes differ by one at most), in
+    an order shuffled with the seed. A prefix never ends in whitespace, so the byte-level pre-tokenizer splits
+    at the newline and a prompt's first prefix_len tokens are its prefix's own, which is what the prefix cache
+    sees; each prompt is checked for it (a question is drawn again in the rare case it is not)."""
+    if min(num_prefixes, prefix_len, suffix_len, output_len) < 1:
+        raise ValueError("the prefix count and the prefix, suffix and output lengths must be positive")
+    rng = random.Random(seed)
+    special = _special_ids(tokenizer)
+    pool = [i for i in range(len(tokenizer)) if i not in special]
+
+    def draw_prefix() -> tuple[str, list[int]]:
+        for _ in range(100):
+            text, n = text_of_length(tokenizer, [rng.choice(pool) for _ in range(prefix_len)], prefix_len, rng, pool)
+            if n == prefix_len and not text[-1].isspace():
+                return text, tokenizer.encode(text, add_special_tokens=False)
+        raise ValueError(f"no text of exactly {prefix_len} tokens that ends in a non-space was drawn")
+
+    prefixes = [draw_prefix() for _ in range(num_prefixes)]
+    groups = [i % num_prefixes for i in range(num)]
+    rng.shuffle(groups)
+    requests = []
+    for group in groups:
+        prefix, prefix_ids = prefixes[group]
+        for _ in range(100):
+            question, _ = text_of_length(tokenizer, [rng.choice(pool) for _ in range(suffix_len)], suffix_len,
+                                         rng, pool)
+            prompt = f"{prefix}\n{question}"
+            ids = tokenizer.encode(prompt, add_special_tokens=False)
+            if ids[:prefix_len] == prefix_ids:
+                break
+        else:
+            raise ValueError("no question kept its prefix's tokens whole")
+        requests.append(SampleRequest(prompt, len(ids), output_len))
     return requests
 
 

@@ -31,10 +31,11 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from loadtest import placement
 from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
 from loadtest.hops import breakdown, format_breakdown
 from loadtest.metrics import summarize
-from loadtest.serve import arrival_offsets, jsonable, run_load, scrape_metrics
+from loadtest.serve import arrival_offsets, jsonable, run_load, scrape_settled
 from schemas.sampling_params import SamplingParams
 from services.step_stats import PREFIX as STEP_STATS
 
@@ -49,10 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scale", type=float, default=1.0, help="multiply input and output lengths")
     group.add_argument("--rates", default="inf,16", help="request rates, comma-separated (inf: all at once)")
     group.add_argument("--runs", type=int, default=3, help="how many times each all-at-once run is repeated")
+    add_server_arguments(group)
+    group.add_argument("--result-json", type=Path, default=None, help="also write the results here, as JSON")
+
+
+def add_server_arguments(group) -> None:
+    """The served pipeline's processes, as start_server starts them."""
     group.add_argument("--tokenizers", type=int, default=4, help="the served pipeline's tokenizer processes")
     group.add_argument("--detokenizers", type=int, default=2, help="the served pipeline's detokenizer processes")
     group.add_argument("--gateways", type=int, default=1, help="the served pipeline's gateway processes")
-    group.add_argument("--result-json", type=Path, default=None, help="also write the results here, as JSON")
 
 
 def schedule(args: argparse.Namespace) -> list[float]:
@@ -161,8 +167,10 @@ def _log(message: str) -> None:
 
 
 # ---- served ----------------------------------------------------------------------------------------------------
-def start_server(args: argparse.Namespace, parser: argparse.ArgumentParser, log_path: Path):
-    """`pagestream serve` with this command's engine flags, on free ports; returns (process, base URL)."""
+def start_server(args: argparse.Namespace, parser: argparse.ArgumentParser, log_path: Path,
+                 serve_flags: list[str] = ()):
+    """`pagestream serve` with this command's engine flags and serve_flags, on free ports; returns (process, base
+    URL)."""
     from engine.config import engine_kwargs
     from services.launcher import forward_argv, free_port, wait_ready
     engine_flags = set(engine_kwargs(args))
@@ -171,7 +179,7 @@ def start_server(args: argparse.Namespace, parser: argparse.ArgumentParser, log_
     argv = [sys.executable, "-m", "services.cli", "serve", "--port", str(port), "--grpc-port", "0",
             "--tokenizers", str(args.tokenizers), "--detokenizers", str(args.detokenizers),
             "--gateways", str(args.gateways),
-            "--prefix", f"bench{os.getpid()}", *flags]
+            "--prefix", f"bench{os.getpid()}", *flags, *serve_flags]
     _log("served: " + " ".join(argv[2:]))
     proc = subprocess.Popen(argv, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -193,24 +201,27 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def served_runs(base_url: str, requests, rates: list[float]) -> list[dict]:
+async def served_runs(base_url: str, requests, rates: list[float], first_run: int = 1,
+                      warmups: int = 1) -> list[dict]:
+    """The runs at each rate, numbered from first_run (for_run: a server serving runs of two calls needs them
+    numbered apart), after `warmups` unmeasured requests sent at once."""
     http = HTTPClient(base_url, None, 3600)
     try:
         model = (await http.get_json("/v1/models"))["data"][0]["id"]
         client = OpenAIStreamClient(http, "/v1/completions", model, include_usage=True, ignore_eos=True,
                                     temperature=0.0)
-        warm, _, _ = await run_load(client, requests[:1], float("inf"))
-        if not warm[0].success:
-            raise SystemExit(f"the served warm-up request failed: {warm[0].error}")
+        warm, _, _ = await run_load(client, requests[:warmups], float("inf"))
+        if failed := [o for o in warm if not o.success]:
+            raise SystemExit(f"the served warm-up request failed: {failed[0].error}")
         runs = []
-        for run, rate in enumerate(rates, 1):
-            before = await scrape_metrics(http)
+        for run, rate in enumerate(rates, first_run):
+            before = await scrape_settled(http)
             outputs, duration, _ = await run_load(client, for_run(requests, run), rate)
-            hops = breakdown(before, await scrape_metrics(http))
+            after = await scrape_settled(http)
             for out in outputs:
                 out.output_tokens, out.tokens_from = out.usage_completion_tokens or 0, "usage"
             runs.append({"mode": "served", "rate": rate, "summary": summarize(outputs, duration, PERCENTILES),
-                         "hops": hops})
+                         "hops": breakdown(before, after), **placement.figures(before, after)})
             _log(f"served, rate {rate:g}: {runs[-1]['summary']['output_throughput']:.1f} output tok/s")
         return runs
     finally:

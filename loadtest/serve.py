@@ -3,6 +3,7 @@
     pagestream bench serve --base-url http://127.0.0.1:8000 --num-prompts 200 --request-rate 4 \\
         --random-input-len 256 --random-output-len 64 --slo ttft:500 tpot:50 --result-json run.json --plot-dir plots
     pagestream bench serve --sweep 2,4,8,inf ...          (the same prompts at each rate)
+    pagestream bench serve --dataset prefix --prefix-count 32 --prefix-len 1000 --suffix-len 100 --num-prompts 512
     python -m loadtest ...                                (the same command)
 
 Requests arrive at --request-rate as a Poisson process (--burstiness 1), or a gamma process (burstiness < 1:
@@ -11,7 +12,8 @@ caps the requests in flight (an arrival waits for a slot; its latencies count fr
 requests go first and are not measured. Output tokens are counted from the server's usage (stream_options
 include_usage, asked for unless --no-usage), else with the model's tokenizer. Every request's figures and the
 summary go to --result-json; --plot-dir gets latency CDFs, an ITL histogram and, with --sweep, throughput and
-latency against the rate.
+latency against the rate. Against pagestream, each run also reports its prefix-cache hit rate and, serving with
+data parallelism, how many requests went to each worker and why (loadtest/placement.py).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from loadtest import placement
 from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
 from loadtest.datasets import SampleRequest
 from loadtest.hops import breakdown, format_breakdown
@@ -48,14 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--request-timeout", type=float, default=3600.0, help="seconds, per request")
 
     data = parser.add_argument_group("dataset")
-    data.add_argument("--dataset", choices=["random", "workload", "sharegpt", "jsonl"], default="random",
+    data.add_argument("--dataset", choices=["random", "prefix", "workload", "sharegpt", "jsonl"], default="random",
                       help="where the prompts come from")
     data.add_argument("--dataset-path", default=None, help="the ShareGPT JSON or the JSONL file")
     data.add_argument("--num-prompts", type=int, default=1000, help="requests in a run")
     data.add_argument("--random-input-len", type=int, default=1024, help="prompt tokens (--dataset random)")
-    data.add_argument("--random-output-len", type=int, default=128, help="output tokens (--dataset random)")
+    data.add_argument("--random-output-len", type=int, default=128,
+                      help="output tokens (--dataset random, prefix)")
     data.add_argument("--random-range-ratio", type=float, default=0.0,
                       help="lengths uniform in [L*(1-r), L*(1+r)]")
+    data.add_argument("--prefix-count", type=int, default=32, help="shared prefixes (--dataset prefix)")
+    data.add_argument("--prefix-len", type=int, default=1000, help="tokens of each shared prefix (--dataset prefix)")
+    data.add_argument("--suffix-len", type=int, default=100,
+                      help="tokens of each request's own question, after its prefix (--dataset prefix)")
     data.add_argument("--workload", default="w256", help="w256, w1000 or a workload JSON (--dataset workload)")
     data.add_argument("--scale", type=float, default=1.0, help="multiply the workload's lengths")
     data.add_argument("--output-len", type=int, default=None,
@@ -191,6 +199,16 @@ async def scrape_metrics(http: HTTPClient) -> str:
     return response.text if response.status == 200 else ""
 
 
+async def scrape_settled(http: HTTPClient) -> str:
+    """/metrics once the prefix-cache and placement counters (loadtest.placement) have caught up with what the
+    server has done; at once from a server without them."""
+    text = await scrape_metrics(http)
+    if placement.counters(text):
+        await asyncio.sleep(placement.SETTLE_S)
+        text = await scrape_metrics(http)
+    return text
+
+
 def parse_rates(text: str) -> list[float]:
     try:
         rates = [float(x) for x in text.split(",") if x.strip()]
@@ -204,13 +222,16 @@ def parse_rates(text: str) -> list[float]:
 # ---- the command -----------------------------------------------------------------------------------------------
 def load_requests(args: argparse.Namespace, tokenizer) -> list[SampleRequest]:
     from loadtest import datasets
-    if args.dataset in ("random", "workload", "sharegpt") and tokenizer is None:
+    if args.dataset in ("random", "prefix", "workload", "sharegpt") and tokenizer is None:
         raise SystemExit(f"the {args.dataset} dataset needs the model's tokenizer: pass --tokenizer")
     if args.dataset in ("sharegpt", "jsonl") and not args.dataset_path:
         raise SystemExit(f"--dataset {args.dataset} needs --dataset-path")
     if args.dataset == "random":
         requests = datasets.random_requests(tokenizer, args.num_prompts, args.random_input_len,
                                             args.random_output_len, args.random_range_ratio, args.seed)
+    elif args.dataset == "prefix":
+        requests = datasets.prefix_sharing_requests(tokenizer, args.prefix_count, args.prefix_len, args.num_prompts,
+                                                    args.suffix_len, args.random_output_len, args.seed)
     elif args.dataset == "workload":
         requests = datasets.workload_requests(tokenizer, args.workload, args.num_prompts, args.scale)
     elif args.dataset == "sharegpt":
@@ -270,18 +291,21 @@ async def benchmark(args: argparse.Namespace) -> dict:
 
         runs = []
         for rate in rates:
-            before = await scrape_metrics(http)
+            before = await scrape_settled(http)
             outputs, duration, lag = await run_load(client, requests, rate, args.burstiness, args.max_concurrency,
                                                     args.seed, progress=not args.disable_tqdm)
-            hops = breakdown(before, await scrape_metrics(http))
+            after = await scrape_settled(http)
+            hops, server = breakdown(before, after), placement.figures(before, after)
             count_output_tokens(outputs, tokenizer)
             summary = summarize(outputs, duration, percentiles, slo)
             summary["max_dispatch_lag_ms"] = lag * 1000
             title = f"rate {'inf' if math.isinf(rate) else f'{rate:g}'}" + (f", {args.label}" if args.label else "")
             print(format_summary(summary, title, percentiles), flush=True)
+            if server:
+                print(placement.format_figures(server), flush=True)
             print(format_breakdown(hops), flush=True)
             runs.append({"request_rate": rate, "burstiness": args.burstiness,
-                         "max_concurrency": args.max_concurrency, "summary": summary,
+                         "max_concurrency": args.max_concurrency, "summary": summary, **server,
                          "hops": [asdict(h) for h in hops], "requests": [request_record(o) for o in outputs]})
     finally:
         http.close()

@@ -37,6 +37,49 @@ def test_workload_draws_as_the_offline_bench_does(default_tokenizer):
     assert all(r.prompt_len == count_tokens(default_tokenizer, r.prompt) for r in requests)
 
 
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_prefix_sharing_prompts_share_exactly_their_prefix(default_tokenizer):
+    # Many short requests: a prompt whose prefix's last token merges with its question's first (about 3 in 100
+    # of these without the newline between them) is then all but sure to be among them.
+    tokenizer, prefix_len = default_tokenizer, 32
+    requests = datasets.prefix_sharing_requests(tokenizer, num_prefixes=8, prefix_len=prefix_len, num=202,
+                                                suffix_len=8, output_len=8, seed=1)
+    assert len(requests) == 202
+    assert all(r.prompt_len == count_tokens(tokenizer, r.prompt) and r.output_len == 8 for r in requests)
+    # The tokens the server (and so its prefix cache) sees: encoded as a completion's prompt is, specials and all.
+    ids = [tokenizer.encode(r.prompt) for r in requests]
+    shared = [[common_prefix_len(a, b) for b in ids] for a in ids]
+    # Sharing the prefix's tokens splits the requests into the prefixes' groups, as even as 202 / 8 allows ...
+    groups: list[list[int]] = []
+    for i in range(len(ids)):
+        group = next((g for g in groups if shared[i][g[0]] >= prefix_len), None)
+        group.append(i) if group else groups.append([i])
+    assert sorted(len(g) for g in groups) == [25] * 6 + [26] * 2
+    for group in groups:
+        for i in group:
+            for j in range(len(ids)):
+                if j == i:
+                    continue
+                if j in group:      # the prefix whole, then the newline and the questions part at once
+                    assert prefix_len <= shared[i][j] <= prefix_len + 2, (i, j, shared[i][j])
+                else:               # different prefixes share nothing to speak of
+                    assert shared[i][j] < 4, (i, j, shared[i][j])
+        assert all(len(ids[i]) >= prefix_len + 8 for i in group)
+    # ... in a shuffled order, the seed's.
+    order = [next(k for k, g in enumerate(groups) if i in g) for i in range(len(ids))]
+    assert order != [i % 8 for i in range(len(ids))]
+    assert datasets.prefix_sharing_requests(tokenizer, 8, prefix_len, 202, 8, 8, seed=1) == requests
+    assert datasets.prefix_sharing_requests(tokenizer, 8, prefix_len, 202, 8, 8, seed=2) != requests
+    with pytest.raises(ValueError, match="positive"):
+        datasets.prefix_sharing_requests(tokenizer, num_prefixes=0)
+
+
 def test_sharegpt(default_tokenizer, tmp_path):
     long_reply = "The capital of France is Paris, a city on the Seine."
     data = [

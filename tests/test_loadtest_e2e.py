@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 
+from loadtest import placement
 from test_loadtest_serve import REPO
 
 
@@ -82,3 +84,23 @@ def test_chat_against_pagestream_serve(serve_stack, tmp_path):
     s = data["runs"][0]["summary"]
     assert s["completed"] == 16
     assert s["total_output_tokens"] == 16 * 12 == counter(serve_stack, "pagestream_generation_tokens_total") - generated
+
+
+def test_prefix_dataset_reports_the_servers_prefix_cache(serve_stack, tmp_path):
+    """One request at a time, so each request after its prefix's first finds the prefix in the cache: exactly its
+    64 tokens (the prefix is 4 whole blocks, the newline after it starts the fifth, which the question fills)."""
+    names = (placement.QUERIES, placement.HITS, placement.PLACED)
+    time.sleep(placement.SETTLE_S)                      # the scheduler's counters caught up with earlier tests
+    before = {name: counter(serve_stack, name) for name in names}
+    data = bench(serve_stack, tmp_path, "--dataset", "prefix", "--prefix-count", "2", "--prefix-len", "64",
+                 "--suffix-len", "8", "--random-output-len", "4", "--num-prompts", "8", "--max-concurrency", "1",
+                 "--num-warmups", "0", "--ignore-eos", "--seed", "11")
+    time.sleep(placement.SETTLE_S)
+    served = {name: counter(serve_stack, name) - before[name] for name in names}
+    (run,) = data["runs"]
+    assert run["summary"]["completed"] == 8
+    assert run["prefix_cache"]["queries"] == served[placement.QUERIES] == run["summary"]["total_input_tokens"]
+    assert run["prefix_cache"]["hits"] == served[placement.HITS] == (8 - 2) * 64
+    assert run["prefix_cache"]["hit_rate"] == (8 - 2) * 64 / run["prefix_cache"]["queries"]
+    # Placements as the server counted them (none from a server that does not count them).
+    assert sum(sum(reasons.values()) for reasons in run.get("placements", {}).values()) == served[placement.PLACED]

@@ -230,6 +230,7 @@ def test_cli_sweep_writes_results_and_plots(quick, tmp_path):
                           env={**os.environ, "OPENAI_API_KEY": ""})
     assert proc.returncode == 0, proc.stderr
     assert "Goodput" in proc.stdout and "P99.9 TTFT (ms)" in proc.stdout
+    assert "Prefix cache" not in proc.stdout and "placed" not in proc.stdout      # the server has no such counters
     data = json.loads(result.read_text())
     assert data["model"] == "fake-model" and [r["request_rate"] for r in data["runs"]] == [50.0, "inf"]
     for run in data["runs"]:
@@ -246,6 +247,7 @@ def test_cli_sweep_writes_results_and_plots(quick, tmp_path):
             assert isinstance(s[key], float) and s[key] >= 0, key
         assert s["good_requests"] == 20
         assert len(run["requests"]) == 22
+        assert "prefix_cache" not in run and "placements" not in run
         request = run["requests"][0]
         assert request["success"] and len(request["itl_ms"]) == request["chunks"] - 1 == request["output_len"] - 1
     for png in ("latency_cdf.png", "itl_histogram.png", "sweep.png"):
