@@ -1,8 +1,8 @@
 """What data parallelism buys, in one command: one worker against N, and cache-blind against cache-aware placement.
 
-    python -m loadtest.data_parallel --model llama-3-8b --load-format dummy --tokenizer smollm2-135m-instruct \\
+    pagestream bench data-parallel --model llama-3-8b --load-format dummy --tokenizer smollm2-135m-instruct \\
         --data-parallel-size 2                                                                       (2 GPUs)
-    python -m loadtest.data_parallel --data-parallel-size 1 --workload w256 --scale 0.05 --num-prompts 16 \\
+    pagestream bench data-parallel --data-parallel-size 1 --workload w256 --scale 0.05 --num-prompts 16 \\
         --prefix-count 4 --prefix-len 64 --suffix-len 16 --output-len 8                              (CPU)
 
 Four runs, each of every request sent at once to a `pagestream serve` started here with this command's engine

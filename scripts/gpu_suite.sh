@@ -13,7 +13,7 @@
 #     data-parallel  2 GPUs, the same dummy Llama-3-8B served: w1000 all at once on 1 worker and on 2, then the
 #                  prefix-sharing dataset (32 prefixes of 1000 tokens, 512 requests) on 2 workers placed round-robin
 #                  and by prefix; one table: throughput, 2 workers / 1, TTFT, prefix-cache hit rate, placements
-#                  (python -m loadtest.data_parallel)
+#                  (pagestream bench data-parallel)
 # Logs go to $OUT (default /tmp/pagestream-gpu). The peers read shared/peers (PEERS=path to override). The
 # pipeline and data-parallel stages serve text through TOKENIZER (default smollm2-135m-instruct: a model alias or a
 # directory).
@@ -49,7 +49,7 @@ for stage in "$@"; do
         pipeline-1b) python3 -m services.cli bench pipeline --model llama-3.2-1b "${SERVED[@]}" --workload w256 \
                       --rates inf --runs 2 --result-json "$OUT/pipeline-1b.json" > "$OUT/pipeline-1b.log" 2>&1
                   grep -v " INFO \|WARN" "$OUT/pipeline-1b.log" | tail -30 ;;
-        data-parallel) python3 -m loadtest.data_parallel --model llama-3-8b "${SERVED[@]}" --data-parallel-size 2 \
+        data-parallel) python3 -m services.cli bench data-parallel --model llama-3-8b "${SERVED[@]}" --data-parallel-size 2 \
                       --result-json "$OUT/data-parallel.json" > "$OUT/data-parallel.log" 2>&1
                   grep -v " INFO \|WARN" "$OUT/data-parallel.log" | tail -14 ;;
         *) echo "unknown stage $stage"; exit 2 ;;

@@ -207,6 +207,13 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     add_pipeline_args(pipeline)
     add_engine_args(pipeline)
     pipeline.set_defaults(func=run_pipeline, parser=pipeline)
+    from loadtest.data_parallel import add_arguments as add_data_parallel_args, run as run_data_parallel
+    data_parallel = bench_kinds.add_parser("data-parallel", help="one worker against N, and round-robin against "
+                                                                 "prefix placement (see loadtest/data_parallel.py)",
+                                           conflict_handler="resolve")
+    add_engine_args(data_parallel)
+    add_data_parallel_args(data_parallel)
+    data_parallel.set_defaults(func=run_data_parallel, parser=data_parallel)
     from loadtest.serve import add_arguments as add_serve_bench_args, run as run_serve_bench
     serve_bench = bench_kinds.add_parser("serve", help="load an OpenAI-compatible server and measure it "
                                                        "(see loadtest/serve.py)")

@@ -20,6 +20,7 @@ from engine.plan import StepResult
 from engine.scheduler import Scheduler
 from schemas.sampling_params import SamplingParams
 from services.placement import OVERLOAD_SLACK, Placement
+from services.scheduler import STATS_EVERY_S
 
 MODEL = "smollm2-135m-instruct"
 BLOCK = 16
@@ -123,21 +124,22 @@ def placed(stack) -> dict[tuple[str, str], float]:
             for (name, labels), value in metrics(stack).items() if name == "pagestream_requests_placed_total"}
 
 
+def settled_placements(stack) -> dict[tuple[str, str], float]:
+    """The placement counts once the scheduler has published everything placed so far (twice a second)."""
+    time.sleep(STATS_EVERY_S * 2.5)
+    return placed(stack)
+
+
 def test_requests_sharing_a_long_prefix_land_on_one_worker(stack):
-    before = placed(stack)
+    before = settled_placements(stack)                    # the readiness probes' placements included
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="none", max_retries=0)
     system = " ".join(f"Rule {i}: answer briefly and politely." for i in range(60))     # ~600 tokens
     for question in ["What is 2+2?", "Name a colour.", "Say hi.", "Count to three.", "What day is it?"]:
         client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": system},
                                                               {"role": "user", "content": question}],
                                        max_tokens=2, temperature=0)
-    deadline = time.monotonic() + 10
-    while True:                                   # the scheduler publishes its counts twice a second
-        after = placed(stack)
-        delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
-        if sum(delta.values()) >= 5 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    after = settled_placements(stack)
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
     assert sum(delta.values()) == 5, delta
     assert len({worker for worker, _ in delta}) == 1, delta                 # one worker has them all
     assert sum(v for (_, reason), v in delta.items() if reason == "prefix") == 4, delta
