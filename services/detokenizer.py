@@ -214,7 +214,7 @@ class DetokenizerService:
         return item
 
     def _handled(self, rid: str, index: int) -> str:
-        return f"{self.names.detok_state(rid, index)}:tokens"
+        return self.names.detok_handled(rid, index)
 
     def _finish(self, c: _Completion, rid: str, index: int, pipe) -> None:
         c.finished = True

@@ -15,11 +15,13 @@ one per worker behind a router, because placement then reads each pool's real pr
 guess, and a request can move between workers without a handover between services.
 
 A worker that dies or restarts (its heartbeat gone, or its epoch changed) loses its KV pool, not its requests:
-each one it held moves to a live worker (Scheduler.adopt) with its prompt and the tokens known here, and is
-prefilled again there (recompute). The client's stream goes on without a gap or a repeat: the tokens it already
-got beyond those known here are computed again and dropped by position at the detokenizer, and the sampler is a
-function of (seed, position), so greedy and seeded requests continue exactly as undisturbed. With no worker alive,
-the requests wait here for one to register.
+each one it held moves to a live worker (Scheduler.adopt) with its prompt and the tokens its client already got
+(those known here, and the few more of a plan still running, from the detokenizers' checkpoints), and is prefilled
+again there (recompute). The stream goes on from the next position: no gap, no repeat, and, as the sampler is a
+function of (seed, position), greedy and seeded requests continue exactly as undisturbed. (A token the dead
+worker's publisher sent but no detokenizer had taken yet, at most a few milliseconds' worth, is computed again; the
+detokenizer keeps whichever comes first for its position.) With no worker alive, the requests wait here for one to
+register.
 
 Redis going away stops nothing held here: the loop waits it out (runtime.keep_running), reads its pending
 entries again (a repeated request or abort is dropped, an event for a plan no longer outstanding too), and a plan
@@ -514,12 +516,38 @@ class SchedulerService:
             beam_search = self.beams.get(rid)
             if beam_search is not None:               # from its prompt again (its beams were never streamed)
                 seqs = seqs[:1]
+            else:
+                seqs = self._as_streamed([s for s in seqs if not s.is_finished])
             self.orphans.append(Orphan(rid, [s for s in seqs if not s.is_finished], beam_search))
             moved += 1
         self.orphans = [o for o in self.orphans if o.seqs]
         log.warning("worker %s %s: its %d requests move to %s", slot.name, how, moved,
                     ", ".join(self.workers) or "the next worker to register")
         self._place_orphans()
+
+    def _as_streamed(self, seqs: list[Sequence]) -> list[Sequence]:
+        """The sequences with the tokens their clients got: a plan's steps are streamed as they end and its event
+        comes after its last, so the detokenizers' checkpoints may hold a few tokens more than are known here.
+        Those are taken as they are, not computed again (a GPU's numerics may differ with the batch). A completion
+        the detokenizers finished is over."""
+        pipe = self.transport.redis.pipeline(transaction=False)
+        for seq in seqs:
+            pipe.exists(self.names.detok_state(seq.request_id, seq.index))
+            pipe.lrange(self.names.detok_handled(seq.request_id, seq.index), 0, -1)
+        replies = pipe.execute()
+        kept = []
+        for seq, finished, handled in zip(seqs, replies[::2], replies[1::2]):
+            if finished:
+                continue
+            streamed = [int(pair.split()[0]) for pair in handled]
+            known = seq.output_token_ids
+            if streamed[:len(known)] == known[:len(streamed)]:
+                seq.token_ids.extend(streamed[len(known):])
+            else:                                  # not this sequence's (cannot happen): keep what is known here
+                log.error("request %s: the tokens streamed differ from those known; continuing from the known",
+                          seq.request_id)
+            kept.append(seq)
+        return kept
 
     def _place_orphans(self) -> None:
         schedulers = {name: slot.scheduler for name, slot in self.workers.items()}

@@ -128,6 +128,10 @@ class Names:
     def detok_state(self, request_id: str, index: int) -> str:
         return f"{self._request(request_id)}:detok:{request_id}:{index}"
 
+    def detok_handled(self, request_id: str, index: int) -> str:
+        """A completion's checkpoint at the detokenizers: one "token released" pair per token its client got."""
+        return f"{self.detok_state(request_id, index)}:tokens"
+
     def detok_done(self, request_id: str) -> str:
         return f"{self._request(request_id)}:detok:{request_id}:done"
 
