@@ -168,9 +168,9 @@ def _log(message: str) -> None:
 
 # ---- served ----------------------------------------------------------------------------------------------------
 def start_server(args: argparse.Namespace, parser: argparse.ArgumentParser, log_path: Path,
-                 serve_flags: list[str] = ()):
-    """`pagestream serve` with this command's engine flags and serve_flags, on free ports; returns (process, base
-    URL)."""
+                 serve_flags: list[str] = (), env: dict[str, str] | None = None):
+    """`pagestream serve` with this command's engine flags and serve_flags, on free ports, with `env` over this
+    process's environment; returns (process, base URL)."""
     from engine.config import engine_kwargs
     from services.launcher import forward_argv, free_port, wait_ready
     engine_flags = set(engine_kwargs(args))
@@ -182,7 +182,7 @@ def start_server(args: argparse.Namespace, parser: argparse.ArgumentParser, log_
             "--prefix", f"bench{os.getpid()}", *flags, *serve_flags]
     _log("served: " + " ".join(argv[2:]))
     proc = subprocess.Popen(argv, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     base_url = f"http://127.0.0.1:{port}"
     if not wait_ready(base_url, SERVER_READY_S, alive=lambda: proc.poll() is None):
         stop_server(proc)
