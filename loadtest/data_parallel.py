@@ -23,8 +23,9 @@ flags (loadtest/pipeline.py's start_server, after its warm-up requests, one per 
       worker a second later (too late to matter within the run: it loads the model again). Left out with
       --no-kill and with one worker (its requests would wait for its restart, which measures the restart).
 Then one table: output tok/s, (b) / (a), (d) / (c) and (e) / (b), TTFT and end-to-end latency p50 and p99, failed
-requests, the prefix cache's hit rate and the requests each worker took and why (loadtest/placement.py); under
-it, what the kill cost.
+requests, the prefix cache's hit rate and the requests each worker took and why (loadtest/placement.py: in (e),
+the moved ones among the survivor's, as "migrated"; the killed worker's own counts go with it); under it, what
+the kill cost.
 
 The kill's cost: the requests the server moved, m (the run's difference of pagestream_requests_migrated_total),
 and their added end-to-end time. The client cannot see which requests moved, but (e) sends (b)'s requests in

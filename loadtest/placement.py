@@ -43,6 +43,13 @@ def _total(samples: Samples, name: str) -> float | None:
     return sum(values) if values else None
 
 
+def _increase(old: float | None, new: float) -> float:
+    """A counter's increase between two samples. A counter lower than before was reset meanwhile (pagestream's
+    placement counts of a worker start again from zero when the worker comes back after it was lost), and counted
+    from zero, as Prometheus does."""
+    return new if old is None or new < old else new - old
+
+
 def figures(before: str, after: str) -> dict:
     """The run between two scrapes: {"prefix_cache": {"queries", "hits" (tokens), "hit_rate"}, "placements":
     {worker: {reason: requests}}, "migrated": requests}, each key only where the server has its counters (a
@@ -55,8 +62,8 @@ def figures(before: str, after: str) -> dict:
         hits -= _total(old, HITS) or 0.0
         out["prefix_cache"] = {"queries": int(queries), "hits": int(hits),
                                "hit_rate": hits / queries if queries > 0 else None}
-    placed = {(dict(labels).get("worker", ""), dict(labels).get("reason", "")): value - old.get((name, labels), 0.0)
-              for (name, labels), value in new.items() if name == PLACED}
+    placed = {(dict(labels).get("worker", ""), dict(labels).get("reason", "")):
+              _increase(old.get((name, labels)), value) for (name, labels), value in new.items() if name == PLACED}
     if placed:
         placements: dict[str, dict[str, int]] = {}
         for (worker, reason), count in sorted(placed.items()):

@@ -108,8 +108,9 @@ def test_the_five_runs_on_two_cpu_workers_one_killed(tmp_path):
         assert s["completed"] == NUM and s["failed"] == 0 and s["output_tokens_from"] == {"usage": NUM}
         # Every prompt looked up in the prefix cache once, each token of it: the server's count of the run.
         assert r["prefix_cache"]["queries"] == s["total_input_tokens"]
-        placed = sum(sum(reasons.values()) for reasons in r.get("placements", {}).values())
-        assert placed == NUM + r["migrated"] or (r is runs[0] and placed == 0)     # moved ones placed again
+        if r["name"][:3] != "(e)":                # (e): the killed worker's placement counts went with it
+            placed = sum(sum(reasons.values()) for reasons in r.get("placements", {}).values())
+            assert placed == NUM or (r is runs[0] and placed == 0)
         assert len(r["e2el_s"]) == NUM and all(e > 0 for e in r["e2el_s"])
     assert runs[2]["summary"]["total_output_tokens"] == runs[3]["summary"]["total_output_tokens"] == NUM * 3
     # (e): w1 killed while it held requests; each moved to w0 and finished there, with every token once (the

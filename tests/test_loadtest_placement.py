@@ -53,6 +53,14 @@ def test_a_server_that_starts_counting_during_the_run():
                        "placements": {"w0": {"round_robin": 2}}}
 
 
+def test_a_counter_reset_during_the_run_counts_from_zero():
+    # w1 was lost and came back: its placement counts start again from zero, below those before the run.
+    figures = placement.figures(scrape(None, None, {("w0", "load"): 10, ("w1", "load"): 9}, migrated=0),
+                                scrape(None, None, {("w0", "load"): 12, ("w0", "migrated"): 4, ("w1", "load"): 1},
+                                       migrated=4))
+    assert figures == {"placements": {"w0": {"load": 2, "migrated": 4}, "w1": {"load": 1}}, "migrated": 4}
+
+
 def test_no_lookups_no_rate():
     figures = placement.figures(scrape(100, 40, None), scrape(100, 40, None))
     assert figures == {"prefix_cache": {"queries": 0, "hits": 0, "hit_rate": None}}
