@@ -79,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output-len", type=int, default=128, help="output tokens of each prefix-dataset request")
     group.add_argument("--kill-after", type=float, default=None,
                        help="run (e): seconds into the run to kill the last worker (default: (b)'s median TTFT)")
-    group.add_argument("--no-kill", dest="kill", action="store_false", help="leave run (e) out")
+    group.add_argument("--kill", action=argparse.BooleanOptionalAction, default=True,
+                       help="run (e), the last worker killed under load (with more than one worker)")
     add_server_arguments(group)
     group.add_argument("--result-json", type=Path, default=None, help="also write the results here, as JSON")
 
