@@ -60,6 +60,9 @@ def figures(before: str, after: str) -> dict:
     if queries is not None and hits is not None:
         queries -= _total(old, QUERIES) or 0.0
         hits -= _total(old, HITS) or 0.0
+    if queries is not None and hits is not None and queries >= 0 and hits >= 0:
+        # (a sum over workers that went down: a worker lost during the run took its counts with it, and the
+        # run's lookups are unknown)
         out["prefix_cache"] = {"queries": int(queries), "hits": int(hits),
                                "hit_rate": hits / queries if queries > 0 else None}
     placed = {(dict(labels).get("worker", ""), dict(labels).get("reason", "")):

@@ -106,8 +106,10 @@ def test_the_five_runs_on_two_cpu_workers_one_killed(tmp_path):
     for r in runs:
         s = r["summary"]
         assert s["completed"] == NUM and s["failed"] == 0 and s["output_tokens_from"] == {"usage": NUM}
-        # Every prompt looked up in the prefix cache once, each token of it: the server's count of the run.
-        assert r["prefix_cache"]["queries"] == s["total_input_tokens"]
+        # Every prompt looked up in the prefix cache once, each token of it: the server's count of the run ((e):
+        # unknown, the killed worker took its count with it).
+        if r["name"][:3] != "(e)":
+            assert r["prefix_cache"]["queries"] == s["total_input_tokens"]
         if r["name"][:3] != "(e)":                # (e): the killed worker's placement counts went with it
             placed = sum(sum(reasons.values()) for reasons in r.get("placements", {}).values())
             assert placed == NUM or (r is runs[0] and placed == 0)
@@ -136,6 +138,6 @@ def test_the_five_runs_on_two_cpu_workers_one_killed(tmp_path):
     assert f"{throughput[3] / throughput[2]:6.3f}" in rows["(d)"]
     assert f"{throughput[4] / throughput[1]:6.3f}" in rows["(e)"]
     assert f"{e['summary']['p99_e2el_ms']:9.1f}" in rows["(e)"]
-    assert all("%" in rows[row] for row in rows)                            # the prefix cache's hit rate
+    assert all("%" in rows[row] for row in ("(a)", "(b)", "(c)", "(d)"))                       # the prefix cache's hit rate
     kill_line = next(line for line in proc.stdout.splitlines() if line.startswith("(e): w1 killed"))
     assert f"{e['migrated']} requests moved" in kill_line and f"max {added['moved_max_ms']:.0f} ms" in kill_line

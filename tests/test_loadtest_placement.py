@@ -61,6 +61,11 @@ def test_a_counter_reset_during_the_run_counts_from_zero():
     assert figures == {"placements": {"w0": {"load": 2, "migrated": 4}, "w1": {"load": 1}}, "migrated": 4}
 
 
+def test_lookups_of_a_worker_lost_during_the_run_leave_the_rate_unknown():
+    # The server's sum over its workers went down: a lost worker took its lookups with it.
+    assert placement.figures(scrape(1000, 400, None), scrape(900, 500, None)) == {}
+
+
 def test_no_lookups_no_rate():
     figures = placement.figures(scrape(100, 40, None), scrape(100, 40, None))
     assert figures == {"prefix_cache": {"queries": 0, "hits": 0, "hit_rate": None}}
