@@ -138,6 +138,6 @@ def test_the_five_runs_on_two_cpu_workers_one_killed(tmp_path):
     assert f"{throughput[3] / throughput[2]:6.3f}" in rows["(d)"]
     assert f"{throughput[4] / throughput[1]:6.3f}" in rows["(e)"]
     assert f"{e['summary']['p99_e2el_ms']:9.1f}" in rows["(e)"]
-    assert all("%" in rows[row] for row in ("(a)", "(b)", "(c)", "(d)"))                       # the prefix cache's hit rate
+    assert all("%" in rows[row] for row in ("(a)", "(b)", "(c)", "(d)"))   # the prefix cache's hit rate
     kill_line = next(line for line in proc.stdout.splitlines() if line.startswith("(e): w1 killed"))
     assert f"{e['migrated']} requests moved" in kill_line and f"max {added['moved_max_ms']:.0f} ms" in kill_line
