@@ -168,9 +168,9 @@ def _log(message: str) -> None:
 
 # ---- served ----------------------------------------------------------------------------------------------------
 def start_server(args: argparse.Namespace, parser: argparse.ArgumentParser, log_path: Path,
-                 serve_flags: list[str] = ()):
-    """`pagestream serve` with this command's engine flags and serve_flags, on free ports; returns (process, base
-    URL)."""
+                 serve_flags: list[str] = (), env: dict[str, str] | None = None):
+    """`pagestream serve` with this command's engine flags and serve_flags, on free ports, with `env` over this
+    process's environment; returns (process, base URL)."""
     from engine.config import engine_kwargs
     from services.launcher import forward_argv, free_port, wait_ready
     engine_flags = set(engine_kwargs(args))
@@ -182,7 +182,7 @@ def start_server(args: argparse.Namespace, parser: argparse.ArgumentParser, log_
             "--prefix", f"bench{os.getpid()}", *flags, *serve_flags]
     _log("served: " + " ".join(argv[2:]))
     proc = subprocess.Popen(argv, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     base_url = f"http://127.0.0.1:{port}"
     if not wait_ready(base_url, SERVER_READY_S, alive=lambda: proc.poll() is None):
         stop_server(proc)
@@ -202,9 +202,12 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 async def served_runs(base_url: str, requests, rates: list[float], first_run: int = 1,
-                      warmups: int = 1) -> list[dict]:
+                      warmups: int = 1, during=None) -> list[dict]:
     """The runs at each rate, numbered from first_run (for_run: a server serving runs of two calls needs them
-    numbered apart), after `warmups` unmeasured requests sent at once."""
+    numbered apart), after `warmups` unmeasured requests sent at once. `during`: a coroutine function started with
+    each run's load (the data-parallel bench's kill of a worker), cancelled if the load ends first; what it returns,
+    a dict, joins the run's figures. Each run's figures hold every request's end-to-end latency in request order
+    (e2el_s, None for one that failed), for comparing two runs of the same requests request by request."""
     http = HTTPClient(base_url, None, 3600)
     try:
         model = (await http.get_json("/v1/models"))["data"][0]["id"]
@@ -216,16 +219,31 @@ async def served_runs(base_url: str, requests, rates: list[float], first_run: in
         runs = []
         for run, rate in enumerate(rates, first_run):
             before = await scrape_settled(http)
+            beside = asyncio.create_task(during()) if during is not None else None
             outputs, duration, _ = await run_load(client, for_run(requests, run), rate)
+            extra = await _finished_or_cancelled(beside)
             after = await scrape_settled(http)
             for out in outputs:
                 out.output_tokens, out.tokens_from = out.usage_completion_tokens or 0, "usage"
             runs.append({"mode": "served", "rate": rate, "summary": summarize(outputs, duration, PERCENTILES),
-                         "hops": breakdown(before, after), **placement.figures(before, after)})
+                         "e2el_s": [o.e2el if o.success else None for o in outputs],
+                         "hops": breakdown(before, after), **placement.figures(before, after), **extra})
             _log(f"served, rate {rate:g}: {runs[-1]['summary']['output_throughput']:.1f} output tok/s")
         return runs
     finally:
         http.close()
+
+
+async def _finished_or_cancelled(task: asyncio.Task | None) -> dict:
+    """The task's result if it finished, else {} once it is cancelled."""
+    if task is None:
+        return {}
+    if not task.done():
+        task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return {}
 
 
 # ---- the table -------------------------------------------------------------------------------------------------

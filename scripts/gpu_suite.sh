@@ -13,7 +13,11 @@
 #     data-parallel  2 GPUs, the same dummy Llama-3-8B served: w1000 all at once on 1 worker and on 2, then the
 #                  prefix-sharing dataset (32 prefixes of 1000 tokens, 512 requests) on 2 workers placed round-robin
 #                  and by prefix; one table: throughput, 2 workers / 1, TTFT, prefix-cache hit rate, placements
-#                  (pagestream bench data-parallel)
+#                  and w1000 again with worker w1 killed (kill -9) under load: the requests moved and their added
+#                  end-to-end time (pagestream bench data-parallel)
+#     data-parallel-1gpu  the same on ONE GPU shared by 2 workers (CUDA_VISIBLE_DEVICES=0,0, a fixed KV pool of
+#                  12000 blocks each), w256 and 256 prefix-dataset requests: no data-parallel speed-up (one GPU), but
+#                  placement and the kill measure the same
 # Logs go to $OUT (default /tmp/pagestream-gpu). The peers read shared/peers (PEERS=path to override). The
 # pipeline and data-parallel stages serve text through TOKENIZER (default smollm2-135m-instruct: a model alias or a
 # directory).
@@ -51,7 +55,11 @@ for stage in "$@"; do
                   grep -v " INFO \|WARN" "$OUT/pipeline-1b.log" | tail -30 ;;
         data-parallel) python3 -m services.cli bench data-parallel --model llama-3-8b "${SERVED[@]}" --data-parallel-size 2 \
                       --result-json "$OUT/data-parallel.json" > "$OUT/data-parallel.log" 2>&1
-                  grep -v " INFO \|WARN" "$OUT/data-parallel.log" | tail -14 ;;
+                  grep -v " INFO \|WARN" "$OUT/data-parallel.log" | tail -16 ;;
+        data-parallel-1gpu) CUDA_VISIBLE_DEVICES=0,0 python3 -m services.cli bench data-parallel --model llama-3-8b \
+                      "${SERVED[@]}" --data-parallel-size 2 --num-blocks 12000 --workload w256 --num-prompts 256 \
+                      --result-json "$OUT/data-parallel-1gpu.json" > "$OUT/data-parallel-1gpu.log" 2>&1
+                  grep -v " INFO \|WARN" "$OUT/data-parallel-1gpu.log" | tail -16 ;;
         *) echo "unknown stage $stage"; exit 2 ;;
     esac
 done
