@@ -238,11 +238,12 @@ def announce_when_ready(base_url: str, banner: str, stop: threading.Event, ready
 
 
 def worker_devices(data_parallel_size: int, tensor_parallel_size: int) -> list[str | None]:
-    """Each worker's GPUs (CUDA_VISIBLE_DEVICES), tensor_parallel_size apiece, from those this serve sees; None: one
-    worker, which sees them all (as serve does)."""
-    if data_parallel_size == 1:
-        return [None]
+    """Each worker's GPUs (its CUDA_VISIBLE_DEVICES), tensor_parallel_size apiece, in order from those this serve
+    sees; None: the worker sees what serve sees. A GPU named twice in CUDA_VISIBLE_DEVICES is shared by two workers
+    (each then needs --num-blocks: the memory-fraction budget counts the other worker's memory against its own)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if data_parallel_size == 1 and visible is None:
+        return [None]
     if visible is not None:
         gpus = [d.strip() for d in visible.split(",") if d.strip()]
     else:
@@ -253,7 +254,7 @@ def worker_devices(data_parallel_size: int, tensor_parallel_size: int) -> list[s
             gpus = []
     need = data_parallel_size * tensor_parallel_size
     if not gpus:              # no GPU (the CPU path): the workers share the CPU
-        return [""] * data_parallel_size
+        return [visible] * data_parallel_size
     if len(gpus) < need:
         raise SystemExit(f"--data-parallel-size {data_parallel_size} x --tensor-parallel-size "
                          f"{tensor_parallel_size} needs {need} GPUs; {len(gpus)} visible")

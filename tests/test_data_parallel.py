@@ -189,3 +189,13 @@ def test_killing_a_worker_loses_no_request_and_changes_no_text(stack, offline):
     while metrics(stack).get(key, 0.0) == before.get(key, 0.0):         # published twice a second
         assert time.monotonic() < deadline, "no request was on the killed worker: the test proved nothing"
         time.sleep(0.2)
+
+
+def test_workers_get_their_gpus_in_order(monkeypatch):
+    from services.launcher import worker_devices
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert worker_devices(2, 2) == ["4,5", "6,7"] and worker_devices(1, 1) == ["4"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,0")                   # one GPU shared by two workers
+    assert worker_devices(2, 1) == ["0", "0"] and worker_devices(1, 1) == ["0"]
+    with pytest.raises(SystemExit, match="needs 4 GPUs; 2 visible"):
+        worker_devices(2, 2)
