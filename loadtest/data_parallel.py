@@ -112,17 +112,6 @@ def plan(args: argparse.Namespace) -> list[Run]:
     return runs
 
 
-def one_worker_env(visible: str | None) -> dict[str, str]:
-    """The environment of a server of one worker, given CUDA_VISIBLE_DEVICES: each GPU once. Two workers share a GPU
-    by its being listed twice (0,0: serve gives each worker one entry), but a server of one worker passes the list
-    on whole, and the CUDA driver shows no GPU at all for a list that repeats one."""
-    if visible is None:
-        return {}
-    devices = [d.strip() for d in visible.split(",") if d.strip()]
-    unique = list(dict.fromkeys(devices))
-    return {} if unique == devices else {"CUDA_VISIBLE_DEVICES": ",".join(unique)}
-
-
 def by_server(runs: list[Run]) -> dict[tuple[str, ...], list[int]]:
     """serve flags -> the indices of the runs a server started with them serves, in order."""
     servers: dict[tuple[str, ...], list[int]] = {}
@@ -260,8 +249,9 @@ def run(args: argparse.Namespace) -> int:
                                         "data_parallel_size": args.parser.get_default("data_parallel_size")})
     for number, (flags, indices) in enumerate(by_server(runs).items(), 1):
         log_path = logs / f"serve-{number}.log"
-        env = one_worker_env(os.environ.get("CUDA_VISIBLE_DEVICES")) if not flags else {}
-        proc, base_url = start_server(server_args, args.parser, log_path, list(flags), env)
+        # (serve gives each worker its GPUs from CUDA_VISIBLE_DEVICES: "0,0" is one GPU for two workers, or for one)
+        workers = args.data_parallel_size if flags else 1
+        proc, base_url = start_server(server_args, args.parser, log_path, list(flags), workers=workers)
         try:
             for i in indices:
                 name, dataset, _, kill = runs[i]

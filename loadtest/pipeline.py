@@ -168,9 +168,9 @@ def _log(message: str) -> None:
 
 # ---- served ----------------------------------------------------------------------------------------------------
 def start_server(args: argparse.Namespace, parser: argparse.ArgumentParser, log_path: Path,
-                 serve_flags: list[str] = (), env: dict[str, str] | None = None):
+                 serve_flags: list[str] = (), env: dict[str, str] | None = None, workers: int = 1):
     """`pagestream serve` with this command's engine flags and serve_flags, on free ports, with `env` over this
-    process's environment; returns (process, base URL)."""
+    process's environment, once `workers` workers serve (ready means one does); returns (process, base URL)."""
     from engine.config import engine_kwargs
     from services.launcher import forward_argv, free_port, wait_ready
     engine_flags = set(engine_kwargs(args))
@@ -187,8 +187,24 @@ def start_server(args: argparse.Namespace, parser: argparse.ArgumentParser, log_
     if not wait_ready(base_url, SERVER_READY_S, alive=lambda: proc.poll() is None):
         stop_server(proc)
         raise SystemExit(f"the server did not get ready:\n{log_path.read_text()[-3000:]}")
+    deadline = time.monotonic() + SERVER_READY_S
+    while workers > 1 and live_workers(base_url) < workers:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            stop_server(proc)
+            raise SystemExit(f"{workers} workers did not all register:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
     _log(f"served: ready at {base_url}")
     return proc, base_url
+
+
+def live_workers(base_url: str) -> int:
+    """The workers the server's scheduler drives (pagestream_workers in /metrics; 0 before it says)."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return int(next((s.value for f in text_string_to_metric_families(text) for s in f.samples
+                     if s.name == "pagestream_workers"), 0))
 
 
 def stop_server(proc: subprocess.Popen) -> None:

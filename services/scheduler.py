@@ -100,7 +100,6 @@ class WorkerSlot:
     limits: Limits
     outstanding: OrderedDict[int, Plan] = field(default_factory=OrderedDict)     # plan id -> plan, in order
     unsent: deque[bytes] = field(default_factory=deque)    # plans made but not yet in the worker's stream
-    placed: Counter = field(default_factory=Counter)       # placement reason -> requests placed here
 
 
 @dataclass
@@ -130,6 +129,9 @@ class SchedulerService:
         self.beams: dict[str, tuple[SamplingParams, BeamSearchParams]] = {}
         self.next_plan_id = 0            # one count over every worker: an event of a lost worker matches no plan
         self.migrated = 0
+        self.placed: Counter = Counter()                   # (worker, reason) -> requests placed, ever
+        # The counters of workers lost (preemptions, prefix-cache lookups...): the deployment's totals never go down.
+        self.retired: Counter = Counter()
         self.input_processor: InputProcessor | None = None     # the deployment's limits; chooses unseeded seeds
         self.limits: Limits | None = None                  # the model's vocabulary and max_model_len (every worker's)
         self._workers_at = 0.0
@@ -227,7 +229,7 @@ class SchedulerService:
         except ValueError as e:    # a valid request this pool cannot take (not seen: read again, answered again)
             self.transport.reply_error(request.gateway, rid, str(e), pipe)
             return
-        slot.placed[choice.reason] += 1
+        self.placed[slot.name, choice.reason] += 1
         self.where[rid] = slot.name
         if request.beam_search is not None:
             self.beams[rid] = (request.params, request.beam_search)
@@ -425,7 +427,7 @@ class SchedulerService:
                         "queue_time_sum": self.queue_time_sum, "queue_time_count": sum(self.queue_time_counts),
                         "beam_searches": self.beam_searches,
                         "beam_kv_blocks_saved_peak": self.beam_kv_blocks_saved_peak}
-        summed, waste = Counter(), 0.0
+        summed, waste = Counter(self.retired), 0.0
         for name, slot in self.workers.items():
             s = slot.scheduler.stats()
             own = {"running": s.num_running, "waiting": s.num_waiting, "preemptions": s.num_preemptions,
@@ -434,9 +436,10 @@ class SchedulerService:
                    "beam_kv_blocks_saved": s.beam_kv_blocks_saved}
             summed.update(own)
             waste += s.kv_slot_waste * s.kv.num_used_blocks
-            own.update(kv_usage=s.kv.usage, prefix_cache_hit_rate=s.kv.prefix_hit_rate,
-                       **{f"placed:{reason}": count for reason, count in slot.placed.items()})
+            own.update(kv_usage=s.kv.usage, prefix_cache_hit_rate=s.kv.prefix_hit_rate)
             fields.update({f"worker:{name}:{key}": value for key, value in own.items()})
+        for (name, reason), count in self.placed.items():          # a lost worker's too: counters never go down
+            fields[f"worker:{name}:placed:{reason}"] = count
         fields.update(summed)
         fields["kv_usage"] = summed["kv_blocks_used"] / max(1, summed["kv_blocks_total"])
         fields["kv_slot_waste"] = waste / max(1, summed["kv_blocks_used"])      # weighted by the blocks in use
@@ -505,6 +508,9 @@ class SchedulerService:
         one), with the tokens known here."""
         del self.workers[slot.name]
         self.placement.forget(slot.name)
+        s = slot.scheduler.stats()
+        self.retired.update({"preemptions": s.num_preemptions, "prefix_cache_queries": s.kv.prefix_queries,
+                             "prefix_cache_hits": s.kv.prefix_hits})
         # A worker that only stalled would come back holding sequences nobody schedules: its registration goes,
         # which tells it to stop and start afresh (WorkerService._still_registered).
         info = self.transport.worker_info(slot.name)
@@ -563,7 +569,7 @@ class SchedulerService:
                                            first.seed, first.priority, beam_search)
             else:
                 slot.scheduler.adopt(orphan.seqs)
-            slot.placed["migrated"] += 1
+            self.placed[slot.name, "migrated"] += 1
             self.where[orphan.request_id] = slot.name
             self.migrated += 1
         self.orphans = []

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from loadtest.data_parallel import added_latency, by_server, one_worker_env, plan, worker_pid
+from loadtest.data_parallel import added_latency, by_server, plan, worker_pid
 from test_loadtest_serve import REPO
 
 NUM = 6
@@ -38,13 +38,6 @@ def test_runs_with_the_same_serve_flags_share_a_server():
     assert [r.serve_flags for r in one] == [[]] * 4 and list(by_server(one).values()) == [[0, 1, 2, 3]]
     assert [r.name for r in one] == ["(a) w256, 1 worker", "(b) w256, 1 worker", "(c) prefix, 1 worker",
                                      "(d) prefix, 1 worker"]                 # one worker: no kill run
-
-
-def test_a_server_of_one_worker_sees_each_shared_gpu_once():
-    # Two workers on GPU 0 (0,0), or four on two GPUs: the one-worker server of run (a) gets each GPU once.
-    assert one_worker_env("0,0") == {"CUDA_VISIBLE_DEVICES": "0"}
-    assert one_worker_env("2, 3,2,3") == {"CUDA_VISIBLE_DEVICES": "2,3"}
-    assert one_worker_env("0,1") == {} and one_worker_env("") == {} and one_worker_env(None) == {}
 
 
 def test_the_moved_requests_are_the_largest_increases():
