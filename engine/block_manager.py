@@ -11,6 +11,7 @@ on block i implies the whole prefix up to i matches.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from engine.sequence import Sequence
@@ -20,6 +21,15 @@ def chain_hash(parent_hash: int | None, tokens: tuple[int, ...]) -> int:
     # Python's hash of a tuple of ints is deterministic across processes (PYTHONHASHSEED only salts str/bytes);
     # 64 bits make an accidental collision among millions of cached blocks vanishingly unlikely.
     return hash((parent_hash, tokens))
+
+
+def full_block_hashes(token_ids: list[int], block_size: int) -> Iterator[int]:
+    """The chained hashes of the full blocks of token_ids, in order, as the prefix cache keys them (lazily: a
+    lookup that misses stops early)."""
+    parent = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = chain_hash(parent, tuple(token_ids[start:start + block_size]))
+        yield parent
 
 
 @dataclass
@@ -67,10 +77,9 @@ class BlockManager:
         its logits are needed to sample."""
         if not self.enable_prefix_caching:
             return []
-        hits, parent = [], None
-        for start in range(0, seq.num_tokens - 1 - self.block_size + 1, self.block_size):
-            parent = chain_hash(parent, tuple(seq.token_ids[start:start + self.block_size]))
-            block = self.cached.get(parent)
+        hits = []
+        for h in full_block_hashes(seq.token_ids[:-1], self.block_size):
+            block = self.cached.get(h)
             if block is None:
                 break
             hits.append(block)

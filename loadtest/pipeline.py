@@ -200,11 +200,8 @@ def start_server(args: argparse.Namespace, parser: argparse.ArgumentParser, log_
 def live_workers(base_url: str) -> int:
     """The workers the server's scheduler drives (pagestream_workers in /metrics; 0 before it says)."""
     import urllib.request
-    from prometheus_client.parser import text_string_to_metric_families
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    return int(next((s.value for f in text_string_to_metric_families(text) for s in f.samples
-                     if s.name == "pagestream_workers"), 0))
+        return int(placement.counters(r.read().decode()).get((placement.WORKERS, ()), 0))
 
 
 def stop_server(proc: subprocess.Popen) -> None:

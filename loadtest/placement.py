@@ -14,6 +14,7 @@ HITS = "pagestream_prefix_cache_hits_total"
 QUERIES = "pagestream_prefix_cache_queries_total"
 PLACED = "pagestream_requests_placed_total"
 MIGRATED = "pagestream_requests_migrated_total"
+WORKERS = "pagestream_workers"              # a gauge: the workers the scheduler drives now
 # pagestream's scheduler publishes its counters every half second (services/scheduler.py, STATS_EVERY_S): a scrape
 # this long after a run has ended sees all of it.
 SETTLE_S = 1.0
@@ -28,7 +29,7 @@ def counters(text: str) -> Samples:
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name in (HITS, QUERIES, PLACED, MIGRATED):
+                if sample.name in (HITS, QUERIES, PLACED, MIGRATED, WORKERS):
                     out[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
     except ValueError:                      # some other format: the server has none of these counters
         return {}

@@ -4,11 +4,11 @@ Shared by the HTTP gateway and the gRPC server. Each gateway instance has its ow
 takes every Reply from it and hands each item to its request's queue, dropping repeats by (request, index, seq).
 A watcher follows the scheduler's and the workers' heartbeats: when the scheduler dies or restarts, every request
 in flight ends with a clear 503 error instead of hanging (a worker that dies loses no request: the scheduler moves
-its requests to another worker); with no scheduler or no worker alive, new requests get a 503. Redis going away ends nothing at first: the reader
-waits it out and goes on from the last reply it read; but once it has failed to reach Redis for REDIS_LOST_S,
-every request in flight ends with a 503 error (and is aborted upstream once Redis is back). The gateway has a
-heartbeat of its own, by which the scheduler knows when to abort a dead gateway's requests; until then another
-gateway can take one over and continue its stream (resume; see services/resumable.py).
+its requests to another worker); with no scheduler or no worker alive, new requests get a 503. Redis going away
+ends nothing at first: the reader waits it out and goes on from the last reply it read; but once it has failed to
+reach Redis for REDIS_LOST_S, every request in flight ends with a 503 error (and is aborted upstream once Redis is
+back). The gateway has a heartbeat of its own, by which the scheduler knows when to abort a dead gateway's
+requests; until then another gateway can take one over and continue its stream (resume; see services/resumable.py).
 """
 from __future__ import annotations
 

@@ -3,9 +3,10 @@
 Policy "prefix" (the default): a request goes to the worker that holds the longest prefix of its prompt, if that
 covers at least half of the prompt and the worker is not overloaded; otherwise to the least loaded worker. What a
 worker holds is known exactly, not guessed: the scheduler keeps each worker's block manager, whose prefix cache is
-keyed by the same chained block hashes computed here. Requests placed but not admitted yet have no blocks, so the
-prompts placed recently count too (an LRU of block hash -> worker): the 16 requests of one system prompt that
-arrive together all go where the first went, instead of each computing the prefix on whichever worker is idlest.
+keyed by the chained block hashes used here (block_manager.full_block_hashes). Requests placed but not admitted
+yet have no blocks, so the prompts placed recently count too (an LRU of block hash -> worker): the 16 requests of
+one system prompt that arrive together all go where the first went, instead of each computing the prefix on
+whichever worker is idlest.
 
 "Overloaded" is SGLang's cache-aware router's rule: more than OVERLOAD_SLACK sequences beyond the least loaded
 worker. Load is the sequences a worker's scheduler holds (running and waiting): what a new one queues behind.
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from engine.block_manager import chain_hash
+from engine.block_manager import full_block_hashes
 from engine.scheduler import Scheduler
 
 POLICIES = ("prefix", "round-robin")
@@ -51,7 +52,7 @@ class Placement:
             self._turn += 1
             return Choice(names[(self._turn - 1) % len(names)], "round_robin")
         block_size = next(iter(schedulers.values())).block_manager.block_size
-        hashes = block_hashes(prompt_token_ids, block_size)
+        hashes = list(full_block_hashes(prompt_token_ids, block_size))
         loads = {name: load_of(schedulers[name]) for name in names}
         least = min(names, key=lambda n: (loads[n], n))
         matched = {name: self._matched_blocks(hashes, name, schedulers[name]) for name in names}
@@ -81,11 +82,3 @@ class Placement:
             n += 1
         return n
 
-
-def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
-    """The chained hashes of the prompt's full blocks, as the block manager keys its prefix cache."""
-    hashes, parent = [], None
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = chain_hash(parent, tuple(token_ids[start:start + block_size]))
-        hashes.append(parent)
-    return hashes

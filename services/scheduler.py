@@ -154,19 +154,19 @@ class SchedulerService:
         Heartbeat(self.transport, self.names.alive("scheduler"), self.epoch, stop).start()
         inputs = [self.names.abort, self.names.resume, self.names.schedule]
         log.info("scheduler %s (epoch %s), placement %s", self.consumer, self.epoch[:8], self.placement.policy)
-        trimmers: dict[tuple, Trimmer] = {}
+        trimmer: tuple[list[str], Trimmer] | None = None           # for the streams of the workers driven now
         idle = True
 
         def iteration() -> None:
-            nonlocal idle
+            nonlocal idle, trimmer
             self._track_workers()
             if not self.workers:                  # inputs wait in their streams until a worker registers
                 stop.wait(0.2)
                 return
             streams = [self.names.events(w) for w in self.workers] + inputs
-            trim = trimmers.get(tuple(streams)) or trimmers.setdefault(tuple(streams), Trimmer(self.transport,
-                                                                                                streams))
-            trim()
+            if trimmer is None or trimmer[0] != streams:
+                trimmer = (streams, Trimmer(self.transport, streams))
+            trimmer[1]()
             self._send_plans()
             # Don't wait for input when a plan can go out now; otherwise block until something arrives.
             entries = self.transport.read(streams, GROUP, self.consumer, count=512, block_ms=50 if idle else None)
@@ -190,8 +190,7 @@ class SchedulerService:
             try:
                 if entry.stream in events:
                     slot = events[entry.stream]
-                    if self.workers.get(slot.name) is slot:        # not a worker lost while reading
-                        self._on_event(slot, decode(StepEvent, entry.payload, slot.limits))
+                    self._on_event(slot, decode(StepEvent, entry.payload, slot.limits))
                 elif entry.stream == self.names.abort:
                     self._on_abort(decode(Abort, entry.payload, self.limits))
                 elif entry.stream == self.names.resume:
@@ -471,13 +470,9 @@ class SchedulerService:
         if now < self._workers_at and self.workers:
             return
         self._workers_at = now + WORKERS_EVERY_S
-        for raw in sorted(self.transport.redis.smembers(names.workers)):
-            name = raw.decode()
-            if name in self.workers:
-                continue
-            alive = self.transport.redis.get(names.alive("worker", name))
-            info = self.transport.worker_info(name)
-            if alive is not None and info is not None and info.epoch == alive.decode():
+        for name, epoch in self.transport.live_workers().items():
+            if name not in self.workers and (info := self.transport.worker_info(name)) is not None \
+                    and info.epoch == epoch:
                 self._take_on(info)
         if self.workers and self.orphans:
             self._place_orphans()
@@ -520,11 +515,10 @@ class SchedulerService:
         for rid, seqs in slot.scheduler.requests.items():
             self.where.pop(rid, None)
             beam_search = self.beams.get(rid)
-            if beam_search is not None:               # from its prompt again (its beams were never streamed)
-                seqs = seqs[:1]
-            else:
-                seqs = self._as_streamed([s for s in seqs if not s.is_finished])
-            self.orphans.append(Orphan(rid, [s for s in seqs if not s.is_finished], beam_search))
+            unfinished = [s for s in seqs if not s.is_finished]
+            # A beam search starts again from its prompt (its beams were never streamed).
+            self.orphans.append(Orphan(rid, unfinished[:1] if beam_search else self._as_streamed(unfinished),
+                                       beam_search))
             moved += 1
         self.orphans = [o for o in self.orphans if o.seqs]
         log.warning("worker %s %s: its %d requests move to %s", slot.name, how, moved,

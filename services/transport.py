@@ -298,11 +298,11 @@ class Transport:
         pipe.sadd(self.names.workers, info.worker)
         pipe.execute()
 
-    def live_workers(self) -> list[str]:
-        """The registered workers whose heartbeat is alive, by name."""
+    def live_workers(self) -> dict[str, str]:
+        """The registered workers whose heartbeat is alive: name -> epoch (its heartbeat's value), by name."""
         names = sorted(m.decode() for m in self.redis.smembers(self.names.workers))
         beats = self.redis.mget([self.names.alive("worker", n) for n in names]) if names else []
-        return [name for name, beat in zip(names, beats) if beat is not None]
+        return {name: beat.decode() for name, beat in zip(names, beats) if beat is not None}
 
     def any_worker_info(self) -> WorkerInfo | None:
         """A live worker's registration: the model's limits, which every worker of a deployment shares."""
