@@ -16,6 +16,7 @@ import threading
 from concurrent.futures import Future
 from typing import AsyncIterator
 
+from engine.collector import frozen_heap
 from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import BeamSearchOutput, RequestOutput
@@ -101,33 +102,38 @@ class AsyncLLM:
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:
         try:
-            while True:
-                idle = not self.engine.has_unfinished_requests()
-                # Block only when idle; otherwise take whatever arrived and step.
-                commands = [self._commands.get()] if idle else []
-                while not self._commands.empty():
-                    commands.append(self._commands.get_nowait())
-                for command in commands:
-                    if command is _STOP:
-                        return
-                    fn, args, done = command
-                    try:
-                        fn(*args)
-                        if done is not None:
-                            done.set_result(None)
-                    except Exception as e:      # an invalid request: the caller gets the error
-                        if done is None:
-                            raise
-                        done.set_exception(e)
-                if self.engine.has_unfinished_requests():
-                    # A request that arrives during a plan of k steps ends it at the next step boundary.
-                    self.engine.step(on_output=lambda out: self._deliver(out.request_id, out),
-                                     should_stop=lambda: not self._commands.empty())
+            with frozen_heap():
+                self._serve()
         except BaseException as e:               # the engine broke: fail every open stream, don't hang them
             self._error = e
             for request_id in list(self._streams):
                 self._deliver(request_id, RuntimeError(f"engine failed: {e!r}"))
             raise
+
+    def _serve(self) -> None:
+        """Until shutdown: take the commands that arrived (blocking only when idle), then step."""
+        while True:
+            idle = not self.engine.has_unfinished_requests()
+            # Block only when idle; otherwise take whatever arrived and step.
+            commands = [self._commands.get()] if idle else []
+            while not self._commands.empty():
+                commands.append(self._commands.get_nowait())
+            for command in commands:
+                if command is _STOP:
+                    return
+                fn, args, done = command
+                try:
+                    fn(*args)
+                    if done is not None:
+                        done.set_result(None)
+                except Exception as e:      # an invalid request: the caller gets the error
+                    if done is None:
+                        raise
+                    done.set_exception(e)
+            if self.engine.has_unfinished_requests():
+                # A request that arrives during a plan of k steps ends it at the next step boundary.
+                self.engine.step(on_output=lambda out: self._deliver(out.request_id, out),
+                                 should_stop=lambda: not self._commands.empty())
 
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)

@@ -6,6 +6,14 @@ copy and the bookkeeping (appending tokens, stop checks, publishing) overlap the
 waits. This holds across plans too: a plan's last step is processed once the next plan's first step is launched
 (see ModelRunner.execute). Without it (the ablation), each step is processed before the next is launched.
 
+A step is processed in two parts: its commit (the runner's own bookkeeping: tokens appended, stops checked), which
+building the next plan needs, and its report (on_step: the engine's scheduler update and output processing, or the
+worker's publishing), which nothing on the GPU's path needs. At a plan's end the host has more to do before the next
+launch (schedule, apply and stage the next plan), so there the GPU is left two steps: the plan's last launch
+processes nothing of its plan, the step before it is committed only when the next plan is built (catch_up), and its
+report waits for the next launch. Reports then lag by one more step for a moment, in order. (On the Llama-3.2-1B
+shape, whose decode step is 2.3 ms, the host's boundary work was 4-5 ms: the GPU idled 2-3 ms before every plan.)
+
 The queue is in launch order and is processed in that order, so every consumer sees a sequence's tokens in order,
 and a plan's "done" callback runs right after its last step's tokens.
 """
@@ -29,6 +37,7 @@ class _Pending:
     tokens: torch.Tensor               # host (pinned) once `ready` fires
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     ready: torch.cuda.Event | None
+    plan: int                          # how many plans had ended (end_plan) when it was launched
 
 
 class StepOutputs:
@@ -38,15 +47,20 @@ class StepOutputs:
         self.copy_stream = copy_stream
         self.pending: deque[_Pending | Callable[[], None]] = deque()
         self._newest: _Pending | None = None       # the last step pushed
+        # Reports (and callbacks behind them) due at the next launch, with the sequences each names.
+        self._held: deque[tuple[Callable[[], None], list[int]]] = deque()
+        self._plans_ended = 0
         self.results: list[StepResult] = []       # processed since the last take_results()
 
     def push(self, seq_ids: list[int], active: list[bool] | None, out: SamplerOutput,
-             on_step: Callable[[StepResult], None] | None) -> None:
-        """A step has been launched (its sampled ids may not exist yet): start their way to the host."""
+             on_step: Callable[[StepResult], None] | None, plan_end: bool = False) -> None:
+        """A step has been launched (its sampled ids may not exist yet): start their way to the host. plan_end:
+        it is its plan's last, and the plan's steps before it wait too (for catch_up); the last plan's steps are
+        due now, as at every launch."""
         n = len(seq_ids)
         lp = None if out.logprobs is None else (out.logprobs[:n], out.top_token_ids[:n], out.top_logprobs[:n])
         if self.copy_stream is None:                    # CPU: already on the host
-            self.pending.append(_Pending(on_step, seq_ids, active, out.token_ids[:n], lp, None))
+            self.pending.append(_Pending(on_step, seq_ids, active, out.token_ids[:n], lp, None, self._plans_ended))
         else:
             compute = torch.cuda.current_stream()
             self.copy_stream.wait_stream(compute)
@@ -55,10 +69,11 @@ class StepOutputs:
                 lp = None if lp is None else tuple(_to_host(t) for t in lp)
                 ready = torch.cuda.Event()
                 ready.record()
-            self.pending.append(_Pending(on_step, seq_ids, active, tokens, lp, ready))
+            self.pending.append(_Pending(on_step, seq_ids, active, tokens, lp, ready, self._plans_ended))
         self._newest = self.pending[-1]
+        self.report_held()                              # due at this launch
         # Asynchronous: process the steps before this one (this one is queued behind them on the GPU).
-        self._settle(1 if self.asynchronous else 0)
+        self._settle(1 if self.asynchronous else 0, earlier_plans_only=plan_end and self.asynchronous)
 
     def to_host(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Device tensors on their way to host memory, behind the step being computed: they may be read once a
@@ -69,10 +84,12 @@ class StepOutputs:
         with torch.cuda.stream(self.copy_stream):
             return [_to_host(t) for t in tensors]
 
-    def push_done(self, callback: Callable[[], None]) -> None:
-        """Run callback once every step pushed so far has been processed (a plan's end)."""
-        self.pending.append(callback)
-        self._settle(1 if self.asynchronous else 0)
+    def end_plan(self, on_done: Callable[[], None] | None = None) -> None:
+        """A plan's steps are all launched: on_done runs once every step pushed so far has been processed."""
+        if on_done is not None:
+            self.pending.append(on_done)
+            self._settle(1 if self.asynchronous else 0, earlier_plans_only=self.asynchronous)
+        self._plans_ended += 1
 
     def newest_tokens(self) -> torch.Tensor:
         """The sampled ids of the last step pushed, on the host. Waits for that step's copy only, not for what
@@ -82,25 +99,44 @@ class StepOutputs:
         return self._newest.tokens
 
     def drain(self) -> None:
+        self.report_held()
         self._settle(0)
+
+    def catch_up(self) -> None:
+        """Commit every step but the last launched (what the next plan is built and checked against); their
+        reports wait for the next launch."""
+        self._settle(1 if self.asynchronous else 0, hold=True)
+
+    def holds_any(self, seq_ids: list[int]) -> bool:
+        """Whether a held report names one of seq_ids (they must be reported before the runner forgets them)."""
+        return bool(self._held) and not set(seq_ids).isdisjoint(s for _, named in self._held for s in named)
+
+    def report_held(self) -> None:
+        while self._held:
+            self._held.popleft()[0]()
 
     def on_host(self) -> bool:
         """Whether every pending step's tokens have reached the host: processing them would not wait."""
         return all(p.ready is None or p.ready.query() for p in self.pending if isinstance(p, _Pending))
 
-    def _settle(self, keep: int) -> None:
-        """Process from the front until at most `keep` steps wait (callbacks run as soon as they lead)."""
-        while self.pending and (not isinstance(self.pending[0], _Pending)
-                                or sum(isinstance(p, _Pending) for p in self.pending) > keep):
-            self._process(self.pending.popleft())
+    def _settle(self, keep: int, hold: bool = False, earlier_plans_only: bool = False) -> None:
+        """Process from the front until at most `keep` steps wait (callbacks run as soon as they lead), or with
+        earlier_plans_only, until the leading step is one of the plan being launched."""
+        while self.pending:
+            p = self.pending[0]
+            if isinstance(p, _Pending) and (sum(isinstance(q, _Pending) for q in self.pending) <= keep
+                                            or earlier_plans_only and p.plan == self._plans_ended):
+                break
+            self._process(self.pending.popleft(), hold)
 
     def take_results(self) -> list[StepResult]:
         results, self.results = self.results, []
         return results
 
-    def _process(self, p: "_Pending | Callable[[], None]") -> None:
-        if not isinstance(p, _Pending):
-            p()
+    def _process(self, p: "_Pending | Callable[[], None]", hold: bool) -> None:
+        """Commit a step now; report it now too, unless reports are held (then behind them, in order)."""
+        if not isinstance(p, _Pending):      # a plan's "done": the last plan's (its own steps are still pending)
+            self._report(p, [], False)
             return
         if p.ready is not None:
             p.ready.synchronize()
@@ -111,7 +147,13 @@ class StepOutputs:
         result = self.commit(p.seq_ids, p.active, p.tokens.tolist(), logprobs)
         self.results.append(result)
         if p.on_step is not None:
-            p.on_step(result)
+            self._report(lambda: p.on_step(result), p.seq_ids, hold)
+
+    def _report(self, report: Callable[[], None], seq_ids: list[int], hold: bool) -> None:
+        if hold or self._held:
+            self._held.append((report, seq_ids))
+        else:
+            report()
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import itertools
 
 from tqdm import tqdm
 
+from engine.collector import frozen_heap
 from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.input_processor import Conversation
 from engine.llm_engine import LLMEngine, Prompt
@@ -66,10 +67,11 @@ class LLM:
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step(stream=False):
-                if out.finished:
-                    done[out.request_id] = out
-                    bar.update(1)
+        with frozen_heap():
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step(stream=False):
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
         bar.close()
         return [done[i] for i in ids]

@@ -225,14 +225,18 @@ class ModelRunner:
         arrived, waiting ahead of the plan that admits it, does not make that prompt wait a step longer.
 
         With asynchronous output the plan's last step is left on the GPU: it is processed once the next plan's
-        first step is launched (or by flush()), so the GPU does not wait while the host plans. A decode step
+        first step is launched (or by flush()), so the GPU does not wait while the host plans; the step before
+        it is committed when the next plan starts, and reported then too (engine/async_output.py says why). A decode step
         can be launched before the tokens it consumes reach the host: they are taken from the device."""
         self.outputs.asynchronous = self.async_output
         self.steps_run = 0
+        self.catch_up()
         inflight = self._inflight_rows()
         if any(s in inflight for s in plan.freed_seq_ids):
             self.flush()          # a preempted sequence's last token is still owed to the scheduler
             inflight = {}
+        elif self.outputs.holds_any(plan.freed_seq_ids):
+            self.outputs.report_held()      # while the sequences they name are still held here
         self._apply(plan)
         live = {s: n for s, n in plan.num_scheduled_tokens.items() if not self.seqs[s].finished}
         # Tokens each sequence has, counting the one its last launched step is sampling.
@@ -259,9 +263,8 @@ class ModelRunner:
             if rows and not (should_stop is not None and should_stop()):
                 self.steps_run += self._decode(rows, [live[s] - first[s] - 1 for s in rows],
                                                *self._last_tokens(rows, self._inflight_rows()), on_step, should_stop)
-        if on_done is not None:
-            steps = self.steps_run
-            self.outputs.push_done(lambda: on_done(steps))
+        steps = self.steps_run
+        self.outputs.end_plan(None if on_done is None else lambda: on_done(steps))
         if not self.async_output or not live:
             self.flush()
         return self.outputs.take_results()
@@ -269,6 +272,11 @@ class ModelRunner:
     def flush(self) -> None:
         """Process every launched step (waits for the GPU)."""
         self.outputs.drain()
+
+    def catch_up(self) -> None:
+        """Commit the launched steps but the last, so self.seqs is what the next plan is built on (a plan's last
+        launch leaves the step before it too); their reports wait for the next launch."""
+        self.outputs.catch_up()
 
     @property
     def has_pending_outputs(self) -> bool:
@@ -327,7 +335,7 @@ class ModelRunner:
             out = self.sampler(logits, sampling)
             self._stop_timer(timer, eager=False)
             sampling.advance(out.token_ids)
-            self.outputs.push(rows, active, out, on_step)
+            self.outputs.push(rows, active, out, on_step, plan_end=step == steps - 1)
             self._inflight = (rows, active, out.token_ids)
         return steps
 

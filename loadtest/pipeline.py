@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from engine.collector import frozen_heap
 from loadtest import placement
 from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
 from loadtest.hops import breakdown, format_breakdown
@@ -92,18 +93,19 @@ def offline_load(engine, requests, rate: float, seed: int = 0) -> tuple[list[Req
     def due() -> bool:
         return bool(queue) and time.monotonic() >= start + offsets[queue[-1]]
 
-    while queue or engine.has_unfinished_requests():
-        arrived = []
-        while due():
-            arrived.append(queue.pop())
-        if arrived:        # together, as a tokenizer service takes what it reads: one tokenizer call for all
-            engine.add_requests([f"offline-{i}" for i in arrived], [requests[i].prompt for i in arrived],
-                                [params[i] for i in arrived])
-        if not engine.has_unfinished_requests():
-            time.sleep(max(0.0, start + offsets[queue[-1]] - time.monotonic()))
-            continue
-        for out in engine.step(stream=False, should_stop=due):
-            finished[int(out.request_id.split("-")[1])] = out
+    with frozen_heap():                                        # as the worker's model loop
+        while queue or engine.has_unfinished_requests():
+            arrived = []
+            while due():
+                arrived.append(queue.pop())
+            if arrived:    # together, as a tokenizer service takes what it reads: one tokenizer call for all
+                engine.add_requests([f"offline-{i}" for i in arrived], [requests[i].prompt for i in arrived],
+                                    [params[i] for i in arrived])
+            if not engine.has_unfinished_requests():
+                time.sleep(max(0.0, start + offsets[queue[-1]] - time.monotonic()))
+                continue
+            for out in engine.step(stream=False, should_stop=due):
+                finished[int(out.request_id.split("-")[1])] = out
     end = time.monotonic()
     busy = None
     if runner.step_timers is not None:

@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from engine.collector import frozen_heap
 from loadtest import placement
 from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
 from loadtest.datasets import SampleRequest
@@ -132,19 +133,18 @@ async def run_load(client: OpenAIStreamClient, requests: list[SampleRequest], ra
         return out
 
     gc.collect()
-    gc.freeze()                       # what exists now is never scanned again: shorter collector pauses mid-run
-    tasks, lag = [], 0.0
-    start = time.perf_counter()
-    for request, due in zip(requests, offsets):
-        wait = start + due - time.perf_counter()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        lag = max(lag, time.perf_counter() - start - due)
-        tasks.append(asyncio.create_task(one(request)))
-    outputs = await asyncio.gather(*tasks)
-    end = max((o.start + o.e2el for o in outputs), default=start)
-    bar.close()
-    gc.unfreeze()
+    with frozen_heap():               # the client's own pauses would be counted as the server's latency
+        tasks, lag = [], 0.0
+        start = time.perf_counter()
+        for request, due in zip(requests, offsets):
+            wait = start + due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            lag = max(lag, time.perf_counter() - start - due)
+            tasks.append(asyncio.create_task(one(request)))
+        outputs = await asyncio.gather(*tasks)
+        end = max((o.start + o.e2el for o in outputs), default=start)
+        bar.close()
     for out in outputs:
         out.start -= start            # from here on, seconds since the run began
     return list(outputs), end - start, lag

@@ -36,6 +36,7 @@ import time
 import uuid
 from collections import deque
 
+from engine.collector import frozen_heap
 from engine.config import EngineConfig
 from engine.model_files import resolve_model
 from engine.model_runner import ModelRunner
@@ -128,7 +129,19 @@ class WorkerService:
         for thread in threads:
             thread.start()
         log.info("worker %s (epoch %s) on %s: %d KV blocks", self.worker, self.epoch[:8], r.device, r.num_blocks)
-        self.stats = stats = StepStats.from_env(r)
+        self.stats = StepStats.from_env(r)
+        with frozen_heap():
+            self._loop(stop)
+        self.outbox.put(None)
+        threads[0].join(timeout=10)
+        try:
+            publisher.wait(timeout=10)            # it ends once it has published what it was handed
+        except subprocess.TimeoutExpired:
+            publisher.kill()
+
+    def _loop(self, stop) -> None:
+        """The model loop: the next plan launched as soon as it comes, until stop."""
+        r, stats = self.runner, self.stats
         while not stop.is_set():
             # A plan's last step stays on the GPU until the next plan is launched. With none waiting, wait for one
             # while the GPU still runs that step (a plan that comes meanwhile is launched first, so the GPU goes
@@ -146,12 +159,6 @@ class WorkerService:
                 stats.tick()
             if item is not None:
                 self._execute(*item)
-        self.outbox.put(None)
-        threads[0].join(timeout=10)
-        try:
-            publisher.wait(timeout=10)            # it ends once it has published what it was handed
-        except subprocess.TimeoutExpired:
-            publisher.kill()
 
     def _feed(self, publisher: subprocess.Popen, stop) -> None:
         """The pipe writer: frames from the outbox to the publisher process. If the publisher is gone, so is
@@ -227,6 +234,7 @@ class WorkerService:
         held; each scheduled sequence's tokens must fit its block table and max_model_len; a fork's parent must
         sample in this plan's first step. (The runner trusts all this: a plan that broke it would crash it, or
         write another sequence's KV blocks.) Run by the model loop, as the state it checks is the loop's."""
+        self.runner.catch_up()
         held = self.runner.seqs if message.scheduler_epoch == self.scheduler_epoch else {}
         if message.forks and held:
             self.runner.flush()          # as the runner does before forking: every parent token is on the host
