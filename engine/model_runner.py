@@ -225,9 +225,9 @@ class ModelRunner:
         arrived, waiting ahead of the plan that admits it, does not make that prompt wait a step longer.
 
         With asynchronous output the plan's last step is left on the GPU: it is processed once the next plan's
-        first step is launched (or by flush()), so the GPU does not wait while the host plans; the step before
-        it is committed when the next plan starts, and reported then too (engine/async_output.py says why). A decode step
-        can be launched before the tokens it consumes reach the host: they are taken from the device."""
+        first step is launched (or by flush()), so the GPU does not wait while the host plans. So is the step
+        before it, but committed when the next plan starts (catch_up; engine/async_output.py says why). A decode
+        step can be launched before the tokens it consumes reach the host: they are taken from the device."""
         self.outputs.asynchronous = self.async_output
         self.steps_run = 0
         self.catch_up()
