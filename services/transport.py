@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import random
 import socket
@@ -375,7 +376,7 @@ class Transport:
             for positions in slots:
                 pipe.xreadgroup(group, consumer, positions, count=count)
             entries = [e for reply in pipe.execute() for e in self._entries(reply)]
-            left_ms = int((deadline - time.monotonic()) * 1000)
+            left_ms = math.ceil((deadline - time.monotonic()) * 1000)     # rounded down, it ended a ms early
             if entries or left_ms <= 0:
                 return entries
             entries = self._entries(self.redis.xreadgroup(group, consumer, slots[turn % len(slots)], count=count,

@@ -258,6 +258,11 @@ def test_dead_gateways_request_is_aborted_after_the_grace_period(stack):
     assert first.broken
     gateway = parse_event_id(first.last_id).gateway
     killed = time.monotonic()
+    # The scheduler publishes its stats every half second: first see the request running (it must be: the grace
+    # period has not passed), or a stale 0 from before it was admitted would end the wait below at once.
+    while int(r.hget(stats, "running") or 0) == 0:
+        assert time.monotonic() - killed < GRACE_S - 1.5, "the request was never seen running"
+        time.sleep(0.05)
     while int(r.hget(stats, "running") or 0) > 0:                    # 2,000 tokens would take a minute or more
         assert time.monotonic() - killed < GRACE_S + 10, "the orphaned request was not aborted"
         time.sleep(0.2)
