@@ -37,7 +37,6 @@ class _Pending:
     tokens: torch.Tensor               # host (pinned) once `ready` fires
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     ready: torch.cuda.Event | None
-    plan: int                          # how many plans had ended (end_plan) when it was launched
 
 
 class StepOutputs:
@@ -49,18 +48,17 @@ class StepOutputs:
         self._newest: _Pending | None = None       # the last step pushed
         # Reports (and callbacks behind them) due at the next launch, with the sequences each names.
         self._held: deque[tuple[Callable[[], None], list[int]]] = deque()
-        self._plans_ended = 0
         self.results: list[StepResult] = []       # processed since the last take_results()
 
     def push(self, seq_ids: list[int], active: list[bool] | None, out: SamplerOutput,
-             on_step: Callable[[StepResult], None] | None, plan_end: bool = False) -> None:
-        """A step has been launched (its sampled ids may not exist yet): start their way to the host. plan_end:
-        it is its plan's last, and the plan's steps before it wait too (for catch_up); the last plan's steps are
-        due now, as at every launch."""
+             on_step: Callable[[StepResult], None] | None, leave_previous: bool = False) -> None:
+        """A step has been launched (its sampled ids may not exist yet): start their way to the host.
+        leave_previous: it ends its plan and the step before it is the plan's too, so that one stays pending as
+        well (for catch_up): the GPU has two steps while the host makes the next plan."""
         n = len(seq_ids)
         lp = None if out.logprobs is None else (out.logprobs[:n], out.top_token_ids[:n], out.top_logprobs[:n])
         if self.copy_stream is None:                    # CPU: already on the host
-            self.pending.append(_Pending(on_step, seq_ids, active, out.token_ids[:n], lp, None, self._plans_ended))
+            self.pending.append(_Pending(on_step, seq_ids, active, out.token_ids[:n], lp, None))
         else:
             compute = torch.cuda.current_stream()
             self.copy_stream.wait_stream(compute)
@@ -69,11 +67,11 @@ class StepOutputs:
                 lp = None if lp is None else tuple(_to_host(t) for t in lp)
                 ready = torch.cuda.Event()
                 ready.record()
-            self.pending.append(_Pending(on_step, seq_ids, active, tokens, lp, ready, self._plans_ended))
+            self.pending.append(_Pending(on_step, seq_ids, active, tokens, lp, ready))
         self._newest = self.pending[-1]
         self.report_held()                              # due at this launch
         # Asynchronous: process the steps before this one (this one is queued behind them on the GPU).
-        self._settle(1 if self.asynchronous else 0, earlier_plans_only=plan_end and self.asynchronous)
+        self._settle((2 if leave_previous else 1) if self.asynchronous else 0)
 
     def to_host(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Device tensors on their way to host memory, behind the step being computed: they may be read once a
@@ -84,12 +82,11 @@ class StepOutputs:
         with torch.cuda.stream(self.copy_stream):
             return [_to_host(t) for t in tensors]
 
-    def end_plan(self, on_done: Callable[[], None] | None = None) -> None:
-        """A plan's steps are all launched: on_done runs once every step pushed so far has been processed."""
-        if on_done is not None:
-            self.pending.append(on_done)
-            self._settle(1 if self.asynchronous else 0, earlier_plans_only=self.asynchronous)
-        self._plans_ended += 1
+    def push_done(self, callback: Callable[[], None]) -> None:
+        """Run callback once every step pushed so far has been processed (a plan's end: asynchronous, the plan
+        leaves at most two steps pending, so only a callback already leading runs now)."""
+        self.pending.append(callback)
+        self._settle(2 if self.asynchronous else 0)
 
     def newest_tokens(self) -> torch.Tensor:
         """The sampled ids of the last step pushed, on the host. Waits for that step's copy only, not for what
@@ -119,14 +116,10 @@ class StepOutputs:
         """Whether every pending step's tokens have reached the host: processing them would not wait."""
         return all(p.ready is None or p.ready.query() for p in self.pending if isinstance(p, _Pending))
 
-    def _settle(self, keep: int, hold: bool = False, earlier_plans_only: bool = False) -> None:
-        """Process from the front until at most `keep` steps wait (callbacks run as soon as they lead), or with
-        earlier_plans_only, until the leading step is one of the plan being launched."""
-        while self.pending:
-            p = self.pending[0]
-            if isinstance(p, _Pending) and (sum(isinstance(q, _Pending) for q in self.pending) <= keep
-                                            or earlier_plans_only and p.plan == self._plans_ended):
-                break
+    def _settle(self, keep: int, hold: bool = False) -> None:
+        """Process from the front until at most `keep` steps wait (callbacks run as soon as they lead)."""
+        while self.pending and (not isinstance(self.pending[0], _Pending)
+                                or sum(isinstance(p, _Pending) for p in self.pending) > keep):
             self._process(self.pending.popleft(), hold)
 
     def take_results(self) -> list[StepResult]:

@@ -263,8 +263,9 @@ class ModelRunner:
             if rows and not (should_stop is not None and should_stop()):
                 self.steps_run += self._decode(rows, [live[s] - first[s] - 1 for s in rows],
                                                *self._last_tokens(rows, self._inflight_rows()), on_step, should_stop)
-        steps = self.steps_run
-        self.outputs.end_plan(None if on_done is None else lambda: on_done(steps))
+        if on_done is not None:
+            steps = self.steps_run
+            self.outputs.push_done(lambda: on_done(steps))
         if not self.async_output or not live:
             self.flush()
         return self.outputs.take_results()
@@ -335,7 +336,9 @@ class ModelRunner:
             out = self.sampler(logits, sampling)
             self._stop_timer(timer, eager=False)
             sampling.advance(out.token_ids)
-            self.outputs.push(rows, active, out, on_step, plan_end=step == steps - 1)
+            # The plan's last step, after another of this plan (an earlier decode step, or its eager step).
+            leave_previous = step == steps - 1 and (step > 0 or self.steps_run > 0)
+            self.outputs.push(rows, active, out, on_step, leave_previous)
             self._inflight = (rows, active, out.token_ids)
         return steps
 

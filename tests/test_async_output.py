@@ -16,9 +16,9 @@ def _outputs(asynchronous: bool):
 
     outputs = StepOutputs(commit, asynchronous)
 
-    def launch(step: int, plan_end: bool = False):
+    def launch(step: int, leave_previous: bool = False):
         out = SamplerOutput(torch.tensor([step]), None, None, None)
-        outputs.push([0], None, out, lambda result: log.append(("report", result.token_ids[0])), plan_end)
+        outputs.push([0], None, out, lambda result: log.append(("report", result.token_ids[0])), leave_previous)
 
     return outputs, launch, log
 
@@ -28,8 +28,8 @@ def test_a_plans_last_launch_leaves_the_step_before_it_for_the_next_plan():
     launch(0)
     launch(1)
     assert log == [("commit", 0), ("report", 0)]              # step n is processed once step n+1 is launched
-    launch(2, plan_end=True)
-    outputs.end_plan(lambda: log.append(("done",)))
+    launch(2, leave_previous=True)
+    outputs.push_done(lambda: log.append(("done",)))
     assert log[2:] == []                                      # the GPU has steps 1 and 2; the host goes on
     outputs.catch_up()                                        # the next plan is built on step 1's tokens...
     assert log[2:] == [("commit", 1)]
@@ -42,8 +42,8 @@ def test_a_plans_last_launch_leaves_the_step_before_it_for_the_next_plan():
 def test_drain_reports_what_was_held_in_order():
     outputs, launch, log = _outputs(asynchronous=True)
     launch(0)
-    launch(1, plan_end=True)
-    outputs.end_plan(lambda: log.append(("done",)))
+    launch(1, leave_previous=True)
+    outputs.push_done(lambda: log.append(("done",)))
     outputs.catch_up()
     assert log == [("commit", 0)]
     outputs.drain()
@@ -54,36 +54,35 @@ def test_drain_reports_what_was_held_in_order():
 def test_synchronous_output_reports_each_step_before_the_next_launch():
     outputs, launch, log = _outputs(asynchronous=False)
     launch(0)
-    launch(1, plan_end=True)
-    outputs.end_plan(lambda: log.append(("done",)))
+    launch(1, leave_previous=True)
+    outputs.push_done(lambda: log.append(("done",)))
     assert log == [("commit", 0), ("report", 0), ("commit", 1), ("report", 1), ("done",)]
 
 
 def test_a_plan_of_one_step_holds_nothing_back():
-    """Its launch lets through the last plan's final step, whose report is due: nothing of its own plan."""
+    """Its launch lets through the last plan's final step, whose report is due (the runner asks to leave the
+    step before only when that step is the same plan's)."""
     outputs, launch, log = _outputs(asynchronous=True)
-    launch(0, plan_end=True)
-    outputs.end_plan(lambda: log.append(("done", 0)))
-    launch(1, plan_end=True)
-    outputs.end_plan(lambda: log.append(("done", 1)))
+    launch(0)
+    outputs.push_done(lambda: log.append(("done", 0)))
+    launch(1)
+    outputs.push_done(lambda: log.append(("done", 1)))
     assert log == [("commit", 0), ("report", 0), ("done", 0)]
 
 
 def test_plans_end_without_a_callback_too():
-    """The engine passes no on_done: a plan's end still bounds what its last launch holds back."""
+    """The engine passes no on_done: the next plan's launch takes what the last plan's left pending."""
     outputs, launch, log = _outputs(asynchronous=True)
     launch(0)
-    launch(1, plan_end=True)
-    outputs.end_plan()
-    launch(2, plan_end=True)                                  # a plan of one step: the last plan's are due
+    launch(1, leave_previous=True)
+    launch(2)                                                 # a plan of one step: the last plan's are due
     assert log == [("commit", 0), ("report", 0), ("commit", 1), ("report", 1)]
 
 
 def test_holds_any_names_the_sequences_of_the_held_reports():
     outputs, launch, log = _outputs(asynchronous=True)
     launch(0)
-    launch(1, plan_end=True)
-    outputs.end_plan()
+    launch(1, leave_previous=True)
     outputs.catch_up()
     assert outputs.holds_any([0]) and not outputs.holds_any([5])
     outputs.report_held()
