@@ -28,16 +28,20 @@ class IncrementalDetokenizer:
         self.stop_reason: str | None = None
 
     def add(self, token_ids: list[int]) -> str:
-        """Feed new tokens; returns the text that became final."""
-        if self.stop_reason is None:
-            for token in token_ids:
+        """Feed new tokens; returns the text that became final. Several tokens go through the stream in one call
+        (the text is the same as one at a time, for a fraction of the cost); a stop string is found wherever in
+        their text it completes."""
+        if self.stop_reason is None and token_ids:
+            # (a list of one costs the binding about half a microsecond more than the id alone)
+            chunk = self.stream.step(self.tokenizer, token_ids if len(token_ids) > 1 else token_ids[0])
+            if chunk:
                 checked = len(self.text)
-                chunk = self.stream.step(self.tokenizer, token)
-                if chunk:
-                    self.text += chunk
-                    if self.stop and self._find_stop(checked):
-                        break
-        end = len(self.text) if self.stop_reason is not None else len(self.text) - self._partial_stop_len()
+                self.text += chunk
+                if self.stop:
+                    self._find_stop(checked)
+        end = len(self.text)
+        if self.stop and self.stop_reason is None:
+            end -= self._partial_stop_len()
         return self._release(end)
 
     def flush(self) -> str:

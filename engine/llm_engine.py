@@ -203,8 +203,9 @@ class LLMEngine:
             out = request.completions[seq.index] = CompletionOutput(
                 index=seq.index, logprobs=[] if params.logprobs is not None else None,
                 cumulative_logprob=0.0 if params.logprobs is not None or params.ranks_by_logprob else None)
+            # Its text is decoded when an output is made (_output): every step when streaming, else at the end.
             request.states[seq.index] = self.output_processor.new_completion(request.prompt_token_ids,
-                                                                             request.params)
+                                                                             request.params, defer_text=True)
         finish = seq.finish_reason.value if seq.is_finished else None
         step = request.states[seq.index].add_token(token, finish, seq.stop_reason)
         if step.stop_upstream:
@@ -221,6 +222,12 @@ class LLMEngine:
 
     def _output(self, request: _Request, finished: bool) -> RequestOutput:
         completions = [request.completions[i] for i in sorted(request.completions)]
+        for c in completions:
+            state = request.states.get(c.index)
+            if state is not None:
+                text = state.pending_text()
+                c.text += text
+                c.delta_text += text
         snapshot = [CompletionOutput(c.index, c.text, list(c.token_ids),
                                      list(c.logprobs) if c.logprobs is not None else None, c.cumulative_logprob,
                                      c.finish_reason, c.stop_reason, c.delta_text, c.delta_token_ids)

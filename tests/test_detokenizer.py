@@ -56,3 +56,19 @@ def test_stop_string_spanning_tokens_found_once(byte_tokenizer):
     params = SamplingParams(stop=["ab", "b"])
     pieces, detok = stream(byte_tokenizer, "xxab yy", params)
     assert detok.stop_reason == "ab" and "".join(pieces) == "xx"
+
+
+@pytest.mark.parametrize("stop", [[], ["STOP"], ["ab", "b"]])
+@pytest.mark.parametrize("size", [2, 3, 7, 100])
+def test_tokens_in_batches_make_the_same_text_as_one_by_one(byte_tokenizer, stop, size):
+    """Several tokens go through the stream in one call (the cheap way): the same text, the same stop."""
+    params = SamplingParams(stop=stop)
+    ids = byte_tokenizer.encode("xx héllo 日本語 🙂 STOP ab three").ids
+    one, _ = stream(byte_tokenizer, "xx héllo 日本語 🙂 STOP ab three", params)
+    detok = IncrementalDetokenizer(byte_tokenizer, byte_tokenizer.encode("Q: ").ids, params)
+    pieces = [detok.add(ids[i:i + size]) for i in range(0, len(ids), size)]
+    if detok.stop_reason is None:
+        pieces.append(detok.flush())
+    assert "".join(pieces) == "".join(one)
+    assert detok.stop_reason == (stop[0] if stop else None)
+    assert all("\ufffd" not in p for p in pieces)

@@ -31,6 +31,7 @@ import triton                                          # noqa: E402
 
 from engine.attention import AttentionMetadata, TorchAttention                              # noqa: E402
 from kernels.attention import (DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT,  # noqa: E402
+                               PREFILL_BLOCK_M, PREFILL_BLOCK_N,
                                default_num_splits, paged_decode_attention, paged_decode_attention_reference,
                                paged_prefill_attention, paged_prefill_attention_reference)
 
@@ -330,8 +331,8 @@ def test_paged_prefill_edge_batches():
     unmasked tiles end and the diagonal ones begin (context = tile - 2, - 1, + 0, + 1)."""
     seed = fresh_seed()
     case = (PrefillCase(BF16, 32, 8, 128, 16, 0) if ON_GPU else PrefillCase(FP32, 6, 2, 16, 8, 0, 16, 16))
-    tile = case.block_m or 128
-    kv_tile = case.block_n or 64
+    tile = case.block_m or PREFILL_BLOCK_M
+    kv_tile = case.block_n or PREFILL_BLOCK_N
     boundary = [(q, ctx + q) for ctx in (kv_tile - 2, kv_tile - 1, kv_tile, kv_tile + 1) for q in (5, tile + 1)]
     for route in (True, False):
         case.route = route

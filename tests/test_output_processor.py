@@ -177,3 +177,64 @@ def test_the_detokenizer_service_uses_it_and_resumes_from_its_checkpoint(tokeniz
     assert (items[-1].finish_reason, items[-1].stop_reason) == ("stop", "<end>")
     assert "".join(i.text for i in items) == "日本 <en "
     assert transport.redis.xlen(transport.names.abort) == 1              # the stop string stops it upstream
+
+
+# ---- deferred text ---------------------------------------------------------------------------------------------
+def test_deferred_text_is_decoded_when_asked_for_and_is_the_same(tokenizer):
+    """defer_text: tokens wait undecoded until pending_text() or the finishing token, which bring the text the
+    eager path gave, whole characters only, however the asking falls between a character's bytes."""
+    params = SamplingParams()
+    ids = tokenizer.encode(TEXT)
+    expected = run(tokenizer, TEXT, params)
+    for every in (1, 2, 3, 5, len(ids)):
+        state = OutputProcessor(tokenizer).new_completion(tokenizer.encode("Q: "), params, defer_text=True)
+        texts = []
+        for i, token in enumerate(ids):
+            last = i == len(ids) - 1
+            out = state.add_token(token, "length" if last else None)
+            assert out.token_id == token and out.finish_reason == ("length" if last else None)
+            if not last:
+                assert out.text == ""                          # nothing decoded until asked
+                if (i + 1) % every == 0:
+                    texts.append(state.pending_text())
+            else:
+                texts.append(out.text)
+        assert "".join(texts) == joined(expected) == TEXT, every
+        assert all("\ufffd" not in t for t in texts)
+        assert state.pending_text() == ""
+
+
+def test_a_completion_with_stop_strings_is_never_deferred(tokenizer):
+    """Its text can end it, so every token is decoded as it comes, and the stop is found on its token."""
+    params = SamplingParams(stop=["STOP"])
+    state = OutputProcessor(tokenizer).new_completion(tokenizer.encode("Q: "), params, defer_text=True)
+    outputs = [state.add_token(t) for t in tokenizer.encode("one STOP")]
+    assert joined(outputs) == "one " and outputs[-1].stop_upstream and outputs[-1].stop_reason == "STOP"
+    assert state.pending_text() == ""
+
+
+def test_the_offline_engine_streamed_or_not_gives_the_eager_text(tmp_path):
+    """LLMEngine defers its completions' text: an offline batch decodes each completion once, a stream every
+    step. Both give what the output processor gives token by token."""
+    from transformers import LlamaConfig
+
+    from conftest import TINY
+    from engine import LLM
+
+    LlamaConfig(**TINY).save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), load_format="dummy", tokenizer="smollm2-135m-instruct", progress=False)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    batch = llm.generate(["Hello", "日本"], params)
+    engine = llm.engine
+    engine.add_request("s", "日本", params)
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas += [out.outputs[0].delta_text for out in engine.step(stream=True)]
+    streamed = "".join(deltas)
+    for out in batch:
+        state = OutputProcessor(llm.tokenizer).new_completion(out.prompt_token_ids, params)
+        ids = out.outputs[0].token_ids
+        assert out.outputs[0].text == joined([state.add_token(t, "length" if i == len(ids) - 1 else None)
+                                              for i, t in enumerate(ids)])
+    assert streamed == batch[1].outputs[0].text
+    assert sum(bool(d) for d in deltas) > len(deltas) // 2            # the text came as it was generated
