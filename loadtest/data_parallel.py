@@ -54,7 +54,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -62,7 +61,7 @@ from typing import NamedTuple
 
 from loadtest import placement
 from loadtest.metrics import percentile
-from loadtest.pipeline import _log, add_server_arguments, served_runs, start_server, stop_server
+from loadtest.pipeline import _log, add_server_arguments, served_runs, server_log_dir, start_server, stop_server
 from loadtest.serve import jsonable
 
 
@@ -243,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
              f"{sum(r.output_len for r in dataset)} output tokens")
     runs = plan(args)
     results: list[dict | None] = [None] * len(runs)
-    logs = Path(tempfile.mkdtemp(prefix="pagestream-data-parallel-"))
+    logs = server_log_dir(args, "pagestream-data-parallel-")
     # Each run's serve flags say how many workers it has, never an engine flag forwarded beside them.
     server_args = argparse.Namespace(**{**vars(args),
                                         "data_parallel_size": args.parser.get_default("data_parallel_size")})

@@ -60,6 +60,17 @@ def add_server_arguments(group) -> None:
     group.add_argument("--tokenizers", type=int, default=4, help="the served pipeline's tokenizer processes")
     group.add_argument("--detokenizers", type=int, default=2, help="the served pipeline's detokenizer processes")
     group.add_argument("--gateways", type=int, default=1, help="the served pipeline's gateway processes")
+    group.add_argument("--server-logs", type=Path, default=None,
+                       help="a directory for the served stack's logs (default: a new temporary one), e.g. one "
+                            "that is kept when the benchmark is cut short")
+
+
+def server_log_dir(args: argparse.Namespace, prefix: str) -> Path:
+    """Where this run's server logs go: --server-logs (made if missing), else a new temporary directory."""
+    if args.server_logs is None:
+        return Path(tempfile.mkdtemp(prefix=prefix))
+    args.server_logs.mkdir(parents=True, exist_ok=True)
+    return args.server_logs
 
 
 def schedule(args: argparse.Namespace) -> list[float]:
@@ -290,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
          f"{sum(r.prompt_len for r in requests)} prompt, {sum(r.output_len for r in requests)} output tokens; "
          f"rates {', '.join(f'{r:g}' for r in rates)}")
     offline = run_offline(args, requests, rates)
-    log_path = Path(tempfile.mkdtemp(prefix="pagestream-bench-")) / "serve.log"
+    log_path = server_log_dir(args, "pagestream-bench-") / "serve.log"
     proc, base_url = start_server(args, args.parser, log_path)
     try:
         served = asyncio.run(served_runs(base_url, requests, rates))

@@ -18,9 +18,9 @@
 #     data-parallel-1gpu  the same on ONE GPU shared by 2 workers (CUDA_VISIBLE_DEVICES=0,0, a fixed KV pool of
 #                  12000 blocks each), w256 and 256 prefix-dataset requests: no data-parallel speed-up (one GPU), but
 #                  placement and the kill measure the same
-# Logs go to $OUT (default /tmp/pagestream-gpu). The peers read shared/peers (PEERS=path to override). The
-# pipeline and data-parallel stages serve text through TOKENIZER (default smollm2-135m-instruct: a model alias or a
-# directory).
+# Logs go to $OUT (default /tmp/pagestream-gpu), the served stacks' under $OUT/<stage>-serve/ (kept when a stage
+# is cut short). The peers read shared/peers (PEERS=path to override). The pipeline and data-parallel stages serve
+# text through TOKENIZER (default smollm2-135m-instruct: a model alias or a directory).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -48,17 +48,21 @@ for stage in "$@"; do
         peers) { python3 "$PEERS/hf_peer.py" cb w256 | tail -1; B=64 N=128 python3 "$PEERS/hf_peer.py" static w256 | tail -1; } \
                    2>&1 | tee "$OUT/peers.log" ;;
         pipeline) python3 -m services.cli bench pipeline --model llama-3-8b "${SERVED[@]}" --workload w256 \
-                      --rates inf,16 --runs 3 --result-json "$OUT/pipeline.json" > "$OUT/pipeline.log" 2>&1
+                      --rates inf,16 --runs 3 --result-json "$OUT/pipeline.json" --server-logs "$OUT/pipeline-serve" \
+                      > "$OUT/pipeline.log" 2>&1
                   grep -v " INFO \|WARN" "$OUT/pipeline.log" | tail -50 ;;
         pipeline-1b) python3 -m services.cli bench pipeline --model llama-3.2-1b "${SERVED[@]}" --workload w256 \
-                      --rates inf --runs 2 --result-json "$OUT/pipeline-1b.json" > "$OUT/pipeline-1b.log" 2>&1
+                      --rates inf --runs 2 --result-json "$OUT/pipeline-1b.json" --server-logs "$OUT/pipeline-1b-serve" \
+                      > "$OUT/pipeline-1b.log" 2>&1
                   grep -v " INFO \|WARN" "$OUT/pipeline-1b.log" | tail -30 ;;
         data-parallel) python3 -m services.cli bench data-parallel --model llama-3-8b "${SERVED[@]}" --data-parallel-size 2 \
-                      --result-json "$OUT/data-parallel.json" > "$OUT/data-parallel.log" 2>&1
+                      --result-json "$OUT/data-parallel.json" --server-logs "$OUT/data-parallel-serve" \
+                      > "$OUT/data-parallel.log" 2>&1
                   grep -v " INFO \|WARN" "$OUT/data-parallel.log" | tail -16 ;;
         data-parallel-1gpu) CUDA_VISIBLE_DEVICES=0,0 python3 -m services.cli bench data-parallel --model llama-3-8b \
                       "${SERVED[@]}" --data-parallel-size 2 --num-blocks 12000 --workload w256 --num-prompts 256 \
-                      --result-json "$OUT/data-parallel-1gpu.json" > "$OUT/data-parallel-1gpu.log" 2>&1
+                      --result-json "$OUT/data-parallel-1gpu.json" --server-logs "$OUT/data-parallel-1gpu-serve" \
+                      > "$OUT/data-parallel-1gpu.log" 2>&1
                   grep -v " INFO \|WARN" "$OUT/data-parallel-1gpu.log" | tail -16 ;;
         *) echo "unknown stage $stage"; exit 2 ;;
     esac

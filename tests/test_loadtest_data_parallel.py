@@ -84,7 +84,7 @@ def test_the_five_runs_on_two_cpu_workers_one_killed(tmp_path):
                            "--workload", "w256", "--scale", "0.1", "--num-prompts", str(NUM), "--prefix-count", "2",
                            "--prefix-len", "48", "--suffix-len", "8", "--output-len", "3", "--max-model-len", "2048",
                            "--num-blocks", "512", "--tokenizers", "1", "--detokenizers", "1",
-                           "--result-json", str(result)],
+                           "--result-json", str(result), "--server-logs", str(tmp_path / "logs")],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(proc.stdout)
@@ -96,6 +96,9 @@ def test_the_five_runs_on_two_cpu_workers_one_killed(tmp_path):
     runs = json.loads(result.read_text())["runs"]
     assert [r["name"][:3] for r in runs] == ["(a)", "(b)", "(c)", "(d)", "(e)"]
     assert runs[1]["server_log"] == runs[3]["server_log"] == runs[4]["server_log"] != runs[2]["server_log"]
+    logs = sorted((tmp_path / "logs").iterdir())           # where --server-logs said, one a server
+    assert [p.name for p in logs] == ["serve-1.log", "serve-2.log", "serve-3.log"]
+    assert {r["server_log"] for r in runs} == {str(p) for p in logs} and all(p.stat().st_size for p in logs)
     for r in runs:
         s = r["summary"]
         assert s["completed"] == NUM and s["failed"] == 0 and s["output_tokens_from"] == {"usage": NUM}
