@@ -16,9 +16,11 @@ flags (loadtest/pipeline.py's start_server, after its warm-up requests, one per 
   (c) the prefix dataset (loadtest/datasets.py: --prefix-count prompt prefixes of --prefix-len tokens, each
       request one of them and a question of --suffix-len tokens) on N workers, placed round-robin;
   (d) the same placed by prompt prefix;
-  (e) (b) again, on (b)'s server, with the last worker (w{N-1}) killed with SIGKILL --kill-after seconds into the
-      run: by default when half of (b)'s requests had their first token ((b)'s median TTFT), so that every
-      request has been placed and the killed worker's are decoding. The server moves them to a live worker, which
+  (e) (b) again, on (b)'s server, with the last worker (w{N-1}) killed with SIGKILL: by default once half of the
+      run's requests had their first token, as the server counts them (its time-to-first-token histogram), so that
+      every request has been placed and the killed worker's are decoding; --kill-after seconds into the run if
+      given. (Not at (b)'s median TTFT: a server's first run can be several times slower than its later ones, and
+      (e) would end before the kill.) The server moves the killed worker's requests to a live worker, which
       prefills each again from its prompt and the tokens it had (services/scheduler.py), and restarts the killed
       worker a second later (too late to matter within the run: it loads the model again). Left out with
       --no-kill and with one worker (its requests would wait for its restart, which measures the restart).
@@ -60,9 +62,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 from loadtest import placement
+from loadtest.client import HTTPClient
+from loadtest.hops import parse_histograms
 from loadtest.metrics import percentile
 from loadtest.pipeline import _log, add_server_arguments, served_runs, server_log_dir, start_server, stop_server
-from loadtest.serve import jsonable
+from loadtest.serve import jsonable, scrape_metrics
+
+FIRST_TOKEN = "pagestream_time_to_first_token_seconds"      # services/metrics.py
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--suffix-len", type=int, default=100, help="tokens of each request's own question")
     group.add_argument("--output-len", type=int, default=128, help="output tokens of each prefix-dataset request")
     group.add_argument("--kill-after", type=float, default=None,
-                       help="run (e): seconds into the run to kill the last worker (default: (b)'s median TTFT)")
+                       help="run (e): seconds into the run to kill the last worker (default: once half of the "
+                            "run's requests had their first token)")
     group.add_argument("--kill", action=argparse.BooleanOptionalAction, default=True,
                        help="run (e), the last worker killed under load (with more than one worker)")
     add_server_arguments(group)
@@ -148,11 +155,15 @@ def worker_pid(serve_pid: int, worker: str) -> int | None:
     return None
 
 
-def killer(serve: subprocess.Popen, worker: str, after_s: float):
-    """A coroutine function for served_runs' `during`: SIGKILL to serve's worker `worker` after_s seconds on."""
+def killer(serve: subprocess.Popen, base_url: str, worker: str, after_s: float | None, requests: int):
+    """A coroutine function for served_runs' `during`: SIGKILL to serve's worker `worker`, after_s seconds on, or
+    (None) once half of the run's `requests` had their first token."""
     async def kill() -> dict:
         start = time.perf_counter()
-        await asyncio.sleep(after_s)
+        if after_s is None:
+            await first_tokens(base_url, math.ceil(requests / 2))
+        else:
+            await asyncio.sleep(after_s)
         pid = worker_pid(serve.pid, worker)
         if pid is None:
             raise RuntimeError(f"run (e): serve (pid {serve.pid}) has no live worker {worker} to kill")
@@ -161,6 +172,22 @@ def killer(serve: subprocess.Popen, worker: str, after_s: float):
         _log(f"killed worker {worker} (pid {pid}) {at:.2f} s into the run")
         return {"killed": {"worker": worker, "pid": pid, "after_s": at}}
     return kill
+
+
+async def first_tokens(base_url: str, count: int, poll_s: float = 0.02) -> None:
+    """Returns once the server has given `count` more first tokens than when called: the count of its
+    time-to-first-token histogram (the gateway's; the runs here have one gateway)."""
+    http = HTTPClient(base_url, None, 60)
+
+    async def given() -> float:
+        series = parse_histograms(await scrape_metrics(http), FIRST_TOKEN, label="").get("")
+        return series.count if series is not None else 0.0
+    try:
+        start = await given()
+        while await given() - start < count:
+            await asyncio.sleep(poll_s)
+    finally:
+        http.close()
 
 
 def added_latency(before: list[float | None], after: list[float | None], migrated: int) -> dict:
@@ -214,16 +241,6 @@ def kill_text(run: dict) -> str:
 
 
 # ---- the command -------------------------------------------------------------------------------------------------
-def kill_after(args: argparse.Namespace, b: dict) -> float:
-    """Seconds into run (e) to kill: --kill-after, else when half of (b)'s requests had their first token."""
-    if args.kill_after is not None:
-        return args.kill_after
-    seconds = b["summary"]["median_ttft_ms"] / 1000
-    if not math.isfinite(seconds):
-        raise SystemExit("run (b) has no TTFT to time run (e)'s kill by: give --kill-after")
-    return seconds
-
-
 def run(args: argparse.Namespace) -> int:
     from loadtest.datasets import load_tokenizer, prefix_sharing_requests, workload_requests
     if args.data_parallel_size < 1:
@@ -254,8 +271,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             for i in indices:
                 name, dataset, _, kill = runs[i]
-                during = killer(proc, f"w{args.data_parallel_size - 1}", kill_after(args, results[1])) if kill \
-                    else None                          # (b), index 1, ran on this server before
+                during = killer(proc, base_url, f"w{args.data_parallel_size - 1}", args.kill_after,
+                                len(requests[dataset])) if kill else None
                 (result,) = asyncio.run(served_runs(base_url, requests[dataset], [float("inf")], first_run=i + 1,
                                                     warmups=args.data_parallel_size, during=during))
                 results[i] = {"name": name, "dataset": dataset, "serve_flags": list(flags),
