@@ -15,7 +15,9 @@ The table: throughput, served / offline (the pipeline's cost is 1 minus it), TTF
 then, per served run, where the time went, hop by hop (loadtest/hops.py). With PAGESTREAM_STEP_STATS=<seconds>
 in the environment, the served worker also logs where its model loop's time went, window by window
 (services/step_stats.py: GPU busy, GPU idle before each kind of step, plans cut or skipped, waits for plans),
-printed before the table; the offline child prints its GPU busy per run.
+printed before the table; the offline child prints its GPU busy per run and what stalled its host
+(engine/host_stalls.py: Triton compilations, by kernel, and the garbage collector's passes). A served worker logs
+a warning for every kernel it compiles after its warm-up.
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ def server_log_dir(args: argparse.Namespace, prefix: str) -> Path:
 
 def schedule(args: argparse.Namespace) -> list[float]:
     from loadtest.serve import parse_rates
-    rates = parse_rates(args.rates)
+    rates = parse_rates(args.rates, "--rates")
     return [r for r in rates for _ in range(args.runs if math.isinf(r) else 1)]
 
 
@@ -155,6 +157,7 @@ def run_offline(args: argparse.Namespace, requests, rates: list[float]) -> list[
 
 def offline_child(spec_path: str, out_path: str) -> None:
     from engine.config import EngineConfig
+    from engine.host_stalls import HostStalls
     from engine.llm_engine import LLMEngine
     from engine.warmup import warm_up
     from loadtest.datasets import SampleRequest
@@ -166,12 +169,14 @@ def offline_child(spec_path: str, out_path: str) -> None:
     runs = []
     for run, rate in enumerate(spec["rates"], 1):
         rate = float(rate)
-        outputs, duration, busy = offline_load(engine, for_run(requests, run), rate)
+        with HostStalls() as stalls:
+            outputs, duration, busy = offline_load(engine, for_run(requests, run), rate)
         runs.append({"mode": "offline", "rate": rate, "summary": summarize(outputs, duration, PERCENTILES),
-                     "gpu": busy})
+                     "gpu": busy, "host_stalls": stalls.figures()})
         _log(f"offline, rate {rate:g}: {runs[-1]['summary']['output_throughput']:.1f} output tok/s"
              + (f", GPU busy {busy['gpu_busy']:.1%} (decode {busy['gpu_busy_decode']:.1%}), {busy['split']}"
                 if busy else ""))
+        _log(f"offline, rate {rate:g}: {stalls.text()}")
     Path(out_path).write_text(json.dumps(jsonable(runs)))
 
 

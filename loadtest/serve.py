@@ -209,13 +209,14 @@ async def scrape_settled(http: HTTPClient) -> str:
     return text
 
 
-def parse_rates(text: str) -> list[float]:
+def parse_rates(text: str, flag: str = "--sweep") -> list[float]:
+    """Request rates separated by commas (inf: all at once), given with `flag` (named in the error)."""
     try:
         rates = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"--sweep {text!r}: give request rates separated by commas, e.g. 2,4,8,inf") from None
-    if not rates or any(r <= 0 for r in rates):
-        raise SystemExit(f"--sweep {text!r}: every rate must be positive")
+        raise SystemExit(f"{flag} {text!r}: give request rates separated by commas, e.g. 2,4,8,inf") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise SystemExit(f"{flag} {text!r}: every rate must be positive")
     return rates
 
 

@@ -66,9 +66,11 @@ class EngineRun:
     gpu_busy_decode: float | None      # the same, after the last prefill step
     gpu_split: dict | None = None      # GPU seconds and step counts: eager (prefill/mixed) steps, decode steps
     json_complete: int | None = None   # with a JSON schema: completions whose JSON was complete at the end
+    host_stalls: dict | None = None    # Triton compilations and collector passes during the run (HostStalls)
 
 
 def run_engine(llm, requests, temperature: float, structured_outputs=None) -> EngineRun:
+    from engine.host_stalls import HostStalls
     from engine.warmup import warm_up
     from schemas.sampling_params import SamplingParams
     params = [SamplingParams(max_tokens=ol, min_tokens=ol, ignore_eos=True, temperature=temperature, seed=i,
@@ -81,9 +83,10 @@ def run_engine(llm, requests, temperature: float, structured_outputs=None) -> En
     runner = engine.runner
     llm.engine.scheduler.block_manager.reset_prefix_cache()    # no run may reuse an earlier run's prompts
     runner.measure_gpu_time()
-    start = time.perf_counter()
-    outputs = llm.generate([p for p, _ in requests], params)
-    elapsed = time.perf_counter() - start
+    with HostStalls() as stalls:
+        start = time.perf_counter()
+        outputs = llm.generate([p for p, _ in requests], params)
+        elapsed = time.perf_counter() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     expected = sum(ol for _, ol in requests)
     assert produced == expected, f"engine produced {produced} tokens, the workload asks {expected}"
@@ -93,7 +96,8 @@ def run_engine(llm, requests, temperature: float, structured_outputs=None) -> En
     if runner.step_timers is not None:
         busy, busy_decode, split = gpu_busy(runner.step_timers, start, start + elapsed)
     runner.measure_gpu_time(False)
-    run = EngineRun(elapsed, statistics.fmean(tpots), busy, busy_decode, split)
+    run = EngineRun(elapsed, statistics.fmean(tpots), busy, busy_decode, split, host_stalls=stalls.figures())
+    print(f"  {stalls.text()}", flush=True)
     if structured_outputs is not None:
         run.json_complete = sum(_parses(o.outputs[0].text) for o in outputs)
     return run
@@ -209,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
                "seconds": round(r.seconds, 3), "requests_per_s": round(len(requests) / r.seconds, 3),
                "output_tok_per_s": round(n_out / r.seconds, 1), "total_tok_per_s": round((n_in + n_out) / r.seconds, 1),
                "mean_tpot_ms": round(r.mean_tpot_s * 1000, 2), "gpu_busy": r.gpu_busy, "gpu_busy_decode": r.gpu_busy_decode,
-               "gpu_split": r.gpu_split}
+               "gpu_split": r.gpu_split, "host_stalls": r.host_stalls}
         results.append(row)
         busy = f"{r.gpu_busy:9.1%} {r.gpu_busy_decode:9.1%}" if r.gpu_busy is not None else f"{'-':>9s} {'-':>9s}"
         print(f"{name:48s} {r.seconds:8.2f} {row['requests_per_s']:7.2f} {row['output_tok_per_s']:10.1f} "

@@ -2,7 +2,7 @@
 # The GPU checks and measurements, as one command for a machine with an NVIDIA GPU (stages run in order):
 #   scripts/gpu_suite.sh tests kernels latency w256 w1000 peers
 #     tests    kernel tests at full size, the Triton path against the reference path, the mixed-step graphs
-#              against the eager forward, the sampler
+#              against the eager forward, nothing compiled after the warm-up (the 1B shape), the sampler
 #     kernels  kernel timings (median, cold L2) against the PyTorch references
 #     latency  batch-1 decode of a 512-token prompt (Llama-3-8B shape, random weights)
 #     w256     offline throughput on w256 with the ablation table; w1000 the same without it
@@ -37,7 +37,7 @@ for stage in "$@"; do
     case $stage in
         tests) sampler=$(python3 -c "import hypothesis" 2>/dev/null && echo tests/test_sampler.py)
                python3 -m pytest -q -x tests/test_kernels_small.py tests/test_kernels_attention.py \
-                   tests/test_triton_engine.py tests/test_mixed_graphs.py $sampler 2>&1 | tee "$OUT/tests.log" | tail -20 ;;
+                   tests/test_triton_engine.py tests/test_mixed_graphs.py tests/test_host_stalls.py $sampler 2>&1 | tee "$OUT/tests.log" | tail -20 ;;
         kernels) { python3 -m kernels.norm; python3 -c "from kernels.attention import bench_attention; bench_attention()"; } \
                    2>&1 | tee "$OUT/kernels.log" ;;
         latency) python3 -m services.cli bench latency "${MODEL[@]}" --num-scheduler-steps 8 2>&1 | tee "$OUT/latency.log" | tail -3 ;;

@@ -37,6 +37,7 @@ import uuid
 from collections import deque
 
 from engine.collector import frozen_heap
+from engine.host_stalls import HostStalls
 from engine.config import EngineConfig
 from engine.model_files import resolve_model
 from engine.model_runner import ModelRunner
@@ -130,7 +131,7 @@ class WorkerService:
             thread.start()
         log.info("worker %s (epoch %s) on %s: %d KV blocks", self.worker, self.epoch[:8], r.device, r.num_blocks)
         self.stats = StepStats.from_env(r)
-        with frozen_heap():
+        with frozen_heap(), HostStalls(on_compile=_compiled_while_serving):
             self._loop(stop)
         self.outbox.put(None)
         threads[0].join(timeout=10)
@@ -397,6 +398,12 @@ class WorkerService:
             self.first_stamps.pop(seq_id, None)
         if dropped:
             self.outbox.put(["owners", [], dropped])
+
+
+def _compiled_while_serving(kernel: str, seconds: float, variant: str) -> None:
+    """A kernel compiled after the warm-up: every stream stood still meanwhile, and the warm-up missed a shape."""
+    log.warning("Triton compiled %s while serving (%.0f ms, the GPU idle meanwhile): the warm-up missed this variant: "
+                "%s", kernel, seconds * 1000, variant)
 
 
 def run(args: argparse.Namespace) -> int:
