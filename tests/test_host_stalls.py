@@ -35,6 +35,8 @@ def test_collector_passes_are_counted_by_generation_and_the_hooks_put_back():
     assert stalls.gc_passes == [1, 0, 1] and all(s >= 0 for s in stalls.gc_seconds)
     figures = stalls.figures()
     assert figures["compiled"] == [] and figures["compile_s"] == 0 and figures["gc_passes"] == [1, 0, 1]
+    if not torch.cuda.is_initialized():
+        assert figures["cuda"] is None and "CUDA" not in stalls.text()
     assert stalls.text().startswith("host stalls: Triton compiled nothing; garbage collector: gen0 1 in ")
 
 
@@ -67,6 +69,9 @@ def test_a_new_kernel_is_seen_compiling_by_name_and_an_earlier_hook_still_runs()
     assert all(seconds > 0 for _, seconds, _ in stalls.compiled)
     assert "_add_one_kernel" in stalls.compiled[1][2]               # Triton's description of the variant
     assert "Triton compiled 2 kernels" in stalls.text()
+    cuda = stalls.figures()["cuda"]                # the allocators, counted once CUDA is in use
+    assert set(cuda) == {"device_segments", "alloc_retries", "pinned_blocks", "pinned_alloc_ms"}
+    assert all(v >= 0 for v in cuda.values()) and "device segments allocated" in stalls.text()
 
 
 @needs_gpu
