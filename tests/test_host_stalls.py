@@ -87,7 +87,7 @@ def test_after_the_warm_up_a_served_load_compiles_nothing():
     from loadtest.pipeline import offline_load
     from schemas.sampling_params import SamplingParams
 
-    llm = LLM("llama-3.2-1b", load_format="dummy", progress=False, num_blocks=8192)
+    llm = LLM("llama-3.2-1b", load_format="dummy", progress=False, num_blocks=16384)   # 262k tokens: all fit
     engine = llm.engine
     warm_up(engine.runner, engine.config.scheduler, engine.max_model_len, engine.scheduler.eos_token_ids)
     rng = random.Random(0)
