@@ -66,7 +66,7 @@ class EngineRun:
     gpu_busy_decode: float | None      # the same, after the last prefill step
     gpu_split: dict | None = None      # GPU seconds and step counts: eager (prefill/mixed) steps, decode steps
     json_complete: int | None = None   # with a JSON schema: completions whose JSON was complete at the end
-    host_stalls: dict | None = None    # Triton compilations and collector passes during the run (HostStalls)
+    host_stalls: dict | None = None    # what stalled the host during the run (engine/host_stalls.py)
 
 
 def run_engine(llm, requests, temperature: float, structured_outputs=None) -> EngineRun:

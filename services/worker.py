@@ -37,8 +37,8 @@ import uuid
 from collections import deque
 
 from engine.collector import frozen_heap
-from engine.host_stalls import HostStalls
 from engine.config import EngineConfig
+from engine.host_stalls import HostStalls
 from engine.model_files import resolve_model
 from engine.model_runner import ModelRunner
 from engine.plan import Plan, StepResult
