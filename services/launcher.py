@@ -40,6 +40,9 @@ SERVE_ONLY = {"tokenizers", "detokenizers", "gateways", "redis_port", "data_para
               "worker_name"}     # serve's own flags (and the workers' names, serve's to give), not passed on
 NOT_ON_ARGV = {"redis_url"}      # passed on in the environment: a URL may hold a password, and ps shows argv
 RESTART_DELAY_S = 1.0            # a service is started at most once in this long, however fast it dies
+# A service that dies this often before the stack was ever ready cannot start (a broken install, unreadable model
+# or tokenizer files): serve stops with its name instead of restarting it for ever. Once ready, it always restarts.
+STARTUP_DEATHS = 3
 STOP_GRACE_S = 15.0              # what services get to finish the requests they hold, once serving
 # Before the stack first answers /health/ready no request is in flight, and a service still loading the model may
 # not look at its stop event until it has loaded (a minute on a CPU): past this, it is killed.
@@ -149,6 +152,7 @@ class Service:
     env: dict[str, str] | None = None                  # None: serve's own
     proc: subprocess.Popen | None = None
     restarts: int = 0
+    deaths_before_ready: int = 0
     started_at: float = 0.0
     died_at: float | None = None
 
@@ -167,13 +171,20 @@ class Stack:
 
     def restart_dead(self) -> None:
         """Start again each process that died, once it has been dead for RESTART_DELAY_S and not sooner than
-        RESTART_DELAY_S after its last start: one that dies at once is not restarted in a tight loop."""
+        RESTART_DELAY_S after its last start: one that dies at once is not restarted in a tight loop. One that has
+        died STARTUP_DEATHS times before the stack was ever ready stops serve (SystemExit)."""
         now = time.monotonic()
         for s in self.services + ([self.redis] if self.redis else []):
             if s.proc.poll() is None:
                 continue
             if s.died_at is None:
                 s.died_at = now
+                if not self.ready.is_set():
+                    s.deaths_before_ready += 1
+                    if s.deaths_before_ready >= STARTUP_DEATHS:
+                        raise SystemExit(f"the {s.name} service exited {s.deaths_before_ready} times before the "
+                                         f"server was ready, the last time with {s.proc.returncode}: it cannot "
+                                         f"start (its error is above); stopping")
                 log.warning("%s exited with %s; restarting it", s.name, s.proc.returncode)
             elif now - s.died_at >= RESTART_DELAY_S and now - s.started_at >= RESTART_DELAY_S:
                 s.restarts += 1

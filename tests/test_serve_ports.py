@@ -4,7 +4,8 @@ apart; all with real processes, a real redis-server and the default model on the
 - A port in use (--port, --grpc-port, --redis-port) fails at once, naming the port and the flag.
 - A second serve with the defaults (loopback, no gRPC) runs beside one already serving, and both serve.
 - During the startup wait serve restarts a service that dies, and Ctrl-C stops everything within seconds; with
-  --gateways 2 --grpc-port both gateways serve gRPC on the one port.
+  --gateways 2 --grpc-port both gateways serve gRPC on the one port. A service that cannot start at all (here:
+  a tokenizer file that is not JSON) stops serve with its name, instead of being restarted for ever.
 - gRPC clients that send the same request_id to two gateways on one Redis each get their own text, their id
   echoed, and nothing of the server's state is keyed by it.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -127,6 +129,35 @@ def test_startup_restarts_the_dead_and_stops_on_sigint(tmp_path):
             proc.wait()
             for child in left:
                 child.kill()
+
+
+def test_a_service_that_cannot_start_stops_serve_naming_it(tmp_path):
+    from engine.model_files import resolve_model
+    from services.launcher import STARTUP_DEATHS
+    model = resolve_model("smollm2-135m-instruct").path
+    broken = tmp_path / "tokenizer"
+    broken.mkdir()
+    for name in ("tokenizer_config.json", "config.json"):
+        (broken / name).write_bytes((model / name).read_bytes())
+    (broken / "tokenizer.json").write_text('{"model": ')                 # cut short: not JSON
+    log_path = tmp_path / "serve.log"
+    started = time.monotonic()
+    proc = subprocess.Popen(serve_argv("--port", str(_free_port()), "--tokenizer", str(broken)), cwd=REPO,
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    try:
+        returncode = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"serve still restarting after 300 s:\n{log_path.read_text()[-3000:]}") from None
+    log = log_path.read_text(errors="replace")
+    last = log.strip().splitlines()[-1]
+    assert returncode == 1 and "is serving" not in log
+    assert re.fullmatch(rf"the (worker|tokenizer|detokenizer) service exited {STARTUP_DEATHS} times before the "
+                        r"server was ready, the last time with 1: it cannot start \(its error is above\); stopping",
+                        last), log[-3000:]
+    assert "JSONDecodeError" in log                                       # the services' own error, above
+    print(f"serve stopped {time.monotonic() - started:.0f} s after its start")
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(broken) in " ".join(p.info["cmdline"] or [])]
 
 
 # ---- a second serve beside the first ---------------------------------------------------------------------------
