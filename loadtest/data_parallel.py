@@ -176,7 +176,8 @@ def killer(serve: subprocess.Popen, base_url: str, worker: str, after_s: float |
 
 async def first_tokens(base_url: str, count: int, poll_s: float = 0.02) -> None:
     """Returns once the server has given `count` more first tokens than when called: the count of its
-    time-to-first-token histogram (the gateway's; the runs here have one gateway)."""
+    time-to-first-token histogram (every gateway's, merged by the one that answers; another gateway's counts
+    reach it within a second, services/metrics.py's GATEWAY_STATS_EVERY_S)."""
     http = HTTPClient(base_url, None, 60)
 
     async def given() -> float:
