@@ -16,8 +16,8 @@ then, per served run, where the time went, hop by hop (loadtest/hops.py). With P
 in the environment, the served worker also logs where its model loop's time went, window by window
 (services/step_stats.py: GPU busy, GPU idle before each kind of step, plans cut or skipped, waits for plans),
 printed before the table; the offline child prints its GPU busy per run and what stalled its host
-(engine/host_stalls.py: Triton compilations, by kernel, and the garbage collector's passes). A served worker logs
-a warning for every kernel it compiles after its warm-up.
+(engine/host_stalls.py: Triton compilations by kernel, the garbage collector's passes, CUDA's allocators growing).
+A served worker logs a warning for every kernel it compiles after its warm-up.
 """
 from __future__ import annotations
 
