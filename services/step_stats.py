@@ -6,7 +6,8 @@ benchmark's GPU-busy figure), the steps by kind with their mean GPU time and the
 previous step's end to their start), the plans run (cut at a step boundary, or skipped whole), and the model
 loop's waits: for a plan while the GPU had nothing left (the scheduler or Redis was late: the GPU idles), and
 for a plan while the last step still ran (harmless: the plan comes before the GPU needs it, or the step is
-processed when the GPU is done).
+processed when the GPU is done); and the model loop's host stalls (the garbage collector's passes, kernels
+compiled: engine/host_stalls.py).
 
     PAGESTREAM_STEP_STATS=2 pagestream serve ...     # lines "step stats: ..." in the worker's log
 """
@@ -15,6 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:                   # an annotation only: PREFIX is read by the benchmarks, which need no torch
+    from engine.host_stalls import HostStalls
 
 log = logging.getLogger("pagestream.worker")
 
@@ -23,17 +28,24 @@ PREFIX = "step stats:"
 
 
 class StepStats:
-    def __init__(self, runner, every_s: float):
+    def __init__(self, runner, every_s: float, stalls: HostStalls | None = None):
         self.runner, self.every_s = runner, every_s
+        self.stalls = stalls                       # the model loop's host stalls (engine/host_stalls.py), if counted
+        self._stalls_before = self._stall_totals()
         runner.measure_gpu_time()
         self.on_gpu = runner.step_timers is not None
         self._prev_end = None                      # the last counted step's end event
         self._reset(time.perf_counter())
 
     @classmethod
-    def from_env(cls, runner) -> "StepStats | None":
+    def from_env(cls, runner, stalls: HostStalls | None = None) -> "StepStats | None":
         value = os.environ.get(ENV)
-        return cls(runner, float(value)) if value else None
+        return cls(runner, float(value), stalls) if value else None
+
+    def _stall_totals(self) -> tuple[int, float, int]:
+        """(collector passes, their seconds, kernels compiled) so far."""
+        s = self.stalls
+        return (sum(s.gc_passes), sum(s.gc_seconds), len(s.compiled)) if s is not None else (0, 0.0, 0)
 
     def _reset(self, now: float) -> None:
         self.window_start = now
@@ -91,5 +103,10 @@ class StepStats:
             parts.append(f"waited for a plan with the GPU idle {self.waits_idle}x {1000 * self.wait_idle_s:.1f} ms, "
                          f"with a step on it {self.waits_busy}x {1000 * self.wait_busy_s:.1f} ms; "
                          f"{self.flushes} steps processed with no plan waiting")
+            if self.stalls is not None:
+                (passes, seconds, compiled), (passes0, seconds0, compiled0) = self._stall_totals(), self._stalls_before
+                parts.append(f"garbage collector {passes - passes0} passes {1000 * (seconds - seconds0):.1f} ms, "
+                             f"{compiled - compiled0} kernels compiled")
             log.info("%s %s", PREFIX, "; ".join(parts))
+        self._stalls_before = self._stall_totals()
         self._reset(now)

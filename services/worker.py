@@ -130,8 +130,9 @@ class WorkerService:
         for thread in threads:
             thread.start()
         log.info("worker %s (epoch %s) on %s: %d KV blocks", self.worker, self.epoch[:8], r.device, r.num_blocks)
-        self.stats = StepStats.from_env(r)
-        with frozen_heap(), HostStalls(on_compile=_compiled_while_serving):
+        stalls = HostStalls(on_compile=_compiled_while_serving)
+        self.stats = StepStats.from_env(r, stalls)
+        with frozen_heap(), stalls:
             self._loop(stop)
         self.outbox.put(None)
         threads[0].join(timeout=10)

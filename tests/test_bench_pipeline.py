@@ -1,9 +1,11 @@
 """`pagestream bench pipeline` on the CPU with the default model: the same requests offline (an engine in a child
 process) and served (a `pagestream serve` it starts, with a real redis-server), one table, the hop breakdown of
-every served run, and what stalled the offline engine's host (engine/host_stalls.py)."""
+every served run, what stalled the offline engine's host (engine/host_stalls.py), and the served worker's step
+statistics (PAGESTREAM_STEP_STATS) with its own host stalls."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,7 +23,8 @@ def test_offline_and_served_in_one_table(tmp_path):
                            "--num-prompts", str(NUM), "--scale", "0.05", "--rates", "inf,4", "--runs", "1",
                            "--tokenizers", "1", "--detokenizers", "1", "--result-json", str(result),
                            "--server-logs", str(tmp_path / "logs")],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PAGESTREAM_STEP_STATS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = json.loads(result.read_text())
     offline, served = figures["offline"], figures["served"]
@@ -50,6 +53,10 @@ def test_offline_and_served_in_one_table(tmp_path):
         assert f"{ratio:10.3f}" in rows[f"served rate {rate} #1"]
     assert proc.stdout.count("(server's histograms; first-token hops add up to its time to first token)") == 2
     assert "offline, rate inf: host stalls: Triton compiled nothing; garbage collector:" in proc.stdout
+    # The served worker's model loop, window by window, printed before the table, with its collector's passes
+    step_stats = [line for line in proc.stdout.splitlines() if "step stats:" in line]
+    assert step_stats and all(re.search(r"garbage collector \d+ passes [\d.]+ ms, 0 kernels compiled$", line)
+                              for line in step_stats), step_stats
     assert Path(figures["server_log"]).parent == tmp_path / "logs" and Path(figures["server_log"]).stat().st_size
 
 

@@ -1,9 +1,13 @@
 """The worker's step statistics (services/step_stats.py, PAGESTREAM_STEP_STATS): one log line per window, from
-CUDA events around every step (faked here: times in milliseconds on one stream) and the model loop's counters."""
+CUDA events around every step (faked here: times in milliseconds on one stream), the model loop's counters and
+its host stalls."""
 from __future__ import annotations
 
+import gc
 import logging
+import re
 
+from engine.host_stalls import HostStalls
 from services.step_stats import PREFIX, StepStats
 
 
@@ -64,3 +68,22 @@ def test_no_line_for_an_idle_window_and_no_gpu_timing_on_the_cpu(caplog):
         stats.plan_ran(8, 8)
         stats.tick()
     assert "no GPU timing" in caplog.messages[-1] and "1 plans (0 cut, 0 skipped)" in caplog.messages[-1]
+
+
+def test_a_window_counts_the_collectors_passes_of_that_window_only(caplog):
+    gc.disable()                                   # only the passes asked for here
+    try:
+        with HostStalls() as stalls, caplog.at_level(logging.INFO, logger="pagestream.worker"):
+            stats = StepStats(FakeRunner(on_gpu=False), every_s=0.0, stalls=stalls)
+            gc.collect()
+            gc.collect()
+            stats.plan_ran(8, 8)
+            stats.tick()
+            assert re.search(r"garbage collector 2 passes \d+\.\d ms, 0 kernels compiled$", caplog.messages[-1])
+            gc.collect()
+            stats.tick()                           # an idle window: no line, and its pass is not the next one's
+            stats.plan_ran(8, 8)
+            stats.tick()
+            assert caplog.messages[-1].endswith("garbage collector 0 passes 0.0 ms, 0 kernels compiled")
+    finally:
+        gc.enable()
