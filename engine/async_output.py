@@ -105,7 +105,8 @@ class StepOutputs:
         self._settle(1 if self.asynchronous else 0, hold=True)
 
     def holds_any(self, seq_ids: list[int]) -> bool:
-        """Whether a held report names one of seq_ids (they must be reported before the runner forgets them)."""
+        """Whether a held report carries a token of one of seq_ids (they must be reported before the runner
+        forgets them, and that is done before the next launch, with the GPU waiting)."""
         return bool(self._held) and not set(seq_ids).isdisjoint(s for _, named in self._held for s in named)
 
     def report_held(self) -> None:
@@ -140,7 +141,9 @@ class StepOutputs:
         result = self.commit(p.seq_ids, p.active, p.tokens.tolist(), logprobs)
         self.results.append(result)
         if p.on_step is not None:
-            self._report(lambda: p.on_step(result), p.seq_ids, hold)
+            # It names the sequences whose tokens it carries: not the rows that sat the step out (finished
+            # earlier in the plan), which the next plan frees all the time (see holds_any).
+            self._report(lambda: p.on_step(result), result.seq_ids, hold)
 
     def _report(self, report: Callable[[], None], seq_ids: list[int], hold: bool) -> None:
         if hold or self._held:

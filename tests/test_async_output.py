@@ -87,3 +87,21 @@ def test_holds_any_names_the_sequences_of_the_held_reports():
     assert outputs.holds_any([0]) and not outputs.holds_any([5])
     outputs.report_held()
     assert log == [("commit", 0), ("report", 0)] and not outputs.holds_any([0])
+
+
+def test_a_held_report_names_only_the_sequences_whose_tokens_it_carries():
+    """Rows that sat a step out (finished earlier in the plan) are in the step but not in its report: the next
+    plan frees such sequences all the time, and reporting before its launch for them would idle the GPU."""
+    def commit(seq_ids, active, tokens, logprobs):
+        keep = [i for i in range(len(seq_ids)) if active is None or active[i]]
+        return StepResult([seq_ids[i] for i in keep], [tokens[i] for i in keep], None)
+
+    outputs = StepOutputs(commit, asynchronous=True)
+    reported = []
+    for step, active in enumerate([[True, True], [True, False], [True, False]]):
+        out = SamplerOutput(torch.tensor([step, step]), None, None, None)
+        outputs.push([7, 8], active, out, lambda result: reported.append(result.seq_ids), leave_previous=step == 2)
+    outputs.catch_up()                                        # step 1 committed, its report held
+    assert not outputs.holds_any([8]) and outputs.holds_any([7])
+    outputs.drain()
+    assert reported == [[7, 8], [7], [7]]
