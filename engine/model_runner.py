@@ -35,6 +35,7 @@ from engine.ops import select_ops
 from engine.plan import Plan, StepResult, TokenLogprobs
 from engine.sampler import Sampler, SamplingBatch, SamplingRow, TokenBitmask
 from engine.staging import to_device
+from engine.step_timing import StepTimer
 from engine.sequence import FinishReason, check_stop
 from engine.structured_output import GrammarState, Grammars, accept_batch, token_bitmask
 from engine.tensor_parallel import Op, TensorParallel, rank_device, start_followers
@@ -137,7 +138,7 @@ class ModelRunner:
         self.outputs = StepOutputs(self._commit, self.async_output, self.copy_stream)
         # The last launched step: its sequences, which of them it stepped (None: all), its sampled ids.
         self._inflight: tuple[list[int], list[bool] | None, torch.Tensor] = ([], None, torch.empty(0))
-        self.step_timers: list | None = None      # (start, end events, eager?, host launch time): measure_gpu_time
+        self.step_timers: list[StepTimer] | None = None      # measure_gpu_time
         self.steps_run = 0                        # steps the last execute() launched (fewer if should_stop cut it)
         self._leading = self.tp is not None and self.tp.is_driver
         self._hidden: torch.Tensor | None = None  # a follower's last prefill hidden states (for Op.LOGITS)
@@ -329,7 +330,7 @@ class ModelRunner:
             active = [batch.active(b) for b in range(len(rows))]
             for seq, on in zip(seqs, active):
                 seq.num_computed_tokens += on
-            timer = self._start_timer()
+            timer = self._start_timer(opens_plan=step == 0 and self.steps_run == 0)
             logits = self._decode_forward(len(rows))
             if constrained:           # after the forward's launch: see _token_bitmask
                 sampling.token_bitmask = self._token_bitmask(rows, active)
@@ -400,7 +401,7 @@ class ModelRunner:
         then a token for each sequence that reached its last token, and for each fork child (returned: the
         sequences that sampled). A sequence in `inflight` is a decode row whose input token the last launched
         step is still sampling."""
-        timer = self._start_timer()
+        timer = self._start_timer(opens_plan=True)      # a plan's eager step is its first
         seqs = {s: self.seqs[s] for s in counts}
         chunks, flat_rows, step_rows, row = [], [], [], 0
         for seq_id, seq in seqs.items():
@@ -597,18 +598,19 @@ class ModelRunner:
                 seq.prompt_pieces = []
         return result
 
-    def _start_timer(self):
+    def _start_timer(self, opens_plan: bool):
         if self.step_timers is None:
             return None
         start = torch.cuda.Event(enable_timing=True)
         start.record()
-        return start, time.perf_counter()
+        return start, time.perf_counter(), opens_plan
 
     def _stop_timer(self, timer, eager: bool) -> None:
         if timer is not None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            self.step_timers.append((timer[0], end, eager, timer[1]))
+            start, launched, opens_plan = timer
+            self.step_timers.append(StepTimer(start, end, eager, launched, opens_plan))
 
     def _apply(self, plan: Plan) -> None:
         # New beams copy their parents before any parent takes its own next token (or is freed).

@@ -64,7 +64,7 @@ class EngineRun:
     mean_tpot_s: float                 # per request: (finish - first token) / (output tokens - 1), averaged
     gpu_busy: float | None             # GPU time / wall time, every step
     gpu_busy_decode: float | None      # the same, after the last prefill step
-    gpu_split: dict | None = None      # GPU seconds and step counts: eager (prefill/mixed) steps, decode steps
+    gpu_split: dict | None = None      # GPU seconds and step counts: eager (prefill/mixed) and decode steps, plans
     json_complete: int | None = None   # with a JSON schema: completions whose JSON was complete at the end
     host_stalls: dict | None = None    # what stalled the host during the run (engine/host_stalls.py)
 
@@ -113,17 +113,20 @@ def _parses(text: str) -> bool:
 
 def gpu_busy(timers, start: float, end: float) -> tuple[float, float, dict]:
     """(busy over the whole run, busy from the last prefill step on, where the GPU time went): GPU time of the
-    steps / wall time, and the GPU seconds and counts of eager (prefill or mixed) and decode steps."""
+    steps / wall time; the GPU seconds and counts of eager (prefill or mixed) and decode steps, and the plans and
+    the GPU's idle before their first steps (engine/step_timing.py: what plan boundaries cost)."""
     import torch
+
+    from engine.step_timing import tally
     torch.cuda.synchronize()
-    seconds = [(a.elapsed_time(b) / 1000, eager, launched) for a, b, eager, launched in timers]
-    last_eager = max((i for i, (_, eager, _) in enumerate(seconds) if eager), default=-1)
-    decode = seconds[last_eager + 1:]
-    busy = sum(s for s, _, _ in seconds) / (end - start)
-    busy_decode = sum(s for s, _, _ in decode) / (end - decode[0][2]) if decode else 0.0
-    split = {kind: {"gpu_s": round(sum(s for s, e, _ in seconds if e == eager), 3),
-                    "steps": sum(1 for _, e, _ in seconds if e == eager)}
-             for kind, eager in (("eager", True), ("decode", False))}
+    whole, _ = tally(timers)
+    last_eager = max((i for i, t in enumerate(timers) if t.eager), default=-1)
+    decode = timers[last_eager + 1:]
+    busy = whole.gpu_s / (end - start)
+    busy_decode = tally(decode)[0].gpu_s / (end - decode[0].launched) if decode else 0.0
+    split = {"eager": {"gpu_s": round(whole.eager.gpu_s, 3), "steps": whole.eager.steps},
+             "decode": {"gpu_s": round(whole.decode.gpu_s, 3), "steps": whole.decode.steps},
+             "plans": {"count": whole.plans, "gpu_idle_before_s": round(whole.idle_before_plans_s, 3)}}
     return busy, busy_decode, split
 
 
@@ -221,9 +224,11 @@ def run(args: argparse.Namespace) -> int:
     for name, r in runs:
         if r.gpu_split:
             e, d = r.gpu_split["eager"], r.gpu_split["decode"]
+            p = r.gpu_split["plans"]
             print(f"GPU time, {name.strip()}: prefill/mixed steps {e['gpu_s']:.2f} s in {e['steps']}, "
                   f"decode steps {d['gpu_s']:.2f} s in {d['steps']} "
-                  f"({1000 * d['gpu_s'] / max(1, d['steps']):.2f} ms each)")
+                  f"({1000 * d['gpu_s'] / max(1, d['steps']):.2f} ms each); {p['count']} plans, the GPU idle "
+                  f"{1000 * p['gpu_idle_before_s']:.0f} ms before their first steps")
     if args.json_schema:
         free, constrained = runs[0][1], runs[1][1]
         print(f"JSON schema on every request: {n_out / constrained.seconds:.1f} out tok/s against "

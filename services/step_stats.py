@@ -18,6 +18,8 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from engine.step_timing import StepTally, tally
+
 if TYPE_CHECKING:                   # an annotation only: PREFIX is read by the benchmarks, which need no torch
     from engine.host_stalls import HostStalls
 
@@ -76,29 +78,25 @@ class StepStats:
         now = time.perf_counter()
         if now - self.window_start < self.every_s:
             return
-        kinds = {True: [0, 0.0, 0.0], False: [0, 0.0, 0.0]}     # eager? -> [steps, GPU s, idle before s]
+        steps = StepTally()
         if self.on_gpu:
             timers = self.runner.step_timers
             done = 0
-            while done < len(timers) and timers[done][1].query():
+            while done < len(timers) and timers[done].end.query():
                 done += 1
-            for start, end, eager, _ in timers[:done]:
-                k = kinds[eager]
-                k[0] += 1
-                k[1] += start.elapsed_time(end) / 1000
-                if self._prev_end is not None:
-                    k[2] += max(0.0, self._prev_end.elapsed_time(start) / 1000)
-                self._prev_end = end
+            steps, self._prev_end = tally(timers[:done], self._prev_end)
             del timers[:done]
-        if self.plans or kinds[True][0] or kinds[False][0]:
+        if self.plans or steps.eager.steps or steps.decode.steps:
             wall = now - self.window_start
-            busy = (kinds[True][1] + kinds[False][1]) / wall
-            parts = [f"{wall:.1f} s", f"GPU busy {busy:.1%}" if self.on_gpu else "no GPU timing"]
-            for name, eager in (("decode", False), ("eager", True)):
-                n, gpu, idle = kinds[eager]
-                if n:
-                    parts.append(f"{n} {name} steps {1000 * gpu / n:.2f} ms each, GPU idle before them "
-                                 f"{1000 * idle:.1f} ms ({1000 * idle / n:.2f} each)")
+            parts = [f"{wall:.1f} s", f"GPU busy {steps.gpu_s / wall:.1%}" if self.on_gpu else "no GPU timing"]
+            for name, kind in (("decode", steps.decode), ("eager", steps.eager)):
+                if kind.steps:
+                    parts.append(f"{kind.steps} {name} steps {1000 * kind.gpu_s / kind.steps:.2f} ms each, GPU idle "
+                                 f"before them {1000 * kind.idle_before_s:.1f} ms "
+                                 f"({1000 * kind.idle_before_s / kind.steps:.2f} each)")
+            if steps.plans:
+                parts.append(f"GPU idle before plans' first steps {1000 * steps.idle_before_plans_s:.1f} ms "
+                             f"({1000 * steps.idle_before_plans_s / steps.plans:.2f} each)")
             parts.append(f"{self.plans} plans ({self.cut} cut, {self.skipped} skipped)")
             parts.append(f"waited for a plan with the GPU idle {self.waits_idle}x {1000 * self.wait_idle_s:.1f} ms, "
                          f"with a step on it {self.waits_busy}x {1000 * self.wait_busy_s:.1f} ms; "

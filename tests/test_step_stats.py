@@ -8,6 +8,7 @@ import logging
 import re
 
 from engine.host_stalls import HostStalls
+from engine.step_timing import StepTimer
 from services.step_stats import PREFIX, StepStats
 
 
@@ -33,9 +34,12 @@ class FakeRunner:
 def test_a_window_counts_steps_gpu_idle_plans_and_waits(caplog):
     runner = FakeRunner(on_gpu=True)
     stats = StepStats(runner, every_s=0.0)
-    # decode 0-7 ms, idle 1 ms, eager 8-28 ms, idle 2 ms, decode 30-37 ms; a step still running is left for later
-    runner.step_timers += [(FakeEvent(0), FakeEvent(7), False, 0.0), (FakeEvent(8), FakeEvent(28), True, 0.0),
-                           (FakeEvent(30), FakeEvent(37), False, 0.0), (FakeEvent(37), FakeEvent(44, False), False, 0.0)]
+    # decode 0-7 ms, idle 1 ms, eager 8-28 ms (opening a plan), idle 2 ms, decode 30-37 ms; a step still running
+    # is left for later
+    runner.step_timers += [StepTimer(FakeEvent(0), FakeEvent(7), False, 0.0, False),
+                           StepTimer(FakeEvent(8), FakeEvent(28), True, 0.0, True),
+                           StepTimer(FakeEvent(30), FakeEvent(37), False, 0.0, False),
+                           StepTimer(FakeEvent(37), FakeEvent(44, False), False, 0.0, False)]
     stats.plan_ran(8, 8)
     stats.plan_ran(8, 3)
     stats.plan_ran(8, 0)
@@ -50,10 +54,11 @@ def test_a_window_counts_steps_gpu_idle_plans_and_waits(caplog):
     assert line.startswith(PREFIX)
     assert "2 decode steps 7.00 ms each, GPU idle before them 2.0 ms" in line
     assert "1 eager steps 20.00 ms each, GPU idle before them 1.0 ms" in line
+    assert "GPU idle before plans' first steps 1.0 ms (1.00 each)" in line
     assert "4 plans (1 cut, 1 skipped)" in line
     assert "with the GPU idle 1x 2.0 ms, with a step on it 1x 1.0 ms; 1 steps processed" in line
     assert len(runner.step_timers) == 1                        # the unfinished step waits for the next window
-    runner.step_timers[0][1].done = True
+    runner.step_timers[0].end.done = True
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pagestream.worker"):
         stats.tick()
