@@ -27,9 +27,10 @@ def upload(graphs) -> None:
     """Launch each captured graph once, now. A graph's first launch also uploads it to the device (torch
     instantiates a graph at capture but does not upload it): that launch takes longer on the host, and the upload
     runs on the stream ahead of the graph's kernels. The warm-up meets only some sizes, so without this the first
-    busy run after a start would pay for the others, size by size, while the GPU waits. Replaying is safe here: nothing is in flight, a decode graph's rows are
-    all padding (nothing read, nothing written to the KV cache), and a mixed-step piece only computes row by row
-    into the graphs' own buffers, whose padding rows nothing reads."""
+    busy run after a start would pay for the others, size by size, while the GPU waits. Replaying is safe here:
+    nothing is in flight, a decode graph's rows are all padding (nothing read, nothing written to the KV cache),
+    and a mixed-step piece only computes row by row into the graphs' own buffers, whose padding rows nothing
+    reads."""
     for graph in graphs:
         graph.replay()
     torch.cuda.synchronize()

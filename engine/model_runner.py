@@ -330,7 +330,8 @@ class ModelRunner:
             active = [batch.active(b) for b in range(len(rows))]
             for seq, on in zip(seqs, active):
                 seq.num_computed_tokens += on
-            timer = self._start_timer(opens_plan=step == 0 and self.steps_run == 0)
+            opens_plan = step == 0 and self.steps_run == 0      # no eager step of this plan before it
+            timer = self._start_timer(opens_plan)
             logits = self._decode_forward(len(rows))
             if constrained:           # after the forward's launch: see _token_bitmask
                 sampling.token_bitmask = self._token_bitmask(rows, active)
@@ -338,7 +339,7 @@ class ModelRunner:
             self._stop_timer(timer, eager=False)
             sampling.advance(out.token_ids)
             # The plan's last step, after another of this plan (an earlier decode step, or its eager step).
-            leave_previous = step == steps - 1 and (step > 0 or self.steps_run > 0)
+            leave_previous = step == steps - 1 and not opens_plan
             self.outputs.push(rows, active, out, on_step, leave_previous)
             self._inflight = (rows, active, out.token_ids)
         return steps

@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.step_timing import tally
+
 WORKLOADS = Path(__file__).parent / "workloads"
 
 
@@ -116,8 +118,6 @@ def gpu_busy(timers, start: float, end: float) -> tuple[float, float, dict]:
     steps / wall time; the GPU seconds and counts of eager (prefill or mixed) and decode steps, and the plans and
     the GPU's idle before their first steps (engine/step_timing.py: what plan boundaries cost)."""
     import torch
-
-    from engine.step_timing import tally
     torch.cuda.synchronize()
     whole, _ = tally(timers)
     last_eager = max((i for i, t in enumerate(timers) if t.eager), default=-1)
