@@ -61,7 +61,8 @@ GRACEFUL_SHUTDOWN_S = 10.0
 
 KIB = 1 << 10
 T = TypeVar("T")
-Stream = AsyncGenerator[tuple[int, ReplyItem], None]       # (prompt index, item) of one API request
+# (prompt index, the items that came in together: PipelineClient.generate) of one API request
+Stream = AsyncGenerator[tuple[int, list[ReplyItem]], None]
 
 
 @dataclass
@@ -150,23 +151,23 @@ async def _just_done() -> AsyncGenerator[bytes, None]:
     yield SSE_DONE
 
 
-async def merge(streams: list[AsyncIterator[ReplyItem]]) -> Stream:
-    """The items of several pipeline requests (one per prompt) as they come, tagged with their prompt's index.
-    Closing this closes them all, which aborts those not finished. Overloaded/Unavailable propagate."""
+async def merge(streams: list[AsyncIterator[list[ReplyItem]]]) -> Stream:
+    """The item batches of several pipeline requests (one per prompt) as they come, tagged with their prompt's
+    index. Closing this closes them all, which aborts those not finished. Overloaded/Unavailable propagate."""
     if len(streams) == 1:                                   # the common case: no tasks, no queue
         only = streams[0]
         try:
-            async for item in only:
-                yield 0, item
+            async for items in only:
+                yield 0, items
         finally:
             await only.aclose()
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[ReplyItem]) -> None:
+    async def pump(index: int, stream: AsyncIterator[list[ReplyItem]]) -> None:
         try:
-            async for item in stream:
-                queue.put_nowait((index, item))
+            async for items in stream:
+                queue.put_nowait((index, items))
         except Exception as e:
             queue.put_nowait((index, e))
         finally:
@@ -319,7 +320,7 @@ class Api:
             return self._refuse(ADMISSION_STATUS[type(e)], error_body(str(e), ADMISSION_STATUS[type(e)]))
         except ClientDisconnected:
             return self._refuse(CLIENT_GONE, error_body("the client disconnected", CLIENT_GONE))
-        error = first[1].error
+        error = first[1][0].error
         if error is not None:
             await stream.aclose()
             return self._refuse(error.code, pipeline_error_body(error))
@@ -335,26 +336,37 @@ class Api:
             return Response(status_code=CLIENT_GONE)
 
     async def _events(self, builder: ResponseBuilder, timing: _Timing, position: StreamPosition,
-                      first: tuple[int, ReplyItem], stream: Stream) -> AsyncGenerator[bytes, None]:
+                      first: tuple[int, list[ReplyItem]], stream: Stream) -> AsyncGenerator[bytes, None]:
         status = CLIENT_GONE                                 # unless the stream gets to its end
         try:
             if not position.resumed:
                 for chunk in builder.start():
                     yield sse(chunk, position.event_id())
-            pair: tuple[int, ReplyItem] | None = first
-            while pair is not None:
-                prompt_index, item = pair
-                if item.error is not None:
-                    status = item.error.code
-                    yield sse(pipeline_error_body(item.error))
-                    break
-                chunks = builder.add_chunks(prompt_index, item)
-                if position.take(builder.choice_index(prompt_index, item), item.seq):   # not seen before
-                    timing.item(prompt_index, item)
-                    if chunks:          # an item's chunks in one write, under one id: resumed as one
-                        yield b"".join([sse(c) for c in chunks[:-1]] + [sse(chunks[-1], position.event_id())])
+            batch: tuple[int, list[ReplyItem]] | None = first
+            while batch is not None:
+                prompt_index, items = batch
+                events: list[bytes] = []
+                taken: list[ReplyItem] = []
+                error = None
+                for item in items:
+                    if item.error is not None:
+                        error = item.error
+                        break
+                    chunks = builder.add_chunks(prompt_index, item)
+                    if position.take(builder.choice_index(prompt_index, item), item.seq):   # not seen before
+                        timing.item(prompt_index, item)
+                        taken.append(item)
+                        if chunks:          # an item's chunks under one id: resumed as one
+                            events += [sse(c) for c in chunks[:-1]] + [sse(chunks[-1], position.event_id())]
+                if events:                  # the items that came in together, in one write
+                    yield b"".join(events)
+                for item in taken:
                     timing.delivered(item, to_client=True)
-                pair = await self._next(stream, builder)
+                if error is not None:
+                    status = error.code
+                    yield sse(pipeline_error_body(error))
+                    break
+                batch = await self._next(stream, builder)
             else:
                 status = 200
                 timing.done()
@@ -365,20 +377,21 @@ class Api:
             await stream.aclose()
             self._count(status, builder)
 
-    async def _collect(self, builder: ResponseBuilder, timing: _Timing, first: tuple[int, ReplyItem],
+    async def _collect(self, builder: ResponseBuilder, timing: _Timing, first: tuple[int, list[ReplyItem]],
                        stream: Stream) -> Response:
         status = CLIENT_GONE
         try:
-            pair: tuple[int, ReplyItem] | None = first
-            while pair is not None:
-                prompt_index, item = pair
-                if item.error is not None:
-                    status = item.error.code
-                    return _error_response(status, pipeline_error_body(item.error))
-                timing.item(prompt_index, item)
-                builder.add(prompt_index, item)
-                timing.delivered(item, to_client=False)
-                pair = await self._next(stream, builder)
+            batch: tuple[int, list[ReplyItem]] | None = first
+            while batch is not None:
+                prompt_index, items = batch
+                for item in items:
+                    if item.error is not None:
+                        status = item.error.code
+                        return _error_response(status, pipeline_error_body(item.error))
+                    timing.item(prompt_index, item)
+                    builder.add(prompt_index, item)
+                    timing.delivered(item, to_client=False)
+                batch = await self._next(stream, builder)
             status = 200
             timing.done()
             return JSONResponse(builder.response())
@@ -387,15 +400,15 @@ class Api:
             self._count(status, builder)
 
     @staticmethod
-    async def _next(stream: Stream, builder: ResponseBuilder) -> tuple[int, ReplyItem] | None:
-        """The next item, None at the end. Overloaded/Unavailable (only a later prompt's request can raise them
-        here) become an error item."""
+    async def _next(stream: Stream, builder: ResponseBuilder) -> tuple[int, list[ReplyItem]] | None:
+        """The next batch of items, None at the end. Overloaded/Unavailable (only a later prompt's request can
+        raise them here) become an error item."""
         try:
             return await anext(stream, None)
         except (Overloaded, Unavailable) as e:
             code = ADMISSION_STATUS[type(e)]
             error = ErrorInfo(str(e), type=ERROR_TYPES[code], code=code)
-            return 0, ReplyItem(request_id=builder.response_id, error=error)
+            return 0, [ReplyItem(request_id=builder.response_id, error=error)]
 
     def _refuse(self, status: int, body: dict, headers: dict | None = None) -> Response:
         self.metrics.requests.inc(status=status)

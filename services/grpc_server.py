@@ -314,14 +314,17 @@ class _Generation(pb_grpc.GenerationServicer):
         failure: tuple[grpc.StatusCode, str] | None = None
         responses = _Responses(parsed, request.request_id, echoed_id)
         try:
-            async with aclosing(self._client.generate(request)) as items:
-                async for item in items:
-                    if item.error is not None:
-                        failure = status_for(item.error.code), item.error.message
+            async with aclosing(self._client.generate(request)) as batches:
+                async for items in batches:
+                    for item in items:
+                        if item.error is not None:
+                            failure = status_for(item.error.code), item.error.message
+                            break
+                        response = responses.add(item)
+                        if response is not None:
+                            await context.write(response)
+                    if failure is not None:
                         break
-                    response = responses.add(item)
-                    if response is not None:
-                        await context.write(response)
             if failure is None:
                 for response in responses.finish():
                     await context.write(response)

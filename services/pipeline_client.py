@@ -152,10 +152,11 @@ class PipelineClient:
         """Unique, and unguessable (128 random bits): a response id is what a client names to resume its stream."""
         return f"{kind}-{self.gateway_id}-{next(self._ids)}-{secrets.token_hex(16)}"
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[ReplyItem]:
-        """Submit and yield its reply items until every completion has finished (or an error item). Leaving
-        the iteration early (a client went away) aborts the request through the pipeline. Raises Overloaded,
-        Unavailable, or ValueError (SchemaError: a field over its size limit; a request id in flight)."""
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[list[ReplyItem]]:
+        """Submit and yield its reply items until every completion has finished (or an error item), in batches:
+        the items that came in together (see _items). Leaving the iteration early (a client went away) aborts the
+        request through the pipeline. Raises Overloaded, Unavailable, or ValueError (SchemaError: a field over
+        its size limit; a request id in flight)."""
         if len(self._inflight) >= self.max_pending:
             raise Overloaded(f"{len(self._inflight)} requests in flight; try again later")
         await self._require_pipeline()
@@ -170,13 +171,13 @@ class PipelineClient:
         async def send() -> None:
             await self.redis.xadd(self.names.tokenize, {FIELD: payload}, maxlen=STREAM_MAXLEN, approximate=True)
 
-        async with contextlib.aclosing(self._items(request.request_id, flight, send)) as items:
-            async for item in items:
-                yield item
+        async with contextlib.aclosing(self._items(request.request_id, flight, send)) as batches:
+            async for batch in batches:
+                yield batch
 
-    async def resume(self, origin: str, request_id: str, n: int, since: str) -> AsyncIterator[ReplyItem]:
+    async def resume(self, origin: str, request_id: str, n: int, since: str) -> AsyncIterator[list[ReplyItem]]:
         """Take over a request that gateway `origin` started (its client came back with Last-Event-ID) and yield
-        all its items, from the first (the caller shows the client those it has not seen), until every
+        all its items (in batches, as generate does), from the first (the caller shows the client those it has not seen), until every
         completion has finished or an error item. The items come from the origin's reply stream, replayed from
         entry `since` and then followed; the scheduler makes this gateway the request's owner, tells the
         previous one to let go, and answers an error (404) if the request is no longer in flight: then the
@@ -201,17 +202,20 @@ class PipelineClient:
             await self._follow(origin_stream, since, request_id)
 
         try:
-            async with contextlib.aclosing(self._items(request_id, flight, send)) as items:
-                async for item in items:
-                    yield item
+            async with contextlib.aclosing(self._items(request_id, flight, send)) as batches:
+                async for batch in batches:
+                    yield batch
         finally:
             self._unfollow(origin_stream, request_id)
 
-    async def _items(self, request_id: str, flight: _InFlight, send) -> AsyncIterator[ReplyItem]:
+    async def _items(self, request_id: str, flight: _InFlight, send) -> AsyncIterator[list[ReplyItem]]:
         """What generate and resume share: the flight registered, send() to start the request, then its items
-        until it ends. Leaving early aborts the request; Redis gone during send() is Unavailable (taken as
-        nothing started: nothing to abort). A resumed request's 404 (the scheduler no longer holds it) waits
-        RESUME_LINGER_S for items that may still end it (see resume)."""
+        until it ends, in batches: all the items queued when the caller asks for more. While the caller keeps up
+        that is one item, each step's token as it comes; a caller that fell behind (a gateway streaming a small
+        model's 30,000 tokens a second) gets what piled up at once and sends it in one write, so falling behind
+        makes the writes bigger rather than the lag longer. Leaving early aborts the request; Redis gone during
+        send() is Unavailable (taken as nothing started: nothing to abort). A resumed request's 404 (the
+        scheduler no longer holds it) waits RESUME_LINGER_S for items that may still end it (see resume)."""
         self._inflight[request_id] = flight
         done = False
         try:
@@ -221,6 +225,7 @@ class PipelineClient:
                 done = True
                 raise Unavailable(f"cannot reach Redis: {e}") from None
             lost: ReplyItem | None = None       # the scheduler's answer that it no longer holds the request
+            batch: list[ReplyItem] = []
             while not done:
                 if lost is None:
                     item = await flight.queue.get()
@@ -231,9 +236,12 @@ class PipelineClient:
                         item = lost
                 if flight.resumed and lost is None and item.error is not None and item.error.code == 404:
                     lost = item
-                    continue
-                done = flight.ends(item)
-                yield item
+                else:
+                    done = flight.ends(item)
+                    batch.append(item)
+                if batch and (done or flight.queue.empty()):    # (a get from a queue with items never suspends)
+                    yield batch
+                    batch = []
         finally:
             self._let_go(request_id, flight)
             if not done:
@@ -299,8 +307,8 @@ class PipelineClient:
                                         params=SamplingParams(max_tokens=1, temperature=0.0), arrival=time.time(),
                                         prompt="ping")
                 async with asyncio.timeout(timeout_s):
-                    async for item in self.generate(probe):
-                        ok = item.error is None
+                    async for batch in self.generate(probe):
+                        ok = batch[-1].error is None
         except (TimeoutError, Overloaded, Unavailable, redis.RedisError, OSError) as e:
             log.warning("readiness probe failed: %s", e)
             ok = False

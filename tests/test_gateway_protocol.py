@@ -94,13 +94,15 @@ class FakePipeline:
 
 class FakeClient:
     def __init__(self, script=answer, raises: Exception | None = None, delay: float = 0.0,
-                 first_delay: float = 0.0, ready: bool = True, redis: FakeRedis | None = None):
+                 first_delay: float = 0.0, ready: bool = True, redis: FakeRedis | None = None,
+                 together: bool = False):
         self.names = Names("t")
         self.worker, self.gateway_id = "w0", "gw"
         self.reply_stream = self.names.reply(self.gateway_id)
         self.redis = redis or FakeRedis()
         self.script, self.raises, self.is_ready = script, raises, ready
         self.delay, self.first_delay = delay, first_delay
+        self.together = together              # all of a request's items in one batch: a gateway fallen behind
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
         self.num_pending = 0
@@ -112,17 +114,23 @@ class FakeClient:
         return f"{kind}-gw-{self._ids}"
 
     async def generate(self, request):
-        """Like PipelineClient.generate: ends after the last finish (or an error); left early, it aborts."""
+        """Like PipelineClient.generate: ends after the last finish (or an error); left early, it aborts. Each item
+        comes alone (after its delay), as a gateway that keeps up gets them; or, together, all in one batch."""
         if self.raises is not None:
             raise self.raises
         self.requests.append(request)
         items = self.script(request)
         done = False
         try:
+            if self.together:
+                await asyncio.sleep(self.first_delay)
+                done = True
+                yield items
+                return
             for i, item in enumerate(items):
                 await asyncio.sleep(self.first_delay if i == 0 else self.delay)
                 done = i == len(items) - 1 or item.error is not None
-                yield item
+                yield [item]
         finally:
             if not done:
                 self.aborted.append(request.request_id)
@@ -524,6 +532,27 @@ def _held_back(request):
     return [ReplyItem(request.request_id, 0, 0, "", [5], None, None, None, 3, 0),
             ReplyItem(request.request_id, 0, 1, "é", [6], None, None, None, 3, 0),
             ReplyItem(request.request_id, 0, 2, "", [2], None, "stop", 2, 3, 0)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path, body, script", [
+    ("/v1/chat/completions", {"messages": USER, "n": 2, "logprobs": True, "top_logprobs": 2,
+                              "stream_options": {"include_usage": True}}, answer),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, _held_back),
+    ("/v1/completions", {"prompt": "x"}, _fails_later)])
+async def test_items_that_came_in_together_stream_as_they_would_one_at_a_time(path, body, script):
+    """A gateway that fell behind gets a request's items in one batch and writes them at once: the client sees
+    the same events, each item's with its own id (a stream resumes from any of them), as when they came one by
+    one."""
+    def events(response: httpx.Response) -> tuple[list, list[str]]:
+        assert response.status_code == 200
+        data = [e if e == "[DONE]" else {**e, "created": 0} for e in sse_events(response.text)]
+        return data, [line for line in response.text.split("\n") if line.startswith("id: ")]
+
+    body = {**body, "model": MODEL, "stream": True}
+    alone = events(await call(FakeClient(script=script), "POST", path, json=body))
+    together = events(await call(FakeClient(script=script, together=True), "POST", path, json=body))
+    assert together == alone and alone[1]
 
 
 @pytest.mark.anyio

@@ -274,7 +274,7 @@ class FakeClient:
             raise self.raises
         try:
             for item in self.items:
-                yield item
+                yield [item]
             if self.hang:
                 await asyncio.Event().wait()
         finally:

@@ -161,8 +161,8 @@ async def in_flight(server: Server, outage_s: float | None) -> tuple[list[ReplyI
 
     async def consume() -> None:
         nonlocal done_at
-        async for item in client.generate(request):
-            items.append(item)
+        async for batch in client.generate(request):
+            items.extend(batch)
             done_at = time.monotonic()
 
     task = asyncio.create_task(consume())

@@ -2,7 +2,8 @@
 client whose gateway is killed mid-stream sends its request again with Last-Event-ID and gets the rest of its
 text, each token once; a stream taken over on another connection ends on the old one without being cancelled; a
 dead gateway's request nobody resumes is aborted after the grace period, and its reply stream deleted; a
-Last-Event-ID that is not one of ours is a clear 4xx."""
+Last-Event-ID that is not one of ours is a clear 4xx. And the gateway's end of a stream (PipelineClient) on a real
+redis-server: items that came in together are handed over together; replayed and followed, each comes once."""
 from __future__ import annotations
 
 import asyncio
@@ -107,6 +108,54 @@ def kill_gateway_after(n: int, stack):
 
 
 # ---- the gateway's end, on a real redis-server; the test plays the detokenizer (and no scheduler answers) --------
+def pipeline_up(r, names: Names) -> None:
+    """What PipelineClient checks before it sends a request: a scheduler and a worker alive."""
+    r.set(names.alive("scheduler"), "s")
+    r.set(names.alive("worker", "w0"), "w")
+    r.sadd(names.workers, "w0")
+
+
+def publish(r, stream: str, request_id: str, seqs: list[int], finish: bool = False) -> str:
+    """One reply-stream entry holding the request's items of these seqs, as a detokenizer writes it."""
+    items = [ReplyItem(request_id=request_id, seq=s, text=f"<{s}>", token_ids=[s],
+                       finish_reason="length" if finish and s == seqs[-1] else None) for s in seqs]
+    return r.xadd(stream, {FIELD: encode(Reply(items))}).decode()
+
+
+def test_items_that_came_in_together_are_handed_over_together(any_redis_url):
+    """PipelineClient.generate hands its caller every item queued when it asks: one at a time while the caller
+    keeps up (each step's token as it comes), and all that piled up in one batch when it fell behind (the
+    gateway writes a batch to its client at once), in order, each once."""
+    names = Names(f"batches{os.getpid()}")
+    r = connect(any_redis_url)
+    pipeline_up(r, names)
+
+    async def scenario() -> None:
+        client = PipelineClient(any_redis_url, names.prefix)
+        await client.start()
+        try:
+            request = GenerateRequest(request_id=client.new_request_id(), gateway="",
+                                      params=SamplingParams(max_tokens=8), arrival=time.time(), prompt="hi")
+            rid, stream = request.request_id, client.reply_stream
+            batches = client.generate(request)
+            first = asyncio.create_task(anext(batches))
+            await asyncio.sleep(0.2)                               # sent; the caller waits for its first item
+            publish(r, stream, rid, [0, 1, 2])                     # one entry: handed over at once
+            assert [i.seq for i in await asyncio.wait_for(first, 10)] == [0, 1, 2]
+            publish(r, stream, rid, [3])
+            assert [i.seq for i in await asyncio.wait_for(anext(batches), 10)] == [3]
+            publish(r, stream, rid, [4])                           # two entries while the caller was busy
+            publish(r, stream, rid, [5, 6, 7], finish=True)
+            await asyncio.sleep(0.3)
+            last = await asyncio.wait_for(anext(batches), 10)
+            assert [i.seq for i in last] == [4, 5, 6, 7] and last[-1].finish_reason == "length"
+            assert await anext(batches, None) is None
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
 def test_replay_then_follow_gives_each_item_once_in_order(any_redis_url):
     """A request taken over from another gateway: its items already in that gateway's reply stream are replayed
     from `since`, later ones followed as they come, in order, each once, other requests' items left out; the
@@ -114,33 +163,26 @@ def test_replay_then_follow_gives_each_item_once_in_order(any_redis_url):
     earlier connection gets the error that lets it go, and nothing is aborted."""
     names = Names(f"replay{os.getpid()}")
     r = connect(any_redis_url)
-    r.set(names.alive("scheduler"), "s")
-    r.set(names.alive("worker", "w0"), "w")
-    r.sadd(names.workers, "w0")
+    pipeline_up(r, names)
 
-    def publish(stream: str, request_id: str, seqs: list[int], finish: bool = False) -> str:
-        items = [ReplyItem(request_id=request_id, seq=s, text=f"<{s}>", token_ids=[s],
-                           finish_reason="length" if finish and s == seqs[-1] else None) for s in seqs]
-        return r.xadd(stream, {FIELD: encode(Reply(items))}).decode()
-
-    async def collect(items: AsyncIterator[ReplyItem], into: list) -> None:
-        async for item in items:
-            into.append(item)
+    async def collect(batches: AsyncIterator[list[ReplyItem]], into: list) -> None:
+        async for items in batches:
+            into += items
 
     async def scenario() -> None:
         client = PipelineClient(any_redis_url, names.prefix)
         await client.start()
         try:
             origin = names.reply("gw-0a1b2c3d")
-            publish(origin, "r", [0])                              # before `since`: never the client's
-            since = publish(origin, "r", [1, 2])
-            publish(origin, "other", [0, 1])
-            publish(origin, "r", [3, 4])
+            publish(r, origin, "r", [0])                              # before `since`: never the client's
+            since = publish(r, origin, "r", [1, 2])
+            publish(r, origin, "other", [0, 1])
+            publish(r, origin, "r", [3, 4])
             got: list[ReplyItem] = []
             task = asyncio.create_task(collect(client.resume("gw-0a1b2c3d", "r", 1, since), got))
             await asyncio.sleep(0.3)
-            publish(origin, "r", [4, 5])                           # a repeat, then new
-            publish(origin, "r", [6, 7], finish=True)
+            publish(r, origin, "r", [4, 5])                           # a repeat, then new
+            publish(r, origin, "r", [6, 7], finish=True)
             await asyncio.wait_for(task, 10)
             assert [(i.seq, i.text) for i in got] == [(s, f"<{s}>") for s in range(1, 8)]
             assert decode(Resume, r.xrange(names.resume)[-1][1][FIELD]) == Resume("r", client.gateway_id)
@@ -150,13 +192,13 @@ def test_replay_then_follow_gives_each_item_once_in_order(any_redis_url):
             old: list[ReplyItem] = []
             old_task = asyncio.create_task(collect(client.generate(request), old))
             await asyncio.sleep(0.1)
-            since = publish(client.reply_stream, request.request_id, [0, 1, 2])
+            since = publish(r, client.reply_stream, request.request_id, [0, 1, 2])
             await asyncio.sleep(0.3)
             new: list[ReplyItem] = []
             new_task = asyncio.create_task(collect(client.resume(client.gateway_id, request.request_id, 1, since),
                                                    new))
             await asyncio.sleep(0.1)
-            publish(client.reply_stream, request.request_id, [3, 4, 5, 6, 7], finish=True)
+            publish(r, client.reply_stream, request.request_id, [3, 4, 5, 6, 7], finish=True)
             await asyncio.wait_for(asyncio.gather(old_task, new_task), 10)
             assert [i.seq for i in old[:-1]] == [0, 1, 2] and old[-1].error.code == 409
             assert [i.seq for i in new] == list(range(8)) and new[-1].finish_reason == "length"
@@ -175,9 +217,7 @@ def test_resumed_events_are_only_those_past_each_choices_cursor(any_redis_url):
 
     names = Names(f"cursor{os.getpid()}")
     r = connect(any_redis_url)
-    r.set(names.alive("scheduler"), "s")
-    r.set(names.alive("worker", "w0"), "w")
-    r.sadd(names.workers, "w0")
+    pipeline_up(r, names)
     response_id = "chatcmpl-gw-0a1b2c3d-5-" + "ab" * 16
     origin = names.reply("gw-0a1b2c3d")
     since = None
