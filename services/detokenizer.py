@@ -172,16 +172,18 @@ class DetokenizerService:
             pipe.multi()
             elsewhere = self.transport.pipeline() if self.transport.cluster else pipe     # other slots' writes
             replies: dict[str, list[ReplyItem]] = {}
+            checkpoints: dict[tuple[str, int], list[bytes]] = {}
             for msg, step_completions in zip(messages, completions):
                 for i, completion in enumerate(step_completions):
                     if completion is None or completion.finished or msg.positions[i] < completion.next_position:
                         continue                         # unknown (expired), already ended, or a repeat
-                    item = self._advance(completion, msg, i, pipe, elsewhere)
+                    item = self._advance(completion, msg, i, pipe, checkpoints, elsewhere)
                     if msg.on_host:
                         item.stamps = (msg.first_stamps[i] if msg.first_stamps else []) + [msg.on_host, took]
                     replies.setdefault(completion.meta.gateway, []).append(item)
             for gateway, items in replies.items():
                 self.transport.publish(self.names.reply(gateway), encode(Reply(items)), elsewhere)
+            self._save(checkpoints, pipe)
             if ids:
                 self.transport.ack(stream, GROUP, ids, pipe)
             try:
@@ -191,9 +193,10 @@ class DetokenizerService:
             except redis.WatchError:
                 raise LeaseLost() from None
 
-    def _advance(self, c: _Completion, msg: StepTokens, i: int, pipe, elsewhere=None) -> ReplyItem:
-        """Detokenize one token of completion c, checkpoint it (in pipe), and return its reply item (an abort, for
-        a stop string, goes in elsewhere: on a Redis Cluster, pipe holds only the partition's slot)."""
+    def _advance(self, c: _Completion, msg: StepTokens, i: int, pipe, checkpoints: dict, elsewhere=None) -> ReplyItem:
+        """Detokenize one token of completion c, add it to its checkpoint (in checkpoints, for _save) or end that
+        (in pipe), and return its reply item (an abort, for a stop string, goes in elsewhere: on a Redis Cluster,
+        pipe holds only the partition's slot)."""
         rid, index, token = msg.request_ids[i], msg.indexes[i], msg.token_ids[i]
         out = c.state.add_token(token, msg.finish_reasons[i], msg.stop_reasons[i])
         if out.stop_upstream:                            # a stop string: the worker doesn't know, stop it there
@@ -207,11 +210,18 @@ class DetokenizerService:
         c.next_seq += 1
         c.next_position = msg.positions[i] + 1
         if out.finish_reason is None:
-            # The checkpoint: one "token released" pair per token handled (one command, not one per field).
-            pipe.rpush(self._handled(rid, index), b"%d %d" % (token, c.state.released))
+            # The checkpoint: one "token released" pair per token handled.
+            checkpoints.setdefault((rid, index), []).append(b"%d %d" % (token, c.state.released))
         else:
+            checkpoints.pop((rid, index), None)         # its checkpoint is deleted: nothing more to save
             self._finish(c, rid, index, pipe)
         return item
+
+    def _save(self, checkpoints: dict[tuple[str, int], list[bytes]], pipe) -> None:
+        """The batch's checkpoint pairs, one command per completion: a read that brought many steps (a replica
+        that fell behind) costs a command per completion, not per token."""
+        for (rid, index), pairs in checkpoints.items():
+            pipe.rpush(self._handled(rid, index), *pairs)
 
     def _handled(self, rid: str, index: int) -> str:
         return self.names.detok_handled(rid, index)

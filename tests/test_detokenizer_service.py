@@ -79,6 +79,9 @@ def test_batches_are_one_transaction_and_a_takeover_resumes_from_the_checkpoints
     assert texts(transport)[1] == 1
     pending = transport.redis.xpending(transport.names.tokens(0), GROUP)["pending"]
     assert pending == 0
+    for rid, tokens in token_lists.items():                 # each completion's checkpoint: every token, in order
+        handled = transport.redis.lrange(transport.names.detok_handled(rid, 0), 0, -1)
+        assert [int(pair.split()[0]) for pair in handled] == tokens[:half]
 
     # The first replica is gone; a second one takes the partition over and goes on from the checkpoints.
     second = replica(transport, tokenizer)

@@ -165,7 +165,9 @@ def test_the_detokenizer_service_uses_it_and_resumes_from_its_checkpoint(tokeniz
             pipe.watch(transport.names.request_meta("r"))
             completion = service._completion("r", 0, pipe)
             pipe.multi()
-            item = service._advance(completion, msg, 0, pipe)
+            checkpoints = {}
+            item = service._advance(completion, msg, 0, pipe, checkpoints)
+            service._save(checkpoints, pipe)
             pipe.execute()
         return item
 
