@@ -12,10 +12,11 @@ prompts start with the run's number, so none is found in the prefix cache a run 
 exits, giving its GPU memory back, before the server starts.
 
 The table: throughput, served / offline (the pipeline's cost is 1 minus it), TTFT, TPOT and ITL percentiles;
-then, per served run, where the time went, hop by hop (loadtest/hops.py). With PAGESTREAM_STEP_STATS=<seconds>
-in the environment, the served worker also logs where its model loop's time went, window by window
-(services/step_stats.py: GPU busy, GPU idle before each kind of step, plans cut or skipped, waits for plans),
-printed before the table; the offline child prints its GPU busy per run and what stalled its host
+then, per served run, where the time went, hop by hop (loadtest/hops.py), and how busy each of the stack's
+processes was (loadtest/process_cpu.py: a role at a whole core is what to scale out). With
+PAGESTREAM_STEP_STATS=<seconds> in the environment, the served worker also logs where its model loop's time went,
+window by window (services/step_stats.py: GPU busy, GPU idle before each kind of step, plans cut or skipped, waits
+for plans), printed before the table; the offline child prints its GPU busy per run and what stalled its host
 (engine/host_stalls.py: Triton compilations by kernel, the garbage collector's passes, CUDA's allocators growing).
 A served worker logs a warning for every kernel it compiles after its warm-up.
 """
@@ -38,6 +39,7 @@ from loadtest import placement
 from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
 from loadtest.hops import breakdown, format_breakdown
 from loadtest.metrics import summarize
+from loadtest.process_cpu import CpuShares, format_shares
 from loadtest.serve import arrival_offsets, jsonable, run_load, scrape_settled
 from schemas.sampling_params import SamplingParams
 from services.step_stats import PREFIX as STEP_STATS
@@ -233,12 +235,13 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 async def served_runs(base_url: str, requests, rates: list[float], first_run: int = 1,
-                      warmups: int = 1, during=None) -> list[dict]:
+                      warmups: int = 1, during=None, server_pid: int | None = None) -> list[dict]:
     """The runs at each rate, numbered from first_run (for_run: a server serving runs of two calls needs them
     numbered apart), after `warmups` unmeasured requests sent at once. `during`: a coroutine function started with
     each run's load (the data-parallel bench's kill of a worker), cancelled if the load ends first; what it returns,
     a dict, joins the run's figures. Each run's figures hold every request's end-to-end latency in request order
-    (e2el_s, None for one that failed), for comparing two runs of the same requests request by request."""
+    (e2el_s, None for one that failed), for comparing two runs of the same requests request by request, and, given
+    the server's pid, each of its processes' share of a core during the run (cpu, by role: loadtest.process_cpu)."""
     http = HTTPClient(base_url, None, 3600)
     try:
         model = (await http.get_json("/v1/models"))["data"][0]["id"]
@@ -251,14 +254,16 @@ async def served_runs(base_url: str, requests, rates: list[float], first_run: in
         for run, rate in enumerate(rates, first_run):
             before = await scrape_settled(http)
             beside = asyncio.create_task(during()) if during is not None else None
+            cpu = CpuShares(server_pid) if server_pid is not None else None
             outputs, duration, _ = await run_load(client, for_run(requests, run), rate)
+            shares = {"cpu": cpu.done()} if cpu is not None else {}
             extra = await _finished_or_cancelled(beside)
             after = await scrape_settled(http)
             for out in outputs:
                 out.output_tokens, out.tokens_from = out.usage_completion_tokens or 0, "usage"
             runs.append({"mode": "served", "rate": rate, "summary": summarize(outputs, duration, PERCENTILES),
                          "e2el_s": [o.e2el if o.success else None for o in outputs],
-                         "hops": breakdown(before, after), **placement.figures(before, after), **extra})
+                         "hops": breakdown(before, after), **placement.figures(before, after), **shares, **extra})
             _log(f"served, rate {rate:g}: {runs[-1]['summary']['output_throughput']:.1f} output tok/s")
         return runs
     finally:
@@ -309,12 +314,15 @@ def run(args: argparse.Namespace) -> int:
     log_path = server_log_dir(args, "pagestream-bench-") / "serve.log"
     proc, base_url = start_server(args, args.parser, log_path)
     try:
-        served = asyncio.run(served_runs(base_url, requests, rates))
+        served = asyncio.run(served_runs(base_url, requests, rates, server_pid=proc.pid))
     finally:
         stop_server(proc)
     print()
     for run_ in served:
         print(format_breakdown(run_["hops"], f"served, rate {run_['rate']:g}"))
+    print("served, each process's share of a core during the run, by role (the bench is the client):")
+    for run_ in served:
+        print(f"  rate {run_['rate']:g}: {format_shares(run_['cpu'])}")
     stats = [line for line in log_path.read_text().splitlines() if STEP_STATS in line]
     if stats:                             # the worker's model loop, window by window (PAGESTREAM_STEP_STATS)
         print("\nthe worker's model loop, served:")

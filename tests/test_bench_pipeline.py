@@ -45,6 +45,11 @@ def test_offline_and_served_in_one_table(tmp_path):
         hops = {(h["kind"], h["hop"]): h for h in srv["hops"]}
         assert hops[("first token", "gpu_step")]["count"] == NUM
         assert hops[("first token", "admission_wait")]["count"] == NUM
+        # And each process of the stack, by role, with its share of a core during the run (the bench: client)
+        cpu = srv["cpu"]
+        roles = {"client", "gateway", "tokenizer", "scheduler", "worker", "publisher", "detokenizer", "redis-server"}
+        assert roles <= set(cpu) and all(0 <= s <= os.cpu_count() for v in cpu.values() for s in v), cpu
+        assert len(cpu["tokenizer"]) == len(cpu["detokenizer"]) == 1 and max(cpu["worker"]) > 0.05, cpu
     # The table: a row a run, the served ones with served / offline as the JSON's throughputs give it
     rows = {m.group(1): line for line in proc.stdout.splitlines() if (m := re.match(r"(\w+ rate \S+ #1)", line))}
     assert list(rows) == ["offline rate inf #1", "offline rate 4 #1", "served rate inf #1", "served rate 4 #1"]
@@ -52,6 +57,7 @@ def test_offline_and_served_in_one_table(tmp_path):
         ratio = srv["summary"]["output_throughput"] / off["summary"]["output_throughput"]
         assert f"{ratio:10.3f}" in rows[f"served rate {rate} #1"]
     assert proc.stdout.count("(server's histograms; first-token hops add up to its time to first token)") == 2
+    assert re.search(r"  rate inf: client [\d.]+; gateway [\d.]+; tokenizer [\d.]+; scheduler [\d.]+; worker ", proc.stdout)
     assert "offline, rate inf: host stalls: Triton compiled nothing; garbage collector:" in proc.stdout
     # The served worker's model loop, window by window, printed before the table, with its collector's passes
     step_stats = [line for line in proc.stdout.splitlines() if "step stats:" in line]
