@@ -176,12 +176,12 @@ class PipelineClient:
                 yield batch
 
     async def resume(self, origin: str, request_id: str, n: int, since: str) -> AsyncIterator[list[ReplyItem]]:
-        """Take over a request that gateway `origin` started (its client came back with Last-Event-ID) and yield
-        all its items (in batches, as generate does), from the first (the caller shows the client those it has not seen), until every
-        completion has finished or an error item. The items come from the origin's reply stream, replayed from
-        entry `since` and then followed; the scheduler makes this gateway the request's owner, tells the
-        previous one to let go, and answers an error (404) if the request is no longer in flight: then the
-        items already in the stream are served anyway, and the error only if they do not end the request
+        """Take over a request that gateway `origin` started (its client came back with Last-Event-ID) and yield all
+        its items (in batches, as generate does), from the first (the caller shows the client those it has not
+        seen), until every completion has finished or an error item. The items come from the origin's reply
+        stream, replayed from entry `since` and then followed; the scheduler makes this gateway the request's
+        owner, tells the previous one to let go, and answers an error (404) if the request is no longer in flight:
+        then the items already in the stream are served anyway, and the error only if they do not end the request
         within RESUME_LINGER_S (a request that just finished has its last items on their way). Leaving early
         aborts the request, as generate does. Raises Unavailable, or StreamGone: the origin's stream is gone."""
         await self._require_pipeline()

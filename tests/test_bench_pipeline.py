@@ -57,7 +57,8 @@ def test_offline_and_served_in_one_table(tmp_path):
         ratio = srv["summary"]["output_throughput"] / off["summary"]["output_throughput"]
         assert f"{ratio:10.3f}" in rows[f"served rate {rate} #1"]
     assert proc.stdout.count("(server's histograms; first-token hops add up to its time to first token)") == 2
-    assert re.search(r"  rate inf: client [\d.]+; gateway [\d.]+; tokenizer [\d.]+; scheduler [\d.]+; worker ", proc.stdout)
+    assert re.search(r"  rate inf: client [\d.]+; gateway [\d.]+; tokenizer [\d.]+; scheduler [\d.]+; worker ",
+                     proc.stdout)
     assert "offline, rate inf: host stalls: Triton compiled nothing; garbage collector:" in proc.stdout
     # The served worker's model loop, window by window, printed before the table, with its collector's passes
     step_stats = [line for line in proc.stdout.splitlines() if "step stats:" in line]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from schemas.codec import SchemaError, _Declined, _from_wire, _reader, decode, encode
+from schemas.codec import SchemaError, decode, encode
+from schemas.codec import _Declined, _from_wire, _reader     # the compiled readers, held to the full one
 from schemas.messages import (Abort, ChatMessage, ErrorInfo, GenerateRequest, PlanMessage, Reply, ReplyItem,
                               RequestMeta, Resume, ScheduleRequest, StepEvent, StepTokens, TokenLogprobsWire, WorkerInfo)
 from schemas.plan import Fork, NewSequence, RunningSequence
