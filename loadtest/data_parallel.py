@@ -66,6 +66,7 @@ from loadtest.client import HTTPClient
 from loadtest.hops import parse_histograms
 from loadtest.metrics import percentile
 from loadtest.pipeline import _log, add_server_arguments, served_runs, server_log_dir, start_server, stop_server
+from loadtest.processes import argv, descendants
 from loadtest.serve import jsonable, scrape_metrics
 
 FIRST_TOKEN = "pagestream_time_to_first_token_seconds"      # services/metrics.py
@@ -130,27 +131,10 @@ def by_server(runs: list[Run]) -> dict[tuple[str, ...], list[int]]:
 def worker_pid(serve_pid: int, worker: str) -> int | None:
     """The live process of serve's worker `worker` (`... services.cli service worker ... --worker-name <worker>`),
     found among serve's descendants through /proc; None if it has none now."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:                                   # gone meanwhile
-            continue
-        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]      # after the command name, which may hold spaces
-        if state not in ("Z", "X"):                       # a dead process waiting to be reaped is not the worker
-            children.setdefault(int(ppid), []).append(int(entry))
-    todo = list(children.get(serve_pid, []))
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "service" in argv and argv[argv.index("service") + 1:][:1] == ["worker"] and "--worker-name" in argv \
-                and argv[argv.index("--worker-name") + 1:][:1] == [worker]:
+    for pid in descendants(serve_pid):
+        args = argv(pid)
+        if "service" in args and args[args.index("service") + 1:][:1] == ["worker"] and "--worker-name" in args \
+                and args[args.index("--worker-name") + 1:][:1] == [worker]:
             return pid
     return None
 

@@ -13,7 +13,7 @@ exits, giving its GPU memory back, before the server starts.
 
 The table: throughput, served / offline (the pipeline's cost is 1 minus it), TTFT, TPOT and ITL percentiles;
 then, per served run, where the time went, hop by hop (loadtest/hops.py), and how busy each of the stack's
-processes was (loadtest/process_cpu.py: a role at a whole core is what to scale out). With
+processes was (loadtest/processes.py: a role at a whole core is what to scale out). With
 PAGESTREAM_STEP_STATS=<seconds> in the environment, the served worker also logs where its model loop's time went,
 window by window (services/step_stats.py: GPU busy, GPU idle before each kind of step, plans cut or skipped, waits
 for plans), printed before the table; the offline child prints its GPU busy per run and what stalled its host
@@ -39,7 +39,7 @@ from loadtest import placement
 from loadtest.client import HTTPClient, OpenAIStreamClient, RequestOutput
 from loadtest.hops import breakdown, format_breakdown
 from loadtest.metrics import summarize
-from loadtest.process_cpu import CpuShares, format_shares
+from loadtest.processes import CpuShares, format_shares
 from loadtest.serve import arrival_offsets, jsonable, run_load, scrape_settled
 from schemas.sampling_params import SamplingParams
 from services.step_stats import PREFIX as STEP_STATS
@@ -241,7 +241,7 @@ async def served_runs(base_url: str, requests, rates: list[float], first_run: in
     each run's load (the data-parallel bench's kill of a worker), cancelled if the load ends first; what it returns,
     a dict, joins the run's figures. Each run's figures hold every request's end-to-end latency in request order
     (e2el_s, None for one that failed), for comparing two runs of the same requests request by request, and, given
-    the server's pid, each of its processes' share of a core during the run (cpu, by role: loadtest.process_cpu)."""
+    the server's pid, each of its processes' share of a core during the run (cpu, by role: loadtest.processes)."""
     http = HTTPClient(base_url, None, 3600)
     try:
         model = (await http.get_json("/v1/models"))["data"][0]["id"]

@@ -120,8 +120,12 @@ def _writer(cls) -> Callable[[Any], dict]:
 
 
 def _is_scalar(tp: Any) -> bool:
-    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-    return all(o in _WIRE_SCALARS for o in options)
+    return all(o in _WIRE_SCALARS for o in _options(tp))
+
+
+def _options(tp: Any) -> tuple:
+    """A union's types; any other type alone."""
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
 
 
 # ---- from the wire, checked ----------------------------------------------------------------------------------
@@ -129,7 +133,7 @@ def _is_scalar(tp: Any) -> bool:
 def _plain_types(tp: Any) -> frozenset | None:
     """The exact Python types a value of type tp may be on the wire, when they need no conversion: int, str,
     None and their unions (never bool: type(True) is bool). None for any other type."""
-    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    options = _options(tp)
     return frozenset(options) if all(o in (int, str, type(None)) for o in options) else None
 
 
@@ -148,7 +152,7 @@ def _reader(tp: Any, max_len: int | None = None) -> Callable[[Any], Any]:
     (tests/test_schemas.py holds the two to that)."""
     if dataclasses.is_dataclass(tp):
         fields = tuple((name, _reader(ftype, flen), required) for name, (ftype, flen, required) in _hints(tp).items())
-        names = frozenset(_hints(tp))
+        names = frozenset(name for name, _, _ in fields)
 
         def read_dataclass(value: Any) -> Any:
             if type(value) is not dict or not value.keys() <= names:
@@ -194,6 +198,7 @@ def _reader(tp: Any, max_len: int | None = None) -> Callable[[Any], Any]:
             return read_fixed_tuple
         item = args[0] if args else Any
         items_plain = _plain_types(item)
+        read_item = _reader(item)
 
         def read_list(value: Any) -> Any:
             if type(value) is not list or len(value) > limit:
@@ -208,7 +213,6 @@ def _reader(tp: Any, max_len: int | None = None) -> Callable[[Any], Any]:
                 return [float(v) for v in value]
             items = [read_item(v) for v in value]
             return items if origin is list else tuple(items)
-        read_item = _reader(item)
         return read_list
     if origin is dict:
         limit = max_len or MAX_MAP

@@ -1,4 +1,4 @@
-"""loadtest/process_cpu.py: every process of a served stack's tree, by role, with the share of a core it used
+"""loadtest/processes.py: every process of a served stack's tree, by role, with the share of a core it used
 during a run (real processes, /proc)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from loadtest.process_cpu import CpuShares, format_shares, role_of
+from loadtest.processes import CpuShares, format_shares, role_of
 
 # A stand-in for `pagestream serve`: two children whose command lines name their roles, one spinning, one asleep.
 STACK = """

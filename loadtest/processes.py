@@ -1,4 +1,5 @@
-"""How busy each process of a served stack was during a run, by role: the share of one core it used.
+"""A served stack's processes, from /proc: `pagestream serve`'s descendants, each one's role and argv, and how busy
+each was during a run (the share of one core it used).
 
 At a small model's pace the pipeline's cost is its Python services' CPU (on the Llama-3.2-1B shape the gateways
 and detokenizers ran at a whole core each while the GPU made 40,000 tokens a second), and which role is saturated
@@ -9,6 +10,8 @@ itself is the client. Linux only: elsewhere there is nothing to report.
     shares = CpuShares(server_pid)          # the `pagestream serve` process: it and all its descendants
     ... the run ...
     print(format_shares(shares.done()))     # gateway 0.98 0.97 ...; detokenizer 0.85 0.81; worker 1.00; ...
+
+    for pid in descendants(server_pid): ... argv(pid) ...     # loadtest.data_parallel finds a worker to kill
 """
 from __future__ import annotations
 
@@ -39,23 +42,27 @@ def role_of(cmdline: str) -> str:
 
 
 def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds so far) of a live process, None if it is gone."""
+    """(parent pid, CPU seconds so far) of a live process; None if it is gone, or dead and waiting to be reaped."""
     try:
-        fields = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()          # after the command name, which may hold spaces
+    if fields[0] in ("Z", "X"):
         return None
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
 
 
-def _cmdline(pid: int) -> str:
+def argv(pid: int) -> list[str]:
+    """A process's command line ([] if it is gone)."""
     try:
-        return (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return (PROC / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
     except OSError:
-        return ""
+        return []
 
 
-def _tree(root: int) -> dict[int, float]:
-    """root and every descendant: pid -> CPU seconds so far."""
+def descendants(root: int) -> dict[int, float]:
+    """root and every live descendant: pid -> CPU seconds so far ({} if root is gone)."""
     stats = {}
     for entry in PROC.iterdir():
         if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
@@ -84,7 +91,7 @@ class CpuShares:
     def _sample(self) -> dict[int, float]:
         if not self.available:
             return {}
-        cpu = _tree(self.server_pid)
+        cpu = descendants(self.server_pid)
         if (own := _stat(os.getpid())) is not None:
             cpu[os.getpid()] = own[1]
         return cpu
@@ -95,7 +102,7 @@ class CpuShares:
         shares: dict[str, list[float]] = {}
         for pid, cpu in after.items():
             if pid in self.before:
-                role = CLIENT if pid == os.getpid() else role_of(_cmdline(pid))
+                role = CLIENT if pid == os.getpid() else role_of(" ".join(argv(pid)))
                 shares.setdefault(role, []).append(round((cpu - self.before[pid]) / seconds, 3))
         return {role: sorted(v, reverse=True) for role, v in shares.items()}
 
