@@ -40,7 +40,7 @@ from engine.sequence import FinishReason, check_stop
 from engine.structured_output import GrammarState, Grammars, accept_batch, token_bitmask
 from engine.tensor_parallel import Op, TensorParallel, rank_device, start_followers
 from kernels.advance_step import advance_step, advance_step_reference
-from kernels.attention import default_num_splits
+from kernels.attention import decode_tile, default_num_splits
 from schemas.sampling_params import SamplingParams
 
 CPU_DEFAULT_KV_GB = 2.0
@@ -203,7 +203,8 @@ class ModelRunner:
         return total * self.config.cache.gpu_memory_utilization - others - peak - GPU_RESERVE_BYTES
 
     def _num_splits(self, batch: int, max_seq_len: int) -> int:
-        return default_num_splits(batch, self.num_kv_heads, max_seq_len, self.num_sms)
+        tile_tokens = decode_tile(self.args.head_dim, self.dtype)[0]
+        return default_num_splits(batch, self.num_kv_heads, max_seq_len, tile_tokens, self.num_sms)
 
     def measure_gpu_time(self, on: bool = True) -> None:
         """Record a pair of CUDA events around every step (for the GPU-busy figure of the benchmark)."""

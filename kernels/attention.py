@@ -49,13 +49,14 @@ LOG2E = 1.4426950408889634
 # Checked offline with Triton's sm_90 compiler (no GPU needed: triton.compile(..., target=GPUTarget("cuda", 90, 32))):
 # K/V gathers become 16-byte cp.async (cp.async.cg) once the strides are multiples of 16 elements (Triton
 # specializes such integer arguments), prefill's tl.dot becomes wgmma, decode's (M = 16) mma.sync; no spills in bf16.
-DECODE_BLOCK_N = 64          # KV tokens per tile (4 pages of 16): 16 KB of K + 16 KB of V per tile at D=128 bf16
-DECODE_BLOCK_N_SMALL = 32    # D=256 or fp32: 64 x D tiles would cost registers (fp32 spills at 64)
 DECODE_NUM_WARPS = 4
-# The page-id load feeds the K/V loads' addresses, so the software pipeline spends stages on that chain: at
-# num_stages 3 or 4 Triton keeps ONE K/V buffer (a tile in flight only while none is being used), at 5 it keeps
-# two (72 KB of shared memory at D=128: 3 programs per SM). Memory-bound work wants the bytes in flight.
-DECODE_NUM_STAGES = 5
+# The decode tile, (KV tokens per tile, software-pipeline stages), by head size: see decode_tile(). The page-id load
+# feeds the K/V loads' addresses, so the pipeline spends stages on that chain: at num_stages 3 or 4 Triton keeps ONE
+# K/V buffer (a tile in flight only while none is being used), at 5 it keeps two. Memory-bound work wants the bytes
+# in flight, but every buffer is shared memory that a program holds, and fewer programs fit on an SM.
+DECODE_TILE = (128, 4)         # D=128 bf16: 64 KB of K+V a tile, one buffer: 3 programs per SM
+DECODE_TILE_NARROW = (128, 5)  # D<=64: 32 KB a tile, two buffers (64 KB): 3 programs per SM
+DECODE_TILE_WIDE = (32, 5)     # D=256 or fp32: wider tiles would cost registers (fp32 spills at 64 x 128)
 DECODE_MIN_TILES_PER_SPLIT = 2   # a split smaller than this spends more on its prologue/epilogue than on its loads
 DECODE_MAX_SPLITS = 32
 MIN_GROUP_PAD = 16           # tl.dot needs M >= 16: the G query heads of a group are padded up to this
@@ -223,15 +224,26 @@ def _decode_combine_kernel(
     tl.store(out_ptr + q_row.to(tl.int64) * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
 
 
-def _decode_block_n(head_dim: int, dtype: torch.dtype) -> int:
-    return DECODE_BLOCK_N_SMALL if head_dim >= 256 or dtype == torch.float32 else DECODE_BLOCK_N
+def decode_tile(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(KV tokens per tile, pipeline stages) of the decode kernel for this head size and dtype.
+
+    Measured on an H200 (2026-12-01, bf16, H=32, KVH=8, page 16, CUDA graphs; 256 rows of contexts U[128, 1536] and
+    U[400, 900], 32 of U[600, 1200]; the previous tile was 64 x 5 for both): at D=128 (Llama-3-8B) 128 x 4 was
+    0.7-1.6% faster on 256 rows and equal on 32, and took the 8B's decode GPU time on w256 from 5.08 to 5.01 s;
+    128 x 5 was 3-9% slower (two 64 KB buffers: one program per SM). At D=64 (Llama-3.2-1B) 128 x 5 was 2.4-11.5%
+    faster than 64 x 5, and 128 x 4 up to 6.7% slower on 32 rows (one buffer of a small tile: too few bytes in
+    flight)."""
+    if head_dim >= 256 or dtype == torch.float32:
+        return DECODE_TILE_WIDE
+    return DECODE_TILE_NARROW if head_dim <= 64 else DECODE_TILE
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
+def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, tile_tokens: int, num_sms: int = 132) -> int:
     """Flash-decoding splits: enough programs for about one per SM when B * KVH alone does not fill the GPU, but
-    never so many that a split gets fewer than DECODE_MIN_TILES_PER_SPLIT tiles of the longest context.
+    never so many that a split gets fewer than DECODE_MIN_TILES_PER_SPLIT tiles (of tile_tokens, decode_tile's
+    first) of the longest context.
 
-    Batch 1, KVH 8, 512 tokens: 8 programs alone would use 8 of 132 SMs; 8 tiles of 64 -> 4 splits, 32 programs.
+    Batch 1, KVH 8, 1024 tokens, tiles of 128: 8 programs alone would use 8 of 132 SMs; 8 tiles -> 4 splits.
     Under CUDA graphs pass the same value at capture and replay (e.g. computed from max_model_len): the kernels
     are correct for any value, and shares left empty by shorter contexts return at once.
     """
@@ -239,13 +251,14 @@ def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms:
     if programs <= 0 or programs >= num_sms:
         return 1
     wanted = triton.cdiv(num_sms, programs)
-    by_tiles = max(1, triton.cdiv(max_seq_len, DECODE_BLOCK_N) // DECODE_MIN_TILES_PER_SPLIT)
+    by_tiles = max(1, triton.cdiv(max_seq_len, tile_tokens) // DECODE_MIN_TILES_PER_SPLIT)
     return max(1, min(wanted, by_tiles, DECODE_MAX_SPLITS))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_splits: int = 1,
                            out: torch.Tensor | None = None, *, block_n: int | None = None,
+                           num_stages: int | None = None,
                            query_start_loc: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, D] (one query per sequence, at position seq_len - 1) -> out [B, H, D].
 
@@ -270,7 +283,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if B == 0:
         return out
     group = H // KVH
-    block_n = block_n or _decode_block_n(D, q.dtype)
+    tile_n, tile_stages = decode_tile(D, q.dtype)
+    block_n, num_stages = block_n or tile_n, num_stages or tile_stages
     split = num_splits > 1
     if split:
         part_o = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
@@ -285,7 +299,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(MIN_GROUP_PAD, _next_pow2(group)), HEAD_DIM=D, PAGE_SIZE=page_size,
         BLOCK_N=block_n, SPLIT=split, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        num_warps=DECODE_NUM_WARPS, num_stages=num_stages,
     )
     if split:
         _decode_combine_kernel[(B, H)](
@@ -552,15 +566,14 @@ def bench_attention(num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 
     First the two ceilings, measured: a 1 GiB device-to-device copy (read + write bytes) and a bf16 8192^3 matmul.
     Decode: K/V + q + out bytes over time (GB/s). 'eager' is triton.testing.do_bench (median, L2 flushed before
     each call, launch overhead included); 'graph' is do_bench_cudagraph (median; back-to-back replays as the
-    engine runs decode, rotating over enough input copies to overflow the 50 MB L2). A few splits and pipeline
-    depths are swept; * marks default_num_splits. Prefill: causal FLOPs (4 * D per visible (query, key) pair per
-    head) over time (TFLOP/s), for a few tile shapes; * marks the default.
+    engine runs decode, rotating over enough input copies to overflow the 50 MB L2). A few splits with the default
+    tile, then a few tiles (tokens x stages) with the default splits; * marks the defaults. Prefill: causal FLOPs
+    (4 * D per visible (query, key) pair per head) over time (TFLOP/s), for a few tile shapes; * marks the default.
     decode_batches: name -> context lengths; prefill_batches: name -> (query_len, seq_len) per sequence."""
     import itertools
     import random
 
     from triton.testing import do_bench, do_bench_cudagraph
-    global DECODE_NUM_STAGES
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator().manual_seed(0)
     rng = random.Random(0)
@@ -596,9 +609,10 @@ def bench_attention(num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 
     print(f", bf16 matmul {2 * 8192 ** 3 / t * 1e-9:.0f} TFLOP/s")
     del a
 
-    print(f"{'decode':24s} {'splits':>6s} {'stages':>6s} {'eager ms':>9s} {'graph ms':>9s} {'GB/s':>7s} "
+    print(f"{'decode':24s} {'splits':>6s} {'tile':>7s} {'eager ms':>9s} {'graph ms':>9s} {'GB/s':>7s} "
           f"{'torch ms':>9s} {'x torch':>7s}")
-    default_stages = DECODE_NUM_STAGES
+    tile = decode_tile(head_dim, dtype)
+    other_tiles = sorted({(64, 5), (128, 4), (128, 5)} - {tile})
     for name, lens in decode_batches.items():
         B = len(lens)
         bytes_moved = 2 * sum(lens) * num_kv_heads * head_dim * esize + 2 * B * num_heads * head_dim * esize
@@ -609,20 +623,16 @@ def bench_attention(num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 
             sets.append((q, k, v, table, sl, torch.empty_like(q)))
         q, k, v, table, sl, _ = sets[0]
         t_ref = median(lambda: paged_decode_attention_reference(q, k, v, table, sl, scale))
-        default = default_num_splits(B, num_kv_heads, max(lens), num_sms)
-        graph_splits = default_num_splits(B, num_kv_heads, 4096, num_sms)     # as captured for max_model_len 4096
+        default = default_num_splits(B, num_kv_heads, max(lens), tile[0], num_sms)
+        graph_splits = default_num_splits(B, num_kv_heads, 4096, tile[0], num_sms)  # as captured for max_model_len 4096
         splits_list = sorted({1, default, 2 * default, max(1, default // 2), graph_splits})
-        for splits, stages in [(n, default_stages) for n in splits_list] + [(default, 3)]:
-            DECODE_NUM_STAGES = stages
-            try:
-                fns = [lambda s=s, n=splits: paged_decode_attention(s[0], s[1], s[2], s[3], s[4], scale, n,
-                                                                     out=s[5]) for s in sets]
-                t_eager = median(fns[0])
-                t_graph = do_bench_cudagraph(rotating(fns), rep=100, return_mode="median")
-            finally:
-                DECODE_NUM_STAGES = default_stages
-            mark = "*" if splits == default else " "
-            print(f"{name:24s} {splits:>5d}{mark} {stages:>6d} {t_eager:9.4f} {t_graph:9.4f} "
+        for splits, (tokens, stages) in [(n, tile) for n in splits_list] + [(default, t) for t in other_tiles]:
+            fns = [lambda s=s, n=splits, bn=tokens, st=stages: paged_decode_attention(
+                s[0], s[1], s[2], s[3], s[4], scale, n, out=s[5], block_n=bn, num_stages=st) for s in sets]
+            t_eager = median(fns[0])
+            t_graph = do_bench_cudagraph(rotating(fns), rep=100, return_mode="median")
+            mark = "*" if splits == default and (tokens, stages) == tile else " "
+            print(f"{name:24s} {splits:>5d}{mark} {f'{tokens}x{stages}':>7s} {t_eager:9.4f} {t_graph:9.4f} "
                   f"{bytes_moved / t_graph * 1e-6:7.0f} {t_ref:9.3f} {t_ref / t_graph:6.1f}x")
         del sets, q, k, v, table, sl
 

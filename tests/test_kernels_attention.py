@@ -30,8 +30,8 @@ if not ON_GPU:
 import triton                                          # noqa: E402
 
 from engine.attention import AttentionMetadata, TorchAttention                              # noqa: E402
-from kernels.attention import (DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT,  # noqa: E402
-                               PREFILL_BLOCK_M, PREFILL_BLOCK_N,
+from kernels.attention import (DECODE_MAX_SPLITS, DECODE_MIN_TILES_PER_SPLIT,  # noqa: E402
+                               PREFILL_BLOCK_M, PREFILL_BLOCK_N, decode_tile,
                                default_num_splits, paged_decode_attention, paged_decode_attention_reference,
                                paged_prefill_attention, paged_prefill_attention_reference)
 
@@ -136,6 +136,8 @@ if ON_GPU:
         DecodeCase(BF16, 32, 8, 128, 16, 3, 2048, None),         # small batch: default splits (several)
         DecodeCase(BF16, 32, 8, 128, 32, 64, 1536, 4),
         DecodeCase(BF16, 32, 8, 128, 8, 17, 700, 13),            # many splits, many empty shares
+        DecodeCase(BF16, 32, 8, 64, 16, 256, 2048, 1),           # Llama-3.2-1B (the D=64 tile)
+        DecodeCase(BF16, 32, 8, 64, 16, 5, 2048, None),
         DecodeCase(BF16, 9, 3, 64, 16, 128, 2048, 1),            # SmolLM2: G = 3
         DecodeCase(BF16, 9, 3, 64, 16, 1, 512, None),
         DecodeCase(BF16, 8, 8, 128, 16, 64, 1024, 2),            # G = 1
@@ -155,7 +157,8 @@ else:
         DecodeCase(BF16, 8, 2, 64, 16, 5, 70, 2, 16),
         DecodeCase(FP16, 4, 4, 16, 16, 5, 70, 1, 16),
         DecodeCase(FP16, 6, 2, 64, 8, 5, 70, 5, 16),
-        DecodeCase(FP16, 8, 2, 16, 8, 5, 140, 1, None),          # the production tile (64)
+        DecodeCase(FP16, 8, 2, 16, 8, 5, 140, 1, None),          # the production tile (decode_tile)
+        DecodeCase(BF16, 4, 2, 128, 16, 3, 300, 2, None),
     ]
 
 
@@ -191,8 +194,9 @@ def run_decode(case: DecodeCase, lens: list[int], num_splits: int, seed: int):
 def test_paged_decode_matches_reference(case: DecodeCase):
     seed = fresh_seed()
     rng = random.Random(seed + 1)
-    lens = decode_lengths(case.batch, case.max_len, case.page, case.block_n or DECODE_BLOCK_N, rng)
-    splits = case.num_splits or default_num_splits(case.batch, case.kv_heads, case.max_len)
+    tile = case.block_n or decode_tile(case.head_dim, case.dtype)[0]
+    lens = decode_lengths(case.batch, case.max_len, case.page, tile, rng)
+    splits = case.num_splits or default_num_splits(case.batch, case.kv_heads, case.max_len, tile)
     if case.num_splits is None and case.batch * case.kv_heads < 132:
         assert splits > 1
     out, ref, zero_rows = run_decode(case, lens, splits, seed)
@@ -206,7 +210,7 @@ def test_paged_decode_empty_shares_and_padding_rows():
     big = ON_GPU
     case = DecodeCase(BF16 if big else FP32, 32 if big else 6, 8 if big else 2, 128 if big else 16, 16 if big else 8,
                       0, 0, None, None if big else 16)
-    tile = case.block_n or DECODE_BLOCK_N
+    tile = case.block_n or decode_tile(case.head_dim, case.dtype)[0]
     lens = [0, 1, 0, tile + 1, 2 * tile, 3, 0, tile - 1]
     outs = []
     for splits in (1, 2, 3, 8, 16):
@@ -220,17 +224,18 @@ def test_paged_decode_empty_shares_and_padding_rows():
     assert torch.equal(out, torch.zeros_like(out)) and zero_rows.all()
 
 
-def test_default_num_splits():
-    assert default_num_splits(1, 8, 512) >= 3                    # batch 1, 512 tokens: several splits
-    assert default_num_splits(256, 8, 2048) == 1                 # B * KVH = 2048 programs already fill 132 SMs
-    assert default_num_splits(17, 8, 4096) == 1                  # 136 >= 132
-    assert default_num_splits(1, 8, 64) == 1                     # one tile: nothing to split
-    assert default_num_splits(0, 8, 512) == 1
+@pytest.mark.parametrize("tile", [32, 64, 128])
+def test_default_num_splits(tile: int):
+    assert default_num_splits(1, 8, 8 * tile, tile) >= 3          # batch 1, 8 tiles: several splits
+    assert default_num_splits(256, 8, 2048, tile) == 1            # B * KVH = 2048 programs already fill 132 SMs
+    assert default_num_splits(17, 8, 4096, tile) == 1             # 136 >= 132
+    assert default_num_splits(1, 8, tile, tile) == 1              # one tile: nothing to split
+    assert default_num_splits(0, 8, 512, tile) == 1
     for batch in (1, 2, 3, 5, 8, 16):
         for kv_heads in (1, 3, 8):
-            for max_len in (1, 63, 64, 200, 512, 1536, 4096, 32768, 131072):
-                s = default_num_splits(batch, kv_heads, max_len)
-                tiles = triton.cdiv(max_len, DECODE_BLOCK_N)
+            for max_len in (1, tile - 1, tile, tile + 1, 200, 512, 1536, 4096, 32768, 131072):
+                s = default_num_splits(batch, kv_heads, max_len, tile)
+                tiles = triton.cdiv(max_len, tile)
                 assert 1 <= s <= DECODE_MAX_SPLITS
                 if s > 1:      # every split of the longest row has at least the minimum of tiles
                     assert tiles // s >= DECODE_MIN_TILES_PER_SPLIT, (batch, kv_heads, max_len, s)
@@ -433,7 +438,7 @@ def test_paged_decode_cuda_graph_replay():
     torch.manual_seed(seed)
     B, H, KVH, D, page, max_len = 8, 32, 8, 128, 16, 2048          # 64 programs: default_num_splits gives 3
     cache = make_paged_cache([max_len] * B, KVH, D, page, BF16, rng)
-    splits = default_num_splits(B, KVH, max_len)
+    splits = default_num_splits(B, KVH, max_len, decode_tile(D, BF16)[0])
     assert splits > 1
     q = torch.randn(B, H, D, device=DEV, dtype=BF16)
     seq_lens = cache.seq_lens.clone()
