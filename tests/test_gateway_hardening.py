@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import start_stack, stop_stack
+from conftest import _free_port, start_stack, stop_stack
 from services.pipeline_client import READY_TTL_S
 
 API_KEY = "test-key"
@@ -77,7 +77,6 @@ async def gateway_alone(redis_url: str, settings):
     PipelineClient on a real redis-server, under the gateway's own uvicorn server. Yields (base URL, client)."""
     import uvicorn
 
-    from conftest import _free_port
     from services.gateway import _Server, build_app
     from services.pipeline_client import PipelineClient
 
@@ -107,6 +106,35 @@ def test_metrics_are_open_where_no_key_is_set(redis_url):
                 return (await http.get("/metrics")).status_code
 
     assert asyncio.run(scrape()) == 200
+
+
+def test_the_gateway_opens_its_redis_connections_before_it_serves(redis_url):
+    """A burst of requests as large as the pool, right after the start, finds every connection open: opened on
+    demand, each would wait for its connect and handshake."""
+    import psutil
+
+    from services.pipeline_client import REDIS_CONNECTIONS, PipelineClient
+
+    redis_port = urlsplit(redis_url).port
+
+    def open_to_redis() -> int:
+        return sum(1 for c in psutil.Process().net_connections("tcp")
+                   if c.raddr and c.raddr.port == redis_port and c.status == psutil.CONN_ESTABLISHED)
+
+    async def burst_after_start() -> tuple[int, int]:
+        before = open_to_redis()
+        client = PipelineClient(redis_url, prefix=f"warm{_free_port()}")
+        await client.start()
+        try:
+            opened = open_to_redis() - before
+            assert all(await asyncio.gather(*(client.redis.ping() for _ in range(REDIS_CONNECTIONS))))
+            return opened, open_to_redis() - before
+        finally:
+            await client.close()
+
+    opened, after_burst = asyncio.run(burst_after_start())
+    assert opened >= REDIS_CONNECTIONS
+    assert after_burst - opened <= 1       # at most the reply reader's own, which its task opens once it runs
 
 
 # ---- slow clients and large heads ----------------------------------------------------------------------------
