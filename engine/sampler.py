@@ -74,6 +74,11 @@ def _uniform(seeds: torch.Tensor, steps: torch.Tensor, counters: torch.Tensor) -
 def _fused_uniform():
     # Eager, uniform() is ~10 passes over [B, V] int64: 2.2 ms at B=256, V=128k on an H100. Compiled into one
     # kernel it takes 0.13 ms and gives the same bits (integer ops only). CPU, where tests run, stays eager.
+    # Compiled in this process: by default Inductor boots a pool of compile workers in the background, a process
+    # per core, each importing torch. A served worker's came up during the first requests after its warm-up (17
+    # processes on a 16-core host, beside the services), and one small kernel does not need it.
+    import torch._inductor.config
+    torch._inductor.config.compile_threads = 1
     return torch.compile(_uniform, dynamic=True)
 
 

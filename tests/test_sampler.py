@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.sampler import Sampler, SamplingBatch, SamplingRow, apply_min_tokens, apply_penalties, mix64, uniform
+from loadtest.processes import argv, descendants
 from schemas.sampling_params import SamplingParams
 
 EOS = 2
@@ -301,6 +303,10 @@ def test_compiled_uniform_gives_the_eager_bits():
         steps = torch.randint(0, 10_000, (batch,), device=device)
         counters = _counters(128_256, torch.device(device))
         assert torch.equal(compiled(seeds, steps, counters), _uniform(seeds, steps, counters))
+    # Compiled in this process: Inductor's pool of compile workers (a process per core, each importing torch)
+    # would boot in the background, beside the first requests a server serves after its warm-up.
+    pool = [argv(pid) for pid in descendants(os.getpid()) if "compile_worker" in " ".join(argv(pid))]
+    assert not pool, pool
 
 
 # ---- logit_bias, allowed_token_ids, bad_words -------------------------------------------------------------------
