@@ -90,12 +90,14 @@ class PipelineClient:
         # (a repeated XADD is dropped downstream); a Redis that is gone fails at once (redis-py's default holds a
         # call for seconds). The reader's socket timeout: a Redis that stops answering is an outage too.
         retry = Retry(ExponentialWithJitterBackoff(cap=0.05, base=0.01), 1)
+        self._pool: aioredis.BlockingConnectionPool | None = None      # opened at start (a cluster's: per node)
         if is_cluster_url(redis_url):     # (redis-py's cluster client has no blocking pool: past its ceiling a
             self.redis = connect_async(redis_url, retry=retry,  # command fails, so the ceiling is set far above)
                                        max_connections=CLUSTER_CONNECTIONS_PER_NODE)
         else:
-            self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-                redis_url, max_connections=REDIS_CONNECTIONS, timeout=None, retry=retry))
+            self._pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=REDIS_CONNECTIONS,
+                                                                  timeout=None, retry=retry)
+            self.redis = aioredis.Redis(connection_pool=self._pool)
         self._reader = connect_async(redis_url, retry=retry, socket_timeout=REPLY_BLOCK_MS / 1000 + 2)
         self.redis_url = redis_url
         self.names = Names(prefix)
@@ -133,14 +135,13 @@ class PipelineClient:
         one after another on the event loop. 64 requests at once took 160-430 ms on a 2-core host that way, and
         6-30 ms with the connections open; on the H200 host the first burst's gateway -> tokenizer hop was 127 ms
         against 17 in the next. (A cluster client opens its connections per node as it goes.)"""
-        pool = self.redis.connection_pool
-        if not isinstance(pool, aioredis.BlockingConnectionPool):
+        if self._pool is None:
             return
-        connections = await asyncio.gather(*(pool.get_connection() for _ in range(pool.max_connections)),
+        connections = await asyncio.gather(*(self._pool.get_connection() for _ in range(REDIS_CONNECTIONS)),
                                            return_exceptions=True)
         for connection in connections:
             if not isinstance(connection, BaseException):
-                await pool.release(connection)
+                await self._pool.release(connection)
         if errors := [c for c in connections if isinstance(c, BaseException)]:
             raise errors[0]
 
