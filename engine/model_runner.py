@@ -112,6 +112,7 @@ class ModelRunner:
                                  mc.load_format, mc.seed, progress, self.tp)
         self.args = self.model.args
         self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads     # this rank's
+        self.decode_tile_tokens = decode_tile(self.args.head_dim, self.dtype)[0]    # the splits are counted in these
         self.sampler = Sampler()
         # Structured output's compiled grammars (shared with the input processor in one process); without a
         # tokenizer none compiles, and a constrained sequence that reaches the runner anyway is ended at once.
@@ -203,8 +204,7 @@ class ModelRunner:
         return total * self.config.cache.gpu_memory_utilization - others - peak - GPU_RESERVE_BYTES
 
     def _num_splits(self, batch: int, max_seq_len: int) -> int:
-        tile_tokens = decode_tile(self.args.head_dim, self.dtype)[0]
-        return default_num_splits(batch, self.num_kv_heads, max_seq_len, tile_tokens, self.num_sms)
+        return default_num_splits(batch, self.num_kv_heads, max_seq_len, self.decode_tile_tokens, self.num_sms)
 
     def measure_gpu_time(self, on: bool = True) -> None:
         """Record a pair of CUDA events around every step (for the GPU-busy figure of the benchmark)."""
