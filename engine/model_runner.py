@@ -18,7 +18,7 @@ import time
 from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -248,7 +248,7 @@ class ModelRunner:
         if decoding and may_skip and not plan.new and should_stop is not None and should_stop():
             pass                  # steps_run stays 0: the scheduler takes every step back (Scheduler.cut)
         elif decoding:
-            rows = list(live)
+            rows = self._longest_first(live)
             self.steps_run = self._decode(rows, [live[s] - 1 for s in rows], *self._last_tokens(rows, inflight),
                                           on_step, should_stop)
         elif live:
@@ -261,7 +261,7 @@ class ModelRunner:
             first = {s: min(n, known[s] - self.seqs[s].num_computed_tokens) for s, n in live.items()}
             sampled = self._eager_step(first, inflight, plan, on_step)
             self.steps_run = 1
-            rows = [s for s in sampled if s in live and live[s] - first[s] > 0]
+            rows = self._longest_first(s for s in sampled if s in live and live[s] - first[s] > 0)
             if rows and not (should_stop is not None and should_stop()):
                 self.steps_run += self._decode(rows, [live[s] - first[s] - 1 for s in rows],
                                                *self._last_tokens(rows, self._inflight_rows()), on_step, should_stop)
@@ -307,6 +307,13 @@ class ModelRunner:
         on_device = where >= 0
         sampled = self._inflight[2][where.clamp(min=0)]
         return torch.where(on_device, sampled, to_device(host, torch.int64, self.device)), on_device
+
+    def _longest_first(self, seq_ids: Iterable[int]) -> list[int]:
+        """Decode rows, the longest context first. The decode attention kernel starts its programs in row order
+        and each runs about as long as its context: in arrival order a long context started last ran on alone
+        while the SMs around it idled (longest-first list scheduling, kernels/attention.py). The order holds for
+        the whole plan: every row that steps grows by one token a step."""
+        return sorted(seq_ids, key=lambda s: self.seqs[s].num_computed_tokens, reverse=True)
 
     def _decode(self, rows: list[int], steps_left: list[int], input_ids, pending_mask, on_step, should_stop) -> int:
         """Decode steps for `rows` from the device batch: the first computes input_ids (host ids, or a device
