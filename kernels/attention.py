@@ -11,10 +11,11 @@ Decode: one query per sequence, at position seq_len - 1, attending to all seq_le
     block table). Programs start in row order, a row's kv heads together (they read the same pages, 2 * D bytes
     apart), and a program runs about as long as its context: a long context started last runs on alone while the
     rest of the GPU idles, so callers put their longest contexts first (the model runner's decode steps do:
-    longest-first list scheduling; in a mixed step the prefill's GEMMs dwarf it). Measured on an H200 (2026-12-02, D=128 and 64, 16-256 rows of w256-like contexts, graph-timed):
-    2-12% faster than the (B, KVH) grid in arrival order; the 8B's decode on w256 4.98 -> 4.92 s of GPU time.
-    Online softmax in fp32, base 2. With num_splits > 1 each program writes a normalized partial output
-    and its log-sum-exp to a workspace and a second, small kernel merges the splits. The grid depends only on
+    longest-first list scheduling; in a mixed step the prefill's GEMMs dwarf it). Measured on an H200 (2026-12-02,
+    D=128 and 64, 16-256 rows of w256-like contexts, graph-timed): 2-12% faster than the (B, KVH) grid in arrival
+    order; the 8B's decode on w256 4.98 -> 4.92 s of GPU time. Online softmax in fp32, base 2. With num_splits > 1
+    each program writes a normalized partial output and its log-sum-exp to a workspace and a second, small kernel
+    merges the splits. The grid depends only on
     (B, KVH, num_splits) and every length is read from seq_lens on the device, so the pair is CUDA-graph capturable;
     rows with seq_len == 0 (graph padding) come out as zeros, and an empty split's program returns at once.
 
