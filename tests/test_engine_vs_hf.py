@@ -105,9 +105,9 @@ def test_multi_step_plans_keep_greedy_outputs(llama_reference):
 
 
 def test_decode_rows_go_longest_context_first(llama_reference):
-    """The decode batch's rows are ordered by context, longest first (the attention kernel schedules its
-    programs in row order: kernels/attention.py), in pure decode plans and in those after a prompt's step, and
-    the tokens are still transformers' (prompts of 5..150 tokens, so every plan has rows to reorder)."""
+    """Every decode plan's rows are ordered by context, longest first (the attention kernel schedules its
+    programs in row order: kernels/attention.py), and the tokens are still transformers' (prompts of 5..150
+    tokens, chunked, so the rows arrive in an order of their own)."""
     path, prompts, expected = llama_reference
     llm = LLM(str(path), progress=False, num_scheduler_steps=4, max_num_batched_tokens=64)
     batch = llm.engine.runner.decode_batch
@@ -121,6 +121,7 @@ def test_decode_rows_go_longest_context_first(llama_reference):
     assert tokens(llm.generate(prompts, greedy())) == expected
     assert sum(len(p) > 1 for p in loads) >= 8
     assert all(p == sorted(p, reverse=True) for p in loads)
+
 
 @pytest.mark.parametrize("steps", [4, 8])
 def test_plans_cut_at_step_boundaries_keep_greedy_outputs(llama_reference, steps):
