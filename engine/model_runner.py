@@ -309,10 +309,8 @@ class ModelRunner:
         return torch.where(on_device, sampled, to_device(host, torch.int64, self.device)), on_device
 
     def _longest_first(self, seq_ids: Iterable[int]) -> list[int]:
-        """Decode rows, the longest context first. The decode attention kernel starts its programs in row order
-        and each runs about as long as its context: in arrival order a long context started last ran on alone
-        while the SMs around it idled (longest-first list scheduling, kernels/attention.py). The order holds for
-        the whole plan: every row that steps grows by one token a step."""
+        """Decode rows, the longest context first, as the decode attention kernel wants them (kernels/attention.py
+        says why). Sorted once a plan: every row that steps grows by one token a step, so the order holds."""
         return sorted(seq_ids, key=lambda s: self.seqs[s].num_computed_tokens, reverse=True)
 
     def _decode(self, rows: list[int], steps_left: list[int], input_ids, pending_mask, on_step, should_stop) -> int:

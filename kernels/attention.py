@@ -13,11 +13,11 @@ Decode: one query per sequence, at position seq_len - 1, attending to all seq_le
     rest of the GPU idles, so callers put their longest contexts first (the model runner's decode steps do:
     longest-first list scheduling; in a mixed step the prefill's GEMMs dwarf it). Measured on an H200 (2026-12-02,
     D=128 and 64, 16-256 rows of w256-like contexts, graph-timed): 2-12% faster than the (B, KVH) grid in arrival
-    order; the 8B's decode on w256 4.98 -> 4.92 s of GPU time. Online softmax in fp32, base 2. With num_splits > 1
-    each program writes a normalized partial output and its log-sum-exp to a workspace and a second, small kernel
-    merges the splits. The grid depends only on
-    (B, KVH, num_splits) and every length is read from seq_lens on the device, so the pair is CUDA-graph capturable;
-    rows with seq_len == 0 (graph padding) come out as zeros, and an empty split's program returns at once.
+    order; the 8B's decode on w256 4.98 -> 4.92 s of GPU time.
+    Online softmax in fp32, base 2. With num_splits > 1 each program writes a normalized partial output and its
+    log-sum-exp to a workspace and a second, small kernel merges the splits. The grid depends only on (B, KVH,
+    num_splits) and every length is read from seq_lens on the device, so the pair is CUDA-graph capturable; rows
+    with seq_len == 0 (graph padding) come out as zeros, and an empty split's program returns at once.
 
 Prefill: q [T, H, D] flat over B sequences; query i of sequence b sits at position seq_len_b - query_len_b + i and
     attends causally to cache positions 0..its own. grid (H, T // BLOCK_M + B); the program -> (sequence, query tile)

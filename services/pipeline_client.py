@@ -90,7 +90,7 @@ class PipelineClient:
         # (a repeated XADD is dropped downstream); a Redis that is gone fails at once (redis-py's default holds a
         # call for seconds). The reader's socket timeout: a Redis that stops answering is an outage too.
         retry = Retry(ExponentialWithJitterBackoff(cap=0.05, base=0.01), 1)
-        self._pool: aioredis.BlockingConnectionPool | None = None      # opened at start (a cluster's: per node)
+        self._pool: aioredis.BlockingConnectionPool | None = None      # opened at start; None under a cluster
         if is_cluster_url(redis_url):     # (redis-py's cluster client has no blocking pool: past its ceiling a
             self.redis = connect_async(redis_url, retry=retry,  # command fails, so the ceiling is set far above)
                                        max_connections=CLUSTER_CONNECTIONS_PER_NODE)
