@@ -48,32 +48,32 @@ class DecodeBatch:
         assert n <= self.max_batch and mb <= self.max_blocks
         self.seq_ids, self.positions_host, self.steps_left_host = list(seq_ids), list(positions), list(steps_left)
         self.width = mb
-        # One staging buffer on the host: [positions | seq_lens | slots | steps_left | block tables] as int64.
-        # A new one each time: the host runs ahead of the GPU, and a reused buffer could be overwritten before
-        # the asynchronous copy of the previous load has read it.
-        stage, host = pinned((n * (4 + mb),), torch.int64, self.device)
-        rows, flat = host[:4 * n].reshape(4, n), host[4 * n:].reshape(n, mb)
+        # One staging buffer on the host, as int64: [positions | seq_lens | slots | steps_left] for every row up to
+        # max_batch (the padding rows too: nothing to attend to, nothing to write), then the loaded rows' block
+        # tables. A new one each time: the host runs ahead of the GPU, and a reused buffer could be overwritten
+        # before the asynchronous copy of the previous load has read it. On the device, one copy_ a tensor (it
+        # converts the dtype in the same launch): each launch is host time while the GPU waits for the plan.
+        width = self.max_batch
+        stage, host = pinned((4 * width + n * mb,), torch.int64, self.device)
+        rows, flat = host[:4 * width].reshape(4, width), host[4 * width:].reshape(n, mb)
         flat.fill(0)
         for b, table in enumerate(tables):
             flat[b, :len(table)] = table
-        rows[0] = positions
-        rows[1] = rows[0] + 1
-        rows[2] = flat[np.arange(n), rows[0] // bs] * bs + rows[0] % bs
-        rows[3] = steps_left
+        rows[:, n:] = np.array([[0], [0], [-1], [0]])
+        rows[0, :n] = positions
+        rows[1, :n] = rows[0, :n] + 1
+        rows[2, :n] = flat[np.arange(n), rows[0, :n] // bs] * bs + rows[0, :n] % bs
+        rows[3, :n] = steps_left
         device_stage = stage.to(self.device, non_blocking=True)
-        d = device_stage[:4 * n].view(4, n)
-        self.positions[:n] = d[0]
-        self.seq_lens[:n] = d[1].to(torch.int32)
-        self.slot_mapping[:n] = d[2]
-        self.steps_left[:n] = d[3].to(torch.int32)
-        self.block_tables[:n, :mb] = device_stage[4 * n:].view(n, mb).to(torch.int32)
+        d = device_stage[:4 * width].view(4, width)
+        self.positions.copy_(d[0])
+        self.seq_lens.copy_(d[1])
+        self.slot_mapping.copy_(d[2])
+        self.steps_left.copy_(d[3])
+        self.block_tables[:n, :mb].copy_(device_stage[4 * width:].view(n, mb))
         self.block_tables[:n, mb:] = 0          # a filled device tensor: no host work
         self.input_ids[:n] = input_ids if isinstance(input_ids, torch.Tensor) else \
             to_device(input_ids, torch.int64, self.device)
-        # Padding rows: nothing to attend to, nothing to write.
-        self.seq_lens[n:] = 0
-        self.slot_mapping[n:] = -1
-        self.steps_left[n:] = 0
 
     def rows(self, n: int) -> torch.Tensor:
         """What a forward reads of the first n rows, as one int64 tensor on the device (tensor parallelism: the

@@ -34,7 +34,7 @@ from engine.models.llama import LlamaArgs, LlamaForCausalLM
 from engine.ops import select_ops
 from engine.plan import Plan, StepResult, TokenLogprobs
 from engine.sampler import Sampler, SamplingBatch, SamplingRow, TokenBitmask
-from engine.staging import to_device
+from engine.staging import columns_to_device, to_device
 from engine.step_timing import StepTimer
 from engine.sequence import FinishReason, check_stop
 from engine.structured_output import GrammarState, Grammars, accept_batch, token_bitmask
@@ -303,10 +303,11 @@ class ModelRunner:
         host = [self.seqs[s].token_ids[-1] if s not in inflight else 0 for s in rows]
         if not any(s in inflight for s in rows):
             return host, None
-        where = to_device([inflight.get(s, -1) for s in rows], torch.int64, self.device)
+        where, host_ids = columns_to_device([([inflight.get(s, -1) for s in rows], torch.int64),
+                                             (host, torch.int64)], self.device)
         on_device = where >= 0
         sampled = self._inflight[2][where.clamp(min=0)]
-        return torch.where(on_device, sampled, to_device(host, torch.int64, self.device)), on_device
+        return torch.where(on_device, sampled, host_ids), on_device
 
     def _longest_first(self, seq_ids: Iterable[int]) -> list[int]:
         """Decode rows, the longest context first, as the decode attention kernel wants them (kernels/attention.py

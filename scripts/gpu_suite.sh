@@ -37,7 +37,7 @@ for stage in "$@"; do
     case $stage in
         tests) sampler=$(python3 -c "import hypothesis" 2>/dev/null && echo tests/test_sampler.py)
                python3 -m pytest -q -x tests/test_kernels_small.py tests/test_kernels_attention.py \
-                   tests/test_triton_engine.py tests/test_mixed_graphs.py tests/test_host_stalls.py $sampler 2>&1 | tee "$OUT/tests.log" | tail -20 ;;
+                   tests/test_triton_engine.py tests/test_mixed_graphs.py tests/test_host_stalls.py tests/test_staging.py $sampler 2>&1 | tee "$OUT/tests.log" | tail -20 ;;
         kernels) { python3 -m kernels.norm; python3 -c "from kernels.attention import bench_attention; bench_attention()"; } \
                    2>&1 | tee "$OUT/kernels.log" ;;
         latency) python3 -m services.cli bench latency "${MODEL[@]}" --num-scheduler-steps 8 2>&1 | tee "$OUT/latency.log" | tail -3 ;;
