@@ -182,17 +182,16 @@ class SamplingBatch:               # device tensors for a batch, built once per 
                  if p.logprobs is not None or (p.best_of is not None and p.best_of > p.n)]
         # One look at every row for the three masking stages, which few requests use.
         masks = any(p.allowed_token_ids is not None or p.bad_words_token_ids or p.logit_bias for p in params)
-        greedy_t, temperature, top_k_t, top_p, min_p, seeds, steps = columns_to_device([
-            (greedy, torch.bool),
-            ([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32),
-            (top_k, torch.int64),
-            ([p.top_p for p in params], torch.float32),
-            ([p.min_p for p in params], torch.float32),
-            ([_int64(r.seed) for r in rows], torch.int64),
-            ([r.num_output_tokens for r in rows], torch.int64)], device)
+        columns = {"greedy": (greedy, torch.bool),
+                   "temperature": ([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32),
+                   "top_k": (top_k, torch.int64),
+                   "top_p": ([p.top_p for p in params], torch.float32),
+                   "min_p": ([p.min_p for p in params], torch.float32),
+                   "seeds": ([_int64(r.seed) for r in rows], torch.int64),
+                   "steps": ([r.num_output_tokens for r in rows], torch.int64)}
         return cls(
-            vocab_size=vocab_size, greedy=greedy_t, temperature=temperature, top_k=top_k_t, top_p=top_p,
-            min_p=min_p, seeds=seeds, steps=steps,
+            vocab_size=vocab_size,
+            **dict(zip(columns, columns_to_device(list(columns.values()), device))),      # in one copy
             all_greedy=all(greedy),
             all_random=not any(greedy),
             max_top_k=max(used_top_k, default=0),
