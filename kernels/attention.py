@@ -20,11 +20,13 @@ Decode: one query per sequence, at position seq_len - 1, attending to all seq_le
     with seq_len == 0 (graph padding) come out as zeros, and an empty split's program returns at once.
 
 Prefill: q [T, H, D] flat over B sequences; query i of sequence b sits at position seq_len_b - query_len_b + i and
-    attends causally to cache positions 0..its own. grid (H, T // BLOCK_M + B); the program -> (sequence, query tile)
-    map is computed on the device (a binary search over query_start_loc, see the kernel), so the host never reads
-    the device. Fully visible KV tiles run without a mask, the diagonal ones with it, and tiles past the causal
-    frontier are never visited. The single-query sequences of a mixed step (decode rows) are handed to the decode
-    kernel in its varlen mode, which the prefill kernel then skips: a 1-row query tile would waste BLOCK_M - 1 rows.
+    attends causally to cache positions 0..its own. grid (H // PACK, T // BLOCK_Q + B): a program takes PACK query
+    heads of one kv group (the whole group where G is a power of two) and BLOCK_Q = BLOCK_M // PACK queries, its
+    BLOCK_M rows the (query, head) pairs, so each K/V tile is gathered once for the pack. The program -> (sequence,
+    query tile) map is computed on the device (a binary search over query_start_loc, see the kernel), so the host
+    never reads the device. Fully visible KV tiles run without a mask, the diagonal ones with it, and tiles past the
+    causal frontier are never visited. The single-query sequences of a mixed step (decode rows) are handed to the decode
+    kernel in its varlen mode, which the prefill kernel then skips: a 1-query tile would waste most of its rows.
 
 Performance intent (H100, bf16; Llama-3-8B: H=32, KVH=8, D=128, page 16). Not measured here (no GPU on the
 development machine): `bench_attention()` below measures it.
@@ -42,6 +44,9 @@ development machine): `bench_attention()` below measures it.
     8 x 1024: 263 against 306; 2 x 4096: 831 against 865; an 8,192-token chunk after 8,192 cached: 4.9 against
     5.3 ms): smaller query tiles waste less on the causal diagonal and on a short prompt's last tile, and a
     warpgroup per program leaves room for more programs per SM. (64 x 64 is 5% faster still past 4k tokens.)
+    Packing the group's 4 heads into the 64 rows (16 queries x 4 heads, 2026-12-02, `.gpu/pack_probe.py`): w256
+    steps 215 -> 195 and 207 -> 188 us a layer (239 TFLOP/s), 8 x 1024 265 -> 255, a mixed step 227 -> 217, a
+    2048-token chunk after 6144 cached unchanged (785); 128-row tiles stayed slower (175-207 TFLOP/s on w256 steps).
 """
 from __future__ import annotations
 
@@ -358,39 +363,43 @@ def _paged_prefill_kernel(
     scale_log2e, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_DECODE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program: query head h, one tile of BLOCK_M queries of one sequence.
+    """One program: PACK query heads of one kv group (PACK divides GROUP), one tile of BLOCK_Q = BLOCK_M // PACK
+    queries of one sequence. The tile's BLOCK_M rows are (query, head) pairs, query-major: each K/V tile is loaded
+    once for all PACK heads (the loads are the kernel's gathers through the block table), and a tile spans
+    BLOCK_Q positions, so its causal diagonal is BLOCK_Q keys wide, not BLOCK_M.
 
     Program -> (sequence, tile) on the device: sequence b owns the tile indices starting at
-    first(b) = query_start_loc[b] // BLOCK_M + b. first(b+1) - first(b) >= cdiv(query_len_b, BLOCK_M) and is at
+    first(b) = query_start_loc[b] // BLOCK_Q + b. first(b+1) - first(b) >= cdiv(query_len_b, BLOCK_Q) and is at
     least 1, so the indices are strictly increasing, every tile has a slot, and the total is
-    T // BLOCK_M + B, known on the host from q's shape alone. A program finds its b by binary search over
+    T // BLOCK_Q + B, known on the host from q's shape alone. A program finds its b by binary search over
     query_start_loc (log2 B scalar loads, L2 hits) and returns at once when its slot is past its sequence's last
     tile (at most B such programs). This needs no host-built table, no host<->device traffic and no sync, and a
     mixed batch of one long prefill and many 1-token rows gets exactly the tiles it needs (a grid of
-    B * cdiv(max_query_len, BLOCK_M) would launch ~B times too many programs there).
+    B * cdiv(max_query_len, BLOCK_Q) would launch ~B times too many programs there).
 
-    Heads are grid axis 0 (fastest in launch order): the G heads that share a kv head, and all heads of one query
-    tile, run side by side, so the G reads of each K/V tile after the first hit L2. Tiles are launched last
+    Head packs are grid axis 0 (fastest in launch order): the packs that share a kv head, and all heads of one
+    query tile, run side by side, so the reads of each K/V tile after the first hit L2. Tiles are launched last
     first: a sequence's later query tiles see more keys, and starting the longest work first shortens the tail
     of the last wave.
     """
-    h = tl.program_id(0)
+    BLOCK_Q: tl.constexpr = BLOCK_M // PACK
+    first_head = tl.program_id(0) * PACK
     pid = tl.num_programs(1) - 1 - tl.program_id(1)
 
     lo = 0                  # largest b with first(b) <= pid lies in [lo, hi)
     hi = num_seqs
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        first = tl.load(query_start_loc_ptr + mid) // BLOCK_M + mid
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
         lo = tl.where(first <= pid, mid, lo)
         hi = tl.where(first <= pid, hi, mid)
     b = lo
     q_begin = tl.load(query_start_loc_ptr + b)
     q_len = tl.load(query_start_loc_ptr + b + 1) - q_begin
-    m_start = (pid - (q_begin // BLOCK_M + b)) * BLOCK_M
+    m_start = (pid - (q_begin // BLOCK_Q + b)) * BLOCK_Q
     if m_start >= q_len:
         return
     if SKIP_DECODE_ROWS:
@@ -399,13 +408,15 @@ def _paged_prefill_kernel(
     seq_len = tl.load(seq_lens_ptr + b)
     ctx_len = seq_len - q_len                    # tokens cached before this step's queries
 
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = m_start + offs_r // PACK                      # row r: query m_start + r // PACK ...
+    heads = first_head + offs_r % PACK                     # ... of head first_head + r % PACK
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     m_mask = offs_m < q_len
     q_rows = (q_begin + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=m_mask[:, None],
-                other=0.0)                                                                # [BLOCK_M, D]
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None], other=0.0)                                          # [BLOCK_M, D]
     q_pos = ctx_len + offs_m          # each query's position; padding rows (>= q_len) are past seq_len, never stored
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -413,8 +424,8 @@ def _paged_prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    k_head = k_cache_ptr + (h // GROUP) * stride_ch
-    v_head = v_cache_ptr + (h // GROUP) * stride_ch
+    k_head = k_cache_ptr + (first_head // GROUP) * stride_ch
+    v_head = v_cache_ptr + (first_head // GROUP) * stride_ch
 
     # Keys 0 .. ctx_len + m_start are visible to every query of the tile: those whole tiles run unmasked.
     # Every row sees key 0, in the first tile visited, so m_i is finite from then on (no exp2(-inf - -inf)).
@@ -434,7 +445,7 @@ def _paged_prefill_kernel(
         m_i = m_new
 
     # The diagonal: tiles up to the tile's last query position, causal mask; nothing past it is visited.
-    kv_end = tl.minimum(ctx_len + m_start + BLOCK_M, seq_len)
+    kv_end = tl.minimum(ctx_len + m_start + BLOCK_Q, seq_len)
     for n in range(full_end, kv_end, BLOCK_N):
         tok = n + offs_n
         tok_mask = tok < kv_end
@@ -452,28 +463,34 @@ def _paged_prefill_kernel(
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
-def _prefill_config(head_dim: int, dtype: torch.dtype, max_query_len: int, block_m: int | None,
-                    block_n: int | None) -> tuple[int, int, int, int]:
+def _prefill_config(head_dim: int, dtype: torch.dtype, group: int, max_query_len: int, block_m: int | None,
+                    block_n: int | None, pack: int | None) -> tuple[int, int, int, int, int]:
+    """(rows a tile, KV tokens a tile, query heads a program, warps, stages)."""
+    if pack is None:
+        # The group's heads share a program when G is a power of two and leaves a query tile of 8 or more.
+        pack = group if group & (group - 1) == 0 and (block_m or PREFILL_BLOCK_M) // group >= 8 else 1
+    assert group % pack == 0
     if block_m is None:
         # Short queries only (e.g. a batch of small chunks): shrink the query tile instead of padding it.
-        block_m = max(16, min(PREFILL_BLOCK_M, _next_pow2(max(1, max_query_len))))
+        block_m = max(16, min(PREFILL_BLOCK_M, pack * _next_pow2(max(1, max_query_len))))
+    assert block_m % pack == 0
     block_n = block_n or PREFILL_BLOCK_N
     # 8 warps for a 128-row tile (two wgmma warpgroups) and for D=256 (the 64 x 256 fp32 accumulator would need
     # 128+ registers a thread at 4 warps).
     num_warps = 8 if block_m >= 128 or (head_dim >= 256 and dtype != torch.float32) else PREFILL_NUM_WARPS
     # Shared memory holds num_stages K and V tiles: fp32 tiles are twice as large, D=256 ones too.
     num_stages = 2 if head_dim > 128 else 3 if dtype == torch.float32 else PREFILL_NUM_STAGES
-    return block_m, block_n, num_warps, num_stages
+    return block_m, block_n, pack, num_warps, num_stages
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                             scale: float, max_query_len: int, out: torch.Tensor | None = None, *,
-                            block_m: int | None = None, block_n: int | None = None,
+                            block_m: int | None = None, block_n: int | None = None, pack: int | None = None,
                             route_decode_rows: bool = True) -> torch.Tensor:
     """q [T, H, D], flat over B sequences (rows query_start_loc[b]:query_start_loc[b+1]) -> out [T, H, D].
 
@@ -500,15 +517,16 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                query_start_loc=query_start_loc)
         if max_query_len <= 1:
             return out
-    block_m, block_n, num_warps, num_stages = _prefill_config(D, q.dtype, max_query_len, block_m, block_n)
-    grid = (H, T // block_m + B)
+    block_m, block_n, pack, num_warps, num_stages = _prefill_config(D, q.dtype, H // KVH, max_query_len, block_m,
+                                                                    block_n, pack)
+    grid = (H // pack, T // (block_m // pack) + B)
     assert grid[1] <= 65535, "too many query tiles for grid axis 1"
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
         scale * LOG2E, B,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=H // KVH, HEAD_DIM=D, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=H // KVH, HEAD_DIM=D, PAGE_SIZE=page_size, PACK=pack, BLOCK_M=block_m, BLOCK_N=block_n,
         SKIP_DECODE_ROWS=route_decode_rows, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -654,14 +672,18 @@ def bench_attention(num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 
         flops = sum(4 * head_dim * num_heads * (n * (L - n) + n * (n + 1) // 2) for n, L in pairs)
         out = torch.empty_like(q)
         t_ref = median(lambda: paged_prefill_attention_reference(q, k, v, table, qsl, sl, scale))
-        default = _prefill_config(head_dim, dtype, max(qlens), None, None)[:2]
-        configs = [(*default, True), (128, 64, True), (128, 128, True), (64, 64, True)]
+        default = _prefill_config(head_dim, dtype, num_heads // num_kv_heads, max(qlens), None, None, None)[:3]
+        pack = default[2]
+        # (rows, KV tokens, heads a program, route decode rows): the default first, then one head a program, then
+        # other tiles.
+        configs = [(*default, True), (default[0], default[1], 1, True), (128, 64, pack, True), (128, 32, pack, True),
+                   (64, 64, pack, True)]
         if 1 in qlens:
             configs.append((*default, False))        # decode rows left in the prefill kernel
-        for bm, bn, route in configs:
+        for bm, bn, pk, route in configs:
             t = median(lambda: paged_prefill_attention(q, k, v, table, qsl, sl, scale, max(qlens), out=out,
-                                                       block_m=bm, block_n=bn, route_decode_rows=route))
-            mark = "*" if (bm, bn, route) == (*default, True) else " "
-            label = f"{bm}x{bn}{'' if route else ' unrouted'}"
+                                                       block_m=bm, block_n=bn, pack=pk, route_decode_rows=route))
+            mark = "*" if (bm, bn, pk, route) == (*default, True) else " "
+            label = f"{bm}x{bn}/{pk}{'' if route else ' unrouted'}"
             print(f"{name:40s} {label:>15s}{mark} {t:8.4f} {flops / t * 1e-9:8.1f} {t_ref:9.3f} "
                   f"{t_ref / t:6.1f}x")

@@ -256,11 +256,12 @@ class PrefillCase:
     block_m: int | None = None  # None: the production tiles
     block_n: int | None = None
     route: bool = True          # single-query rows to the decode kernel (False: the prefill kernel does them)
+    pack: int | None = None     # query heads a program (None: the production choice)
 
     def __str__(self):
         return (f"{str(self.dtype)[6:]}-H{self.heads}/{self.kv_heads}-D{self.head_dim}-page{self.page}"
                 f"-n{self.scale_len}-bm{self.block_m or 'def'}-bn{self.block_n or 'def'}"
-                f"{'' if self.route else '-unrouted'}")
+                f"{'' if self.route else '-unrouted'}{f'-pack{self.pack}' if self.pack else ''}")
 
 
 if ON_GPU:
@@ -274,6 +275,8 @@ if ON_GPU:
         PrefillCase(FP16, 12, 3, 16, 16, 700),
         PrefillCase(FP32, 32, 8, 128, 16, 300),
         PrefillCase(BF16, 32, 8, 128, 16, 100, 16, 16),          # small tiles on the GPU too
+        PrefillCase(BF16, 32, 8, 128, 16, 1024, pack=1),         # one head a program
+        PrefillCase(BF16, 32, 8, 128, 16, 1024, 128, 64, pack=2),  # half a group a program
     ]
 else:
     PREFILL_CASES = [
@@ -286,6 +289,8 @@ else:
         PrefillCase(FP16, 4, 4, 16, 16, 24, 16, 16),
         PrefillCase(FP16, 6, 2, 64, 8, 24, 16, 16, route=False),
         PrefillCase(FP16, 8, 2, 16, 8, 40),
+        PrefillCase(FP32, 8, 2, 16, 16, 24, 16, 16, pack=1),     # one head a program
+        PrefillCase(BF16, 8, 2, 64, 8, 40, 32, 16, pack=2),      # half a group a program
     ]
 
 
@@ -312,7 +317,8 @@ def run_prefill(case: PrefillCase, seqs: list[tuple[int, int]], seed: int):
     scale = case.head_dim ** -0.5
     out = torch.full((T, case.heads, case.head_dim), float("nan"), device=DEV, dtype=case.dtype)
     got = paged_prefill_attention(q, cache.k, cache.v, cache.block_tables, qsl, cache.seq_lens, scale, max(qlens),
-                                  out=out, block_m=case.block_m, block_n=case.block_n, route_decode_rows=case.route)
+                                  out=out, block_m=case.block_m, block_n=case.block_n, pack=case.pack,
+                                  route_decode_rows=case.route)
     assert got is out
     rd = ref_dtype(case.dtype)
     ref = paged_prefill_attention_reference(q.to(rd), cache.k.to(rd), cache.v.to(rd), cache.block_tables, qsl,
