@@ -53,9 +53,9 @@ class DecodeBatch:
         # tables. A new one each time: the host runs ahead of the GPU, and a reused buffer could be overwritten
         # before the asynchronous copy of the previous load has read it. On the device, one copy_ a tensor (it
         # converts the dtype in the same launch): each launch is host time while the GPU waits for the plan.
-        width = self.max_batch
-        stage, host = pinned((4 * width + n * mb,), torch.int64, self.device)
-        rows, flat = host[:4 * width].reshape(4, width), host[4 * width:].reshape(n, mb)
+        size = self.max_batch
+        stage, host = pinned((4 * size + n * mb,), torch.int64, self.device)
+        rows, flat = host[:4 * size].reshape(4, size), host[4 * size:].reshape(n, mb)
         flat.fill(0)
         for b, table in enumerate(tables):
             flat[b, :len(table)] = table
@@ -65,12 +65,12 @@ class DecodeBatch:
         rows[2, :n] = flat[np.arange(n), rows[0, :n] // bs] * bs + rows[0, :n] % bs
         rows[3, :n] = steps_left
         device_stage = stage.to(self.device, non_blocking=True)
-        d = device_stage[:4 * width].view(4, width)
+        d = device_stage[:4 * size].view(4, size)
         self.positions.copy_(d[0])
         self.seq_lens.copy_(d[1])
         self.slot_mapping.copy_(d[2])
         self.steps_left.copy_(d[3])
-        self.block_tables[:n, :mb].copy_(device_stage[4 * width:].view(n, mb))
+        self.block_tables[:n, :mb].copy_(device_stage[4 * size:].view(n, mb))
         self.block_tables[:n, mb:] = 0          # a filled device tensor: no host work
         self.input_ids[:n] = input_ids if isinstance(input_ids, torch.Tensor) else \
             to_device(input_ids, torch.int64, self.device)

@@ -300,11 +300,11 @@ class ModelRunner:
     def _last_tokens(self, rows: list[int], inflight: dict[int, int]):
         """Each row's input token for a decode step, and the mask of those still on the device (from the last
         step, which the sampler's counters must include); (host ids, None) when all are on the host."""
-        host = [self.seqs[s].token_ids[-1] if s not in inflight else 0 for s in rows]
-        if not any(s in inflight for s in rows):
+        step_rows = [inflight.get(s, -1) for s in rows]          # one look a row: this runs every plan
+        host = [self.seqs[s].token_ids[-1] if b < 0 else 0 for s, b in zip(rows, step_rows)]
+        if max(step_rows, default=-1) < 0:
             return host, None
-        where, host_ids = columns_to_device([([inflight.get(s, -1) for s in rows], torch.int64),
-                                             (host, torch.int64)], self.device)
+        where, host_ids = columns_to_device([(step_rows, torch.int64), (host, torch.int64)], self.device)
         on_device = where >= 0
         sampled = self._inflight[2][where.clamp(min=0)]
         return torch.where(on_device, sampled, host_ids), on_device
