@@ -28,6 +28,7 @@ from schemas.plan import BeamStep, Fork, NewSequence, RunningSequence
 from schemas.sampling_params import SamplingParams
 
 _GOLDEN = 0x9E3779B97F4A7C15
+AHEAD = -(1 << 63)              # the priority of a request queued `ahead`: below any a client can send (int64)
 
 
 @dataclass
@@ -67,9 +68,11 @@ class Scheduler:
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
-                    priority: int = 0, beam_search: BeamSearchParams | None = None) -> Sequence:
+                    priority: int = 0, beam_search: BeamSearchParams | None = None, ahead: bool = False) -> Sequence:
         """Queue a request (a beam search with beam_search: params.n is how many of its beams it returns);
-        raises ValueError (and queues nothing) if it can never be served."""
+        raises ValueError (and queues nothing) if it can never be served. One `ahead` is admitted before every
+        waiting request whatever the policy: a readiness probe, whose answer must say whether the pipeline
+        works, not how long its queue is."""
         self.check_request(request_id, prompt_token_ids, params, beam_search)
         forks, returned = params.num_sequences - 1, params.n
         if beam_search is not None:
@@ -78,7 +81,7 @@ class Scheduler:
         seq = Sequence(seq_id=self._new_seq_id(), request_id=request_id, index=0,
                        token_ids=list(prompt_token_ids), num_prompt_tokens=len(prompt_token_ids), params=params,
                        seed=seed, arrival=self._next_arrival,
-                       priority=priority if self.config.policy == "priority" else 0,
+                       priority=AHEAD if ahead else priority if self.config.policy == "priority" else 0,
                        num_pending_forks=forks)
         self._next_arrival += 1
         self.requests[request_id] = [seq]

@@ -71,6 +71,7 @@ class GenerateRequest:
     priority: int = 0
     epoch: str = ""                # the scheduler epoch the gateway saw: a restarted scheduler drops older ones
     beam_search: BeamSearchParams | None = None      # use_beam_search: params.n of its beams are returned
+    probe: bool = False            # a gateway's readiness probe (never a client's): admitted ahead of the queue
 
     def validate(self, limits: Limits) -> None:
         # Prompt token ids are the client's to get right: the input processor refuses them with a message for
@@ -93,6 +94,7 @@ class ScheduleRequest:
     epoch: str = ""
     tokenizer_took: float = 0.0                               # when a tokenizer took the GenerateRequest
     beam_search: BeamSearchParams | None = None
+    probe: bool = False
 
     def validate(self, limits: Limits) -> None:
         # The prompt and the lengths asked for are the input processor's to check: the scheduler runs it again,

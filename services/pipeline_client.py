@@ -305,8 +305,11 @@ class PipelineClient:
 
     # ---- readiness: a real round trip ----------------------------------------------------------------------
     async def ready(self, timeout_s: float = 10.0) -> bool:
-        """True if a one-token request made it through every service in time. Health checks can come from many
-        load balancers at once, and each probe is a generation: so the answer is reused for READY_TTL_S, and
+        """True if a one-token request made it through every service in time. The probe is admitted ahead of
+        every waiting request: a busy server with a queue is ready (it takes requests; a client that finds the
+        queue full gets a 429), and a load balancer that took it out of rotation for its queue would pile its
+        load onto the others. Health checks can come from many load balancers at once, and each probe is a
+        generation: so the answer is reused for READY_TTL_S, and
         while a probe runs every caller awaits that one (shielded: a caller that gives up does not cancel it
         for the others)."""
         checked_at, ok = self._ready_cache
@@ -324,7 +327,7 @@ class PipelineClient:
                 from schemas.sampling_params import SamplingParams
                 probe = GenerateRequest(request_id=self.new_request_id("ready"), gateway=self.gateway_id,
                                         params=SamplingParams(max_tokens=1, temperature=0.0), arrival=time.time(),
-                                        prompt="ping")
+                                        prompt="ping", probe=True)
                 async with asyncio.timeout(timeout_s):
                     async for batch in self.generate(probe):
                         ok = batch[-1].error is None

@@ -224,7 +224,7 @@ class SchedulerService:
         slot = self.workers[choice.worker]
         try:
             slot.scheduler.add_request(rid, ids, request.params, self.input_processor.seed(request.params),
-                                       request.priority, request.beam_search)
+                                       request.priority, request.beam_search, ahead=request.probe)
         except ValueError as e:    # a valid request this pool cannot take (not seen: read again, answered again)
             self.transport.reply_error(request.gateway, rid, str(e), pipe)
             return

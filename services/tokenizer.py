@@ -84,7 +84,7 @@ class TokenizerService:
             pipe.set(self.names.request_meta(request.request_id), encode(meta), ex=META_TTL_S)
             forward = ScheduleRequest(request.request_id, request.gateway, token_ids, request.params,
                                       request.arrival, request.priority, request.epoch, tokenizer_took=took,
-                                      beam_search=request.beam_search)
+                                      beam_search=request.beam_search, probe=request.probe)
             self.transport.publish(self.names.schedule, encode(forward), pipe)
         self.transport.ack(self.names.tokenize, GROUP, [entry_id for entry_id, _ in accepted], pipe)
         pipe.execute()

@@ -36,6 +36,8 @@ import time
 import uuid
 from collections import deque
 
+import torch
+
 from engine.collector import frozen_heap
 from engine.config import EngineConfig
 from engine.host_stalls import HostStalls
@@ -113,6 +115,11 @@ class WorkerService:
             grammars.load()           # xgrammar and the vocabulary, now: not in the middle of serving
         self.runner = ModelRunner(self.config, files.config, files.path, eos, grammars=grammars)
         r = self.runner
+        if r.device.type == "cpu":
+            # The other services of `pagestream serve` run on these cores too: torch's threads on all of them spin
+            # against those (the warm-up, 0.5 s alone on two cores, took 9 s while they restarted), so one core
+            # is theirs. A decode step reads every weight once: it is bound by memory, not by threads.
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
         # Compile and cache every kernel variant a real load meets before saying we are here.
         log.info("warmed up in %.1f s", warm_up(r, self.config.scheduler, r.max_model_len, eos))
         info = WorkerInfo(self.worker, self.epoch, r.num_blocks, r.block_size, r.max_model_len, r.args.vocab_size,

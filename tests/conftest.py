@@ -151,6 +151,26 @@ class ServeStack:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def metrics_text(self, key: str | None = None) -> str:
+        """/metrics as a scraper gets it, with `key` (by default the stack's API key, if it has one)."""
+        import urllib.request
+        key = key or self.api_key
+        request = urllib.request.Request(f"{self.base_url}/metrics",
+                                         headers={"Authorization": f"Bearer {key}"} if key else {})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.read().decode()
+
+    def metrics(self, key: str | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of /metrics, as Prometheus parses it (prometheus_client's own parser): (name, sorted
+        label pairs) -> value."""
+        from prometheus_client.parser import text_string_to_metric_families
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(self.metrics_text(key)) for s in family.samples}
+
+    def metric(self, name: str, key: str | None = None, **labels: str) -> float | None:
+        """One sample of /metrics; None: not there."""
+        return self.metrics(key).get((name, tuple(sorted(labels.items()))))
+
 
 def start_stack(tmp_dir: _Path, *extra: str, api_key: str | None = "test-key", timeout_s: float = 300,
                 grpc: bool = True, redis_url: str | None = None) -> ServeStack:

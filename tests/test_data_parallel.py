@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import start_stack, stop_stack
 from engine.block_manager import BlockManager
@@ -113,15 +111,9 @@ def stack(tmp_path_factory):
     stop_stack(s)
 
 
-def metrics(stack) -> dict[tuple, float]:
-    text = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 def placed(stack) -> dict[tuple[str, str], float]:
     return {(dict(labels)["worker"], dict(labels)["reason"]): value
-            for (name, labels), value in metrics(stack).items() if name == "pagestream_requests_placed_total"}
+            for (name, labels), value in stack.metrics().items() if name == "pagestream_requests_placed_total"}
 
 
 def settled_placements(stack) -> dict[tuple[str, str], float]:
@@ -152,7 +144,7 @@ def test_killing_a_worker_loses_no_request_and_changes_no_text(stack, offline):
     max_tokens = 48
     expected = [(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in offline.chat(
         [[{"role": "user", "content": p}] for p in prompts], SamplingParams(max_tokens=max_tokens, temperature=0))]
-    before = metrics(stack)
+    before = stack.metrics()
 
     async def run() -> list[tuple[str, int, str | None]]:
         client = openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key="none", max_retries=0, timeout=300)
@@ -186,7 +178,7 @@ def test_killing_a_worker_loses_no_request_and_changes_no_text(stack, offline):
         assert got == expected[i], (i, got, expected[i])
     key = ("pagestream_requests_migrated_total", ())
     deadline = time.monotonic() + 10
-    while metrics(stack).get(key, 0.0) == before.get(key, 0.0):         # published twice a second
+    while stack.metrics().get(key, 0.0) == before.get(key, 0.0):         # published twice a second
         assert time.monotonic() < deadline, "no request was on the killed worker: the test proved nothing"
         time.sleep(0.2)
 

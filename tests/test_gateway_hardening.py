@@ -1,5 +1,6 @@
 """The gateway, safe to run by strangers: against a real `pagestream serve` (its own redis-server, the default
-model), over real HTTP and raw sockets. Readiness probes are shared by every caller; /metrics takes a key."""
+model), over real HTTP and raw sockets. Readiness probes are shared by every caller, and answered while a queue
+waits; /metrics takes a key."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import _free_port, start_stack, stop_stack
 from services.pipeline_client import READY_TTL_S
@@ -23,25 +23,47 @@ HEADER_TIMEOUT_S = 2.0
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    # Two sequences at a time: a third request waits for admission (the readiness test makes a queue).
     s = start_stack(tmp_path_factory.mktemp("hardened"), "--metrics-key", METRICS_KEY, "--timeout-header",
-                    str(HEADER_TIMEOUT_S), api_key=API_KEY)
+                    str(HEADER_TIMEOUT_S), "--max-num-seqs", "2", api_key=API_KEY)
     yield s
     stop_stack(s)
 
 
-def metric(stack, name: str, key: str = METRICS_KEY) -> float:
-    """One unlabelled sample of /metrics, as Prometheus would parse it."""
-    r = httpx.get(f"{stack.base_url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30)
-    r.raise_for_status()
-    samples = {s.name: s.value for family in text_string_to_metric_families(r.text) for s in family.samples
-               if not s.labels}
-    return samples[name]
+# ---- /health/ready: one probe a second, however many ask, answered ahead of the queue --------------------------
+def test_a_server_with_a_queue_is_ready(stack):
+    """Two requests fill both sequence slots and two more wait: the probe goes ahead of those two, so its answer
+    comes before their first tokens (in line behind them, it would wait for two requests to finish and time out),
+    and a busy server is ready: its answer says the pipeline works, not how long its queue is."""
+    body = {"model": "smollm2-135m-instruct", "prompt": "Tell me a story.", "max_tokens": 24, "ignore_eos": True,
+            "stream": True}
+
+    async def with_a_queue() -> tuple[httpx.Response, float, list[float]]:
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=120,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            async def first_token_at() -> float:
+                first = math.inf
+                async with http.stream("POST", "/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        first = min(first, time.monotonic() if line.startswith("data: ") else math.inf)
+                return first
+
+            await asyncio.sleep(READY_TTL_S)            # an answer cached earlier has expired: the next call probes
+            requests = [asyncio.create_task(first_token_at()) for _ in range(4)]
+            while await asyncio.to_thread(stack.metric, "pagestream_num_requests_waiting", METRICS_KEY) < 2:
+                assert not any(r.done() for r in requests), "no queue formed"
+                await asyncio.sleep(0.1)
+            ready = await http.get("/health/ready")
+            return ready, time.monotonic(), sorted(await asyncio.gather(*requests))
+
+    ready, answered, first_tokens = asyncio.run(with_a_queue())
+    assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+    assert first_tokens[1] < answered < first_tokens[2], (answered, first_tokens)      # ahead of the two waiting
 
 
-# ---- /health/ready: one probe a second, however many ask -----------------------------------------------------
 def test_200_concurrent_readiness_calls_share_one_probe(stack):
     time.sleep(READY_TTL_S)                           # whatever answer is cached has expired
-    before = metric(stack, "pagestream_gateway_readiness_checks_total")
+    before = stack.metric("pagestream_gateway_readiness_checks_total", METRICS_KEY)
 
     async def all_at_once() -> tuple[list[httpx.Response], float]:
         limits = httpx.Limits(max_connections=200)
@@ -53,7 +75,7 @@ def test_200_concurrent_readiness_calls_share_one_probe(stack):
     responses, took = asyncio.run(all_at_once())
     assert [r.status_code for r in responses] == [200] * 200
     assert {r.json()["status"] for r in responses} == {"ready"}
-    probes = metric(stack, "pagestream_gateway_readiness_checks_total") - before
+    probes = stack.metric("pagestream_gateway_readiness_checks_total", METRICS_KEY) - before
     # at least one probe (the cache had expired), and then at most one more per second the calls took
     assert 1 <= probes <= 1 + math.ceil(took / READY_TTL_S), (probes, took)
 

@@ -263,6 +263,19 @@ def test_priority_policy_serves_lowest_value_first():
     assert order == [seqs[0].seq_id, seqs[1].seq_id, seqs[2].seq_id]
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_a_request_queued_ahead_is_admitted_before_every_waiting_one(policy):
+    """A readiness probe's way in: whatever the policy and the priorities waiting, it is admitted next."""
+    s = make_scheduler(max_num_seqs=1, policy=policy)
+    d = Driver(s)
+    first = add(s, "first", range(4), priority=-5, max_tokens=1)
+    later = add(s, "later", range(4), priority=-9, max_tokens=1)
+    probe = s.add_request("probe", list(range(4)), SamplingParams(max_tokens=1), seed=0, ahead=True)
+    order = [d.step().new[0].seq_id for _ in range(3)]
+    queued = [later, first] if policy == "priority" else [first, later]
+    assert order == [probe.seq_id] + [x.seq_id for x in queued]
+
+
 def test_preemption_victim_is_lowest_priority_then_latest_arrival():
     # 5 blocks of 4: two 7-token prompts fill 4; at token 9 both need a third block and only one is left.
     s = make_scheduler(num_blocks=5, block_size=4, policy="priority", max_num_batched_tokens=64,

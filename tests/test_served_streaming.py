@@ -9,12 +9,10 @@ import json
 import statistics
 import threading
 import time
-import urllib.request
 
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import start_stack, stop_stack
 from engine import LLM, SamplingParams
@@ -152,20 +150,6 @@ def tight(request, tmp_path_factory):
         stop_stack(s)
 
 
-def scrape(stack) -> str:
-    request = urllib.request.Request(f"{stack.base_url}/metrics", headers={"Authorization": f"Bearer {stack.api_key}"})
-    with urllib.request.urlopen(request, timeout=10) as r:
-        return r.read().decode()
-
-
-def sample(text: str, name: str, **labels) -> float | None:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return None
-
-
 def test_served_greedy_equals_offline_with_chunked_prefill_and_preemption(tight):
     """The requests are sent at once, so they share steps, their prompts are cut into chunks, and sequences are
     preempted and recomputed; each must still get exactly the offline engine's greedy tokens (its text, and all
@@ -191,26 +175,20 @@ def test_served_greedy_equals_offline_with_chunked_prefill_and_preemption(tight)
 
     # The scheduler publishes its stats every half second.
     deadline = time.monotonic() + 10
-    while not (sample(scrape(stack), "pagestream_num_preemptions_total") or 0) > 0:
+    while not (stack.metric("pagestream_num_preemptions_total") or 0) > 0:
         assert time.monotonic() < deadline, f"no preemption with k={k}: the test did not test it"
         time.sleep(0.2)
 
 
 # ---- 4. the per-hop metrics add up to the time to first token --------------------------------------------------------
-def histogram(text: str, name: str) -> dict[str, tuple[float, float]]:
-    """hop -> (sum, count) of a labelled histogram of /metrics, as prometheus_client parses it."""
-    out: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != name:
-            continue
-        assert family.type == "histogram"
-        for s in family.samples:
-            entry = out.setdefault(s.labels.get("hop", ""), [0.0, 0.0])
-            if s.name == name + "_sum":
-                entry[0] = s.value
-            elif s.name == name + "_count":
-                entry[1] = s.value
-    return {hop: (total, count) for hop, (total, count) in out.items()}
+def histogram(metrics: dict, name: str) -> dict[str, tuple[float, float]]:
+    """hop -> (sum, count) of a histogram labelled by hop, in a scrape (ServeStack.metrics)."""
+    def by_hop(sample: str) -> dict[str, float]:
+        return {dict(labels)["hop"]: value for (n, labels), value in metrics.items() if n == f"{name}_{sample}"}
+
+    sums, counts = by_hop("sum"), by_hop("count")
+    assert set(sums) == set(counts) == set(by_hop("bucket")), name         # a histogram, each hop whole
+    return {hop: (sums[hop], counts[hop]) for hop in counts}
 
 
 def test_hop_metrics_add_up_to_the_time_to_first_token(stack):
@@ -225,7 +203,7 @@ def test_hop_metrics_add_up_to_the_time_to_first_token(stack):
     with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"},
                       timeout=120) as client:
         assert client.get("/health").status_code == 200           # the connection is open before the clock starts
-        before = scrape(stack)
+        before = stack.metrics()
         sent, first, usage = time.monotonic(), None, None
         with client.stream("POST", "/v1/completions", json=body) as response:
             for line in response.iter_lines():
@@ -236,7 +214,7 @@ def test_hop_metrics_add_up_to_the_time_to_first_token(stack):
                     first = time.monotonic()
                 usage = chunk.get("usage") or usage
         client_ttft = first - sent
-    after = scrape(stack)
+    after = stack.metrics()
 
     first_before, first_after = histogram(before, first_name), histogram(after, first_name)
     delivery_before, delivery_after = histogram(before, delivery_name), histogram(after, delivery_name)
@@ -248,6 +226,6 @@ def test_hop_metrics_add_up_to_the_time_to_first_token(stack):
 
     hops = sum(first_after[hop][0] - first_before.get(hop, (0, 0))[0] for hop in FIRST_TOKEN_HOPS)
     ttft = "pagestream_time_to_first_token_seconds_sum"
-    gateway_ttft = sample(after, ttft) - (sample(before, ttft) or 0.0)
+    gateway_ttft = after[ttft, ()] - before.get((ttft, ()), 0.0)
     assert hops == pytest.approx(gateway_ttft, rel=0.01, abs=0.005)
     assert hops == pytest.approx(client_ttft, rel=0.10)
