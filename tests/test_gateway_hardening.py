@@ -32,33 +32,44 @@ def stack(tmp_path_factory):
 
 # ---- /health/ready: one probe a second, however many ask, answered ahead of the queue --------------------------
 def test_a_server_with_a_queue_is_ready(stack):
-    """Two requests fill both sequence slots and two more wait: the probe goes ahead of those two, so its answer
-    comes before their first tokens (in line behind them, it would wait for two requests to finish and time out),
-    and a busy server is ready: its answer says the pipeline works, not how long its queue is."""
-    body = {"model": "smollm2-135m-instruct", "prompt": "Tell me a story.", "max_tokens": 24, "ignore_eos": True,
-            "stream": True}
-
+    """Two requests fill both sequence slots (the first ends sooner), two more wait: when the first ends, the probe
+    takes its slot ahead of them, so its answer comes before their first tokens (in line behind them, it would
+    come after both), and a busy server is ready: its answer says the pipeline works, not how long the queue is."""
     async def with_a_queue() -> tuple[httpx.Response, float, list[float]]:
         async with httpx.AsyncClient(base_url=stack.base_url, timeout=120,
                                      headers={"Authorization": f"Bearer {API_KEY}"}) as http:
-            async def first_token_at() -> float:
+            async def stream(max_tokens: int, started: asyncio.Event) -> float:
+                """When its first token came."""
+                body = {"model": "smollm2-135m-instruct", "prompt": "Tell me a story.", "max_tokens": max_tokens,
+                        "ignore_eos": True, "stream": True}
                 first = math.inf
                 async with http.stream("POST", "/v1/completions", json=body) as r:
                     async for line in r.aiter_lines():
-                        first = min(first, time.monotonic() if line.startswith("data: ") else math.inf)
+                        if line.startswith("data: ") and not started.is_set():
+                            first = time.monotonic()
+                            started.set()
                 return first
 
+            def start(max_tokens: int) -> tuple[asyncio.Task, asyncio.Event]:
+                started = asyncio.Event()
+                return asyncio.create_task(stream(max_tokens, started)), started
+
             await asyncio.sleep(READY_TTL_S)            # an answer cached earlier has expired: the next call probes
-            requests = [asyncio.create_task(first_token_at()) for _ in range(4)]
+            # Long enough that the queue forms, and is seen, well before the first one ends (0.1-0.3 s a token).
+            running = [start(30), start(60)]
+            await asyncio.wait_for(asyncio.gather(*(started.wait() for _, started in running)), 60)
+            waiting = [start(8), start(8)]
             while await asyncio.to_thread(stack.metric, "pagestream_num_requests_waiting", METRICS_KEY) < 2:
-                assert not any(r.done() for r in requests), "no queue formed"
+                assert not any(task.done() for task, _ in running), "no queue formed"
                 await asyncio.sleep(0.1)
             ready = await http.get("/health/ready")
-            return ready, time.monotonic(), sorted(await asyncio.gather(*requests))
+            answered = time.monotonic()
+            await asyncio.gather(*(task for task, _ in running))
+            return ready, answered, await asyncio.gather(*(task for task, _ in waiting))
 
-    ready, answered, first_tokens = asyncio.run(with_a_queue())
+    ready, answered, queued_first_tokens = asyncio.run(with_a_queue())
     assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
-    assert first_tokens[1] < answered < first_tokens[2], (answered, first_tokens)      # ahead of the two waiting
+    assert answered < min(queued_first_tokens), (answered, queued_first_tokens)
 
 
 def test_200_concurrent_readiness_calls_share_one_probe(stack):

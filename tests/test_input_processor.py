@@ -142,7 +142,7 @@ def test_the_scheduler_service_refuses_a_stray_prompt_with_an_error_reply(redis_
     import uuid
 
     from engine.config import SchedulerConfig
-    from schemas.codec import SchemaError, decode, encode
+    from schemas.codec import SchemaError, decode
     from schemas.messages import Reply, ScheduleRequest, WorkerInfo
     from services.scheduler import SchedulerService
     from services.transport import FIELD, Transport
