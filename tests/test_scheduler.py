@@ -18,19 +18,10 @@ from engine.plan import Plan, StepResult
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 from schemas.sampling_params import SamplingParams
-from test_block_manager import check_pool
+from test_block_manager import check_pool, prefix_keys
 
 EOS = 1
 STOP_ID = 2
-
-
-def prefix_keys(tokens: list[int]) -> list[int]:
-    """keys[p] stands for the KV of position p, which depends on every token up to p."""
-    keys, k = [], 0
-    for t in tokens:
-        k = hash((k, t))
-        keys.append(k)
-    return keys
 
 
 @dataclass
