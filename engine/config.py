@@ -61,6 +61,10 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = _option(True, "split long prompts over steps (off: a prompt is prefilled in "
                                                  "one step or waits)")
     policy: str = _option("fcfs", "fcfs, or priority (lower value first, then arrival)")
+    prefill_first: bool = _option(True, "in a burst (more prompt tokens waiting to start than one step takes), "
+                                        "steps compute prompts first and the decodes take what they leave: the "
+                                        "burst's last first token comes sooner, its first requests' second token "
+                                        "later (SGLang's order; off: decodes first, as in vLLM)")
     num_scheduler_steps: int = _option(8, "decode steps per plan: the worker runs them with no host sync "
                                           "between")
 

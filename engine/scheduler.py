@@ -193,37 +193,11 @@ class Scheduler:
         plan = Plan(freed_seq_ids=self._freed)
         self._freed = []
         budget = self.config.max_num_batched_tokens       # bounds step 1; later steps compute one token each
-        preempted = False
         forking: list[Sequence] = []
-
-        # Running sequences first, in service order; preempt from the back when the pool is short.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            left = self._tokens_left(seq)
-            group = self.beam_groups.get(seq.request_id) if self.beam_groups else None
-            if left <= 0 or (group is not None and group.waits(seq)):   # its last token is in flight; it ends
-                i += 1                                                  # when that lands (a beam: it is chosen)
-                continue
-            uncomputed = seq.num_tokens + seq.num_inflight - seq.num_computed_tokens
-            num_new = min(uncomputed, budget, self.prompt_chunk)
-            extra = min(steps - 1, left - 1) if num_new == uncomputed and group is None else 0
-            changed = self.block_manager.allocate(seq, num_new + extra)
-            while changed is None:
-                victim = self.running[-1]
-                self._preempt(victim, plan)
-                preempted = True
-                if victim is seq:
-                    break
-                changed = self.block_manager.allocate(seq, num_new + extra)
-            if changed is None:
-                break
-            plan.running.append(RunningSequence(seq.seq_id, changed, seq.block_ids[changed:]))
-            self._commit(plan, seq, num_new, extra, uncomputed, forking)
-            budget -= num_new
-            i += 1
-
-        # Then admit waiting sequences, unless this plan had to preempt (the pool is tight).
+        # Running sequences first, in service order; then waiting ones, unless this plan had to preempt. In a
+        # burst, with prefill_first, the decodes come last: they take what the prompts leave of the budget.
+        pause_decodes = self.config.prefill_first and steps == 1 and self._burst_waiting(budget)
+        budget, preempted = self._schedule_running(plan, budget, steps, forking, prompts_only=pause_decodes)
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
             if seq.num_inflight:                          # preempted while its tokens were in flight: wait
@@ -250,6 +224,8 @@ class Scheduler:
             self._commit(plan, seq, num_new, extra, uncomputed, forking)
             budget -= num_new
 
+        if pause_decodes:       # preempting only for a plan with nothing else in it: none was admitted for it
+            self._schedule_running(plan, budget, steps, forking, may_preempt=not plan.num_scheduled_tokens)
         for parent in forking:
             self._fork(parent, plan)
         plan.block_copies = self.block_manager.take_pending_copies()
@@ -257,6 +233,57 @@ class Scheduler:
         for group in self.beam_groups.values():
             group.observe_blocks()
         return plan
+
+    def _schedule_running(self, plan: Plan, budget: int, steps: int, forking: list[Sequence],
+                          prompts_only: bool = False, may_preempt: bool = True) -> tuple[int, bool]:
+        """Give the running sequences not in plan yet their tokens of it, in service order (prompts_only: only
+        those still computing their prompt), preempting from the back when the pool is short (or, unless
+        may_preempt, stopping there). Returns the budget left and whether it preempted."""
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            left = self._tokens_left(seq)
+            group = self.beam_groups.get(seq.request_id) if self.beam_groups else None
+            uncomputed = seq.num_tokens + seq.num_inflight - seq.num_computed_tokens
+            # left <= 0: its last token is in flight, it ends when that lands; a waiting beam: it is chosen
+            if left <= 0 or (group is not None and group.waits(seq)) or (prompts_only and uncomputed == 1) \
+                    or seq.seq_id in plan.num_scheduled_tokens:
+                i += 1
+                continue
+            num_new = min(uncomputed, budget, self.prompt_chunk)
+            extra = min(steps - 1, left - 1) if num_new == uncomputed and group is None else 0
+            changed = self.block_manager.allocate(seq, num_new + extra)
+            if changed is None and not may_preempt:
+                break
+            while changed is None:
+                victim = self.running[-1]
+                self._preempt(victim, plan)
+                preempted = True
+                if victim is seq:
+                    break
+                changed = self.block_manager.allocate(seq, num_new + extra)
+            if changed is None:
+                break
+            plan.running.append(RunningSequence(seq.seq_id, changed, seq.block_ids[changed:]))
+            self._commit(plan, seq, num_new, extra, uncomputed, forking)
+            budget -= num_new
+            i += 1
+        return budget, preempted
+
+    def _burst_waiting(self, budget: int) -> bool:
+        """Whether more prompt tokens wait to start than budget, counting the prompts that free seats could
+        take (a cheap count: it ignores prefix-cache hits), and the waiting head fits in the free KV blocks (so a
+        plan that pauses the decodes starts a prompt). Prompts already started do not count: one long prompt,
+        chunked, pauses the decodes for one step, not for its whole prefill."""
+        if not self.has_prompt_work():
+            return False
+        backlog = 0
+        for seq in self.waiting[:max(0, self.config.max_num_seqs - len(self.running))]:
+            backlog += seq.num_tokens
+            if backlog > budget:
+                return True
+        return False
 
     def has_prompt_work(self) -> bool:
         """Whether the next step would compute prompt tokens: a running prompt not computed yet, or a waiting

@@ -98,11 +98,12 @@ class FakeWorker:
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64,
-                   chunked=True, policy="fcfs", prefix_caching=True, steps=1, prompt_chunk=None) -> Scheduler:
+                   chunked=True, policy="fcfs", prefix_caching=True, steps=1, prompt_chunk=None,
+                   prefill_first=False) -> Scheduler:
     # One step a plan unless a test asks for more: the fake worker below runs single steps.
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              enable_chunked_prefill=chunked, policy=policy, num_scheduler_steps=steps,
-                             long_prefill_token_threshold=prompt_chunk)
+                             long_prefill_token_threshold=prompt_chunk, prefill_first=prefill_first)
     return Scheduler(config, BlockManager(num_blocks, block_size, prefix_caching), max_model_len,
                      eos_token_ids={EOS})
 
@@ -193,6 +194,68 @@ def test_a_long_prefill_shares_its_steps_with_a_prompt_that_arrives():
     assert short.output_token_ids == [7] and long.num_output_tokens == 0
     assert SchedulerConfig().for_device("cpu").long_prefill_token_threshold == 256
     assert SchedulerConfig().for_device("cuda").long_prefill_token_threshold == 8192
+
+
+def test_prefill_first_pauses_decodes_while_a_burst_waits():
+    """With prefill_first, decodes sit out the steps that waiting prompts fill: the burst's last prompt starts
+    sooner. Once what waits fits in one step, decodes share it again."""
+    s = make_scheduler(max_num_batched_tokens=16, prefill_first=True)
+    d = Driver(s)
+    a = add(s, "a", range(4), max_tokens=8)
+    d.step()                                        # a prefilled, sampled: it decodes from here
+    burst = [add(s, f"b{i}", range(20 + 8 * i, 28 + 8 * i), max_tokens=2) for i in range(5)]   # 40 tokens
+    plan = d.step()
+    assert a.seq_id not in plan.num_scheduled_tokens and sum(plan.num_scheduled_tokens.values()) == 16
+    plan = d.step()                                 # 24 tokens still wait to start: a sits out again
+    assert a.seq_id not in plan.num_scheduled_tokens and sum(plan.num_scheduled_tokens.values()) == 16
+    plan = d.step()                                 # the rest (8 tokens) fits: a decodes beside it
+    assert plan.num_scheduled_tokens[a.seq_id] == 1 and a.num_output_tokens == 2
+    assert all(b.num_output_tokens >= 1 for b in burst)
+
+
+def test_without_prefill_first_decodes_take_their_tokens_first():
+    s = make_scheduler(max_num_batched_tokens=16)
+    d = Driver(s)
+    a = add(s, "a", range(4), max_tokens=8)
+    d.step()
+    for i in range(5):
+        add(s, f"b{i}", range(20 + 8 * i, 28 + 8 * i), max_tokens=2)
+    for _ in range(3):
+        assert d.step().num_scheduled_tokens[a.seq_id] == 1
+
+
+def test_prefill_first_pauses_for_one_step_of_a_long_prompt_only():
+    """One long prompt, chunked, is not a burst once it has started: the decodes pause for its first step
+    (when it waits whole), not for its whole prefill."""
+    s = make_scheduler(max_num_batched_tokens=16, prefill_first=True)
+    d = Driver(s)
+    a = add(s, "a", range(4), max_tokens=8)
+    d.step()
+    long = add(s, "long", range(100, 164), max_tokens=2)       # 64 tokens: 4 steps of 16
+    assert d.step().num_scheduled_tokens == {long.seq_id: 16}
+    for _ in range(3):
+        plan = d.step()
+        assert plan.num_scheduled_tokens[a.seq_id] == 1 and plan.num_scheduled_tokens[long.seq_id] == 15
+    assert a.num_output_tokens == 4
+
+
+def test_prefill_first_decodes_when_no_prompt_can_start():
+    """Pausing the decodes must start a prompt: with every seat taken, or the KV pool too short for the waiting
+    head, the decodes run as usual."""
+    s = make_scheduler(max_num_batched_tokens=16, max_num_seqs=2, prefill_first=True)
+    d = Driver(s)
+    running = [add(s, r, range(10 * i, 10 * i + 4), max_tokens=6) for i, r in enumerate("ab")]
+    d.step()
+    for i in range(4):                              # 32 tokens wait, but both seats are taken
+        add(s, f"w{i}", range(50 + 8 * i, 58 + 8 * i), max_tokens=1)
+    assert d.step().num_scheduled_tokens == {q.seq_id: 1 for q in running}
+    s = make_scheduler(num_blocks=5, block_size=4, max_num_batched_tokens=16, prefill_first=True)
+    d = Driver(s)
+    a = add(s, "a", range(4), max_tokens=8)
+    d.step()
+    for i in range(3):                              # 60 tokens wait; the pool has 16 slots left for them
+        add(s, f"w{i}", range(50 + 20 * i, 70 + 20 * i), max_tokens=1)
+    assert d.step().num_scheduled_tokens[a.seq_id] == 1
 
 
 def test_without_chunked_prefill_prompt_waits_for_a_step_with_room():
@@ -696,16 +759,17 @@ class SchedulerMachine(RuleBasedStateMachine):
     @initialize(num_blocks=st.one_of(st.integers(8, 16), st.integers(8, 40)), block_size=st.sampled_from([2, 4, 4]),
                 budget=st.integers(6, 32), max_num_seqs=st.integers(1, 8), chunked=st.booleans(),
                 policy=st.sampled_from(["fcfs", "priority"]), caching=st.booleans(),
-                model_len=st.integers(6, 64), drain_by_abort=st.booleans(), seed=st.integers(0, 2**32 - 1))
+                model_len=st.integers(6, 64), drain_by_abort=st.booleans(), prefill_first=st.booleans(),
+                seed=st.integers(0, 2**32 - 1))
     def setup(self, num_blocks, block_size, budget, max_num_seqs, chunked, policy, caching, model_len,
-              drain_by_abort, seed):
+              drain_by_abort, prefill_first, seed):
         max_model_len = min(model_len, num_blocks * block_size)
         if not chunked:
             max_model_len = min(max_model_len, budget)
         self.max_model_len = max_model_len
         self.s = make_scheduler(num_blocks=num_blocks, block_size=block_size, max_model_len=self.max_model_len,
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, chunked=chunked,
-                                policy=policy, prefix_caching=caching)
+                                policy=policy, prefix_caching=caching, prefill_first=prefill_first)
         self.bm = self.s.block_manager
         self.bs = block_size
         self.rng = random.Random(seed)
@@ -782,6 +846,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         s, bm, cfg = self.s, self.bm, self.s.config
         running_before = list(s.running)
         waiting_before = list(s.waiting)
+        decoding_before = {x.seq_id for x in running_before if x.num_tokens - x.num_computed_tokens == 1}
         plan = s.schedule()
         scheduled = plan.num_scheduled_tokens
         # Budget and sequence limits.
@@ -794,11 +859,22 @@ class SchedulerMachine(RuleBasedStateMachine):
         served = [x for x in running_before if x.seq_id in scheduled]
         finished_before = [x for x in running_before if x.is_finished]
         assert not finished_before
-        k = len(served)
-        assert served == running_before[:k], "running sequences were not served in order"
+        # With prefill_first a burst's plan serves the prompts before the decodes: each kind in order, and the
+        # decodes without preempting for them (a decode is left out with budget left only when the pool is out).
+        kinds = [running_before]
+        if cfg.prefill_first:
+            kinds = [[x for x in running_before if x.seq_id not in decoding_before],
+                     [x for x in running_before if x.seq_id in decoding_before]]
+        if cfg.prefill_first and any(x.seq_id not in scheduled and x.seq_id in decoding_before for x in running_before
+                                     if x not in preempted) and plan.new:
+            event("prefill_first: decodes sat out a step that admitted prompts")
+        for kind in kinds:
+            served_of_kind = [x for x in served if x in kind]
+            assert served_of_kind == kind[:len(served_of_kind)], "running sequences were not served in order"
         assert preempted == running_before[len(running_before) - len(preempted):], "preempted out of order"
-        if k + len(preempted) < len(running_before):
-            assert plan.total_tokens == cfg.max_num_batched_tokens, "a running sequence was skipped with budget left"
+        if len(served) + len(preempted) < len(running_before):
+            assert plan.total_tokens == cfg.max_num_batched_tokens or (cfg.prefill_first and bm.num_free_blocks == 0), \
+                "a running sequence was skipped with budget left"
         assert plan.freed_seq_ids[len(plan.freed_seq_ids) - len(preempted):] == [x.seq_id for x in reversed(preempted)]
         for x in preempted:
             assert x.block_ids == [] and x.num_computed_tokens == 0 and x.num_preemptions >= 1
