@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from engine.model_files import ModelFiles, resolve_model
 
@@ -22,7 +23,8 @@ VOCAB_MULTIPLE = 64
 class Tokenizer:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(self.path, config=_plain_config(self.path),
+                                                                         local_files_only=True)
         if not getattr(self.hf, "is_fast", False):
             raise ValueError(f"{path}: a fast (tokenizer.json) tokenizer is required")
         self.backend = self.hf.backend_tokenizer
@@ -79,6 +81,29 @@ class Tokenizer:
         # The rendered template already holds its special tokens (BOS included where the model wants one).
         text = self.render_chat(messages, add_generation_prompt, tools)
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _plain_config(path: Path) -> PreTrainedConfig | None:
+    """config.json as the generic config class, for a tokenizer that tokenizer_config.json names: AutoTokenizer
+    then reads only the config's model_type. Left to itself it loads the model's own config class, whose module
+    imports most of transformers (2.5 s of every process start on a 2-core machine, more than the tokenizer
+    takes; a service restarting under load waited for it). None where the class is not named (AutoTokenizer maps
+    the config class to a tokenizer class then) or the tokenizer is remote code."""
+    try:
+        named = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(named, dict) or not named.get("tokenizer_class") or "auto_map" in named \
+            or not (path / "config.json").exists():
+        return None
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()     # "a model of type llama to instantiate a model of type ``"
+    try:
+        return PreTrainedConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def load_tokenizer(files: ModelFiles, option: str | None = None, progress: bool = False) -> Tokenizer | None:

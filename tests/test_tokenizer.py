@@ -83,3 +83,30 @@ def test_dummy_weights_with_a_tokenizer_generate_text(tiny_shape):
     out = llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 8 and out.prompt_token_ids == llm.tokenizer.encode("Hello")
     assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids)
+
+
+def test_the_tokenizer_loads_as_autotokenizer_does_without_the_model_config_class(word_tokenizer, tiny_shape):
+    """Tokenizer hands AutoTokenizer the generic config class where tokenizer_config.json names the tokenizer
+    class (engine/tokenizer.py:_plain_config): the same tokenizer as AutoTokenizer's own, and the model's config
+    module (which imports most of transformers) is never imported. Checked in a fresh process, on SmolLM2's
+    files and on a word tokenizer beside a Llama config.json."""
+    import shutil
+    import subprocess
+    import sys
+    from transformers import AutoTokenizer
+
+    beside = tiny_shape.parent / "word-beside-config"
+    shutil.copytree(word_tokenizer, beside, dirs_exist_ok=True)
+    shutil.copy(tiny_shape / "config.json", beside / "config.json")
+    for path in (resolve_model(ALIAS).path, beside):
+        ours, theirs = Tokenizer(path).hf, AutoTokenizer.from_pretrained(path, local_files_only=True)
+        text = "w3 w7 Hello world, <|im_start|>user\n tabs\tand  spaces"
+        assert type(ours) is type(theirs) and len(ours) == len(theirs)
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+        assert ours.eos_token_id == theirs.eos_token_id and ours.chat_template == theirs.chat_template
+        assert ours.all_special_tokens == theirs.all_special_tokens
+    probe = ("import sys; from engine.tokenizer import Tokenizer; Tokenizer(sys.argv[1]); "
+             "print(sorted(m for m in sys.modules if m.startswith('transformers.models.llama')))")
+    for path in (resolve_model(ALIAS).path, beside):
+        out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "[]", out.stdout
