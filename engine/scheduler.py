@@ -2,10 +2,12 @@
 
 There are no prefill and decode phases. Each step has one token budget; every running sequence asks for the
 tokens it has not computed yet (the rest of its prompt, or the one token it sampled last step), in service order,
-then waiting sequences are admitted while the budget, the sequence limit and the KV pool allow. A prompt larger
-than the remaining budget is computed in chunks over several steps (chunked prefill). When the pool runs out, the
-last sequence in service order is preempted: its blocks are freed and it is recomputed later (its full blocks
-usually come back from the prefix cache).
+then waiting sequences are admitted while the budget, the sequence limit and the KV pool allow. In a burst (more
+prompt tokens waiting to start than one step takes), with prefill_first, the decodes come after the prompts and
+take what they leave: each decode row would displace a prompt token and wait a whole prefill step for its token.
+A prompt larger than the remaining budget is computed in chunks over several steps (chunked prefill). When the
+pool runs out, the last sequence in service order is preempted: its blocks are freed and it is recomputed later
+(its full blocks usually come back from the prefix cache).
 
 A beam search request is a group of sequences, its beams (engine/beam_search.py): each computes one token per plan
 and proposes candidates, and once all have, update() ranks them, continues, forks and frees beams, and hands the
