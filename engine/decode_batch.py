@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.block_table import BlockTable, stack_tables
 from engine.staging import pinned, to_device
 
 
@@ -37,7 +38,7 @@ class DecodeBatch:
     def size(self) -> int:
         return len(self.seq_ids)
 
-    def load(self, seq_ids: list[int], positions: list[int], tables: list[list[int]], steps_left: list[int],
+    def load(self, seq_ids: list[int], positions: list[int], tables: list[BlockTable], steps_left: list[int],
              input_ids: torch.Tensor | list[int]) -> None:
         """Rows for the next step: sequence seq_ids[b] computes input_ids[b] (a device tensor from the step
         before, or host ids) at positions[b], then takes steps_left[b] more steps."""
@@ -56,9 +57,7 @@ class DecodeBatch:
         size = self.max_batch
         stage, host = pinned((4 * size + n * mb,), torch.int64, self.device)
         rows, flat = host[:4 * size].reshape(4, size), host[4 * size:].reshape(n, mb)
-        flat.fill(0)
-        for b, table in enumerate(tables):
-            flat[b, :len(table)] = table
+        stack_tables(tables, flat)
         rows[:, n:] = np.array([[0], [0], [-1], [0]])
         rows[0, :n] = positions
         rows[1, :n] = rows[0, :n] + 1

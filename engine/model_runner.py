@@ -25,6 +25,7 @@ import torch
 
 from engine.async_output import StepOutputs
 from engine.attention import AttentionMetadata, set_attention_metadata
+from engine.block_table import BlockTable, stack_tables
 from engine.config import EngineConfig
 from engine.cuda_graphs import MIXED_GRAPH_MAX_TOKENS, DecodeGraphs, MixedGraphs
 from engine.decode_batch import DecodeBatch
@@ -53,7 +54,7 @@ class WorkerSequence:
     token_ids: list[int]
     num_prompt_tokens: int
     num_computed_tokens: int
-    block_ids: list[int]
+    block_table: BlockTable
     params: SamplingParams
     seed: int
     finish: tuple[FinishReason, int | None] | None = None    # ended here (EOS, stop id, length): (reason,
@@ -75,7 +76,7 @@ class WorkerSequence:
 
     def copy(self, seed: int) -> "WorkerSequence":
         return WorkerSequence(list(self.token_ids), self.num_prompt_tokens, self.num_computed_tokens,
-                              list(self.block_ids), self.params, seed, prompt_pieces=list(self.prompt_pieces),
+                              self.block_table.copy(), self.params, seed, prompt_pieces=list(self.prompt_pieces),
                               grammar=self.grammar.copy() if self.grammar is not None else None)
 
 
@@ -189,7 +190,7 @@ class ModelRunner:
         chunks, first = [], 0
         for n in lengths:
             count = -(-n // self.block_size)
-            chunks.append((list(range(first, first + count)), [0] * n, 0))
+            chunks.append((np.arange(first, first + count, dtype=np.int32), [0] * n, 0))
             first += count
         hidden = self._forward_prefill(chunks)
         rows = min(sc.max_num_seqs, hidden.shape[0])
@@ -322,7 +323,7 @@ class ModelRunner:
         the device. Returns the number of steps launched."""
         seqs = [self.seqs[s] for s in rows]
         batch = self.decode_batch
-        batch.load(rows, [s.num_computed_tokens for s in seqs], [s.block_ids for s in seqs], steps_left, input_ids)
+        batch.load(rows, [s.num_computed_tokens for s in seqs], [s.block_table for s in seqs], steps_left, input_ids)
         sampling = SamplingBatch.from_rows([_sampling_row(s) for s in seqs], self.args.vocab_size,
                                            self.eos_token_ids, self.device)
         if isinstance(input_ids, torch.Tensor):
@@ -418,9 +419,9 @@ class ModelRunner:
                 assert n == 1, "a sequence whose token is in flight computes that token next"
                 flat_rows.append(row)
                 step_rows.append(inflight[seq_id])
-                chunks.append((seq.block_ids, [0], start))
+                chunks.append((seq.block_table, [0], start))
             else:
-                chunks.append((seq.block_ids, seq.token_ids[start:start + n], start))
+                chunks.append((seq.block_table, seq.token_ids[start:start + n], start))
             row += n
         hidden = self._forward_prefill(chunks, (flat_rows, step_rows) if flat_rows else None)
         self._prompt_logprobs(hidden, counts, inflight)
@@ -487,7 +488,7 @@ class ModelRunner:
                 seq.prompt_pieces.append(tuple(self.outputs.to_host(piece)))
             at += m
 
-    def _forward_prefill(self, chunks: list[tuple[list[int], list[int], int]],
+    def _forward_prefill(self, chunks: list[tuple[BlockTable | np.ndarray, list[int], int]],
                          from_device: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
         """Hidden states [T, D] of a flat batch of chunks (block table, the chunk's token ids, its first
         position). from_device: (flat rows, rows of the last launched step) whose input token is that step's
@@ -496,9 +497,8 @@ class ModelRunner:
         query_lens = np.fromiter((len(tokens) for _, tokens, _ in chunks), np.int64, n)
         starts = np.fromiter((start for _, _, start in chunks), np.int64, n)
         seq_lens = starts + query_lens
-        tables = np.zeros((n, max(len(table) for table, _, _ in chunks)), np.int32)
-        for b, (table, _, _) in enumerate(chunks):
-            tables[b, :len(table)] = table
+        tables = np.empty((n, max(len(table) for table, _, _ in chunks)), np.int32)
+        stack_tables([table for table, _, _ in chunks], tables)
         query_start_loc = np.zeros(n + 1, np.int64)
         np.cumsum(query_lens, out=query_start_loc[1:])
         row = np.repeat(np.arange(n), query_lens)                     # each token's chunk
@@ -629,20 +629,19 @@ class ModelRunner:
                 parent.token_ids = tokens
             else:
                 self.seqs[step.seq_id] = WorkerSequence(tokens, parent.num_prompt_tokens, parent.num_computed_tokens,
-                                                        list(parent.block_ids), parent.params, parent.seed, beam=True)
+                                                        parent.block_table.copy(), parent.params, parent.seed,
+                                                        beam=True)
         for seq_id in plan.freed_seq_ids:
             self.seqs.pop(seq_id, None)
         for new in plan.new:
             # A preempted sequence comes back with its outputs: its new matcher accepts them before it samples.
             spec = new.params.structured_outputs
             self.seqs[new.seq_id] = WorkerSequence(list(new.token_ids), new.num_prompt_tokens,
-                                                   new.num_computed_tokens, list(new.block_ids), new.params,
+                                                   new.num_computed_tokens, BlockTable(new.block_ids), new.params,
                                                    new.seed, beam=new.beam, grammar=None if spec is None else
                                                    self.grammars.state(spec))
         for run in plan.running:
-            table = self.seqs[run.seq_id].block_ids
-            del table[run.block_offset:]
-            table += run.new_block_ids
+            self.seqs[run.seq_id].block_table.replace_from(run.block_offset, run.new_block_ids)
         if plan.block_copies:
             src, dst = zip(*plan.block_copies)
             self._copy_blocks(list(src), list(dst))

@@ -257,9 +257,10 @@ def _held_tokens(rows: list[SamplingRow], vocab_size: int, eos_token_ids: Collec
     # (with ignore_eos, EOS does not end the sequence, so there is nothing to hold back).
     triples = []
     for b, r in enumerate(rows):
-        if r.num_output_tokens < r.params.min_tokens:
-            held = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(eos_token_ids))
-            triples += [(b, t, r.params.min_tokens) for t in sorted(held) if t < vocab_size]
+        p = r.params        # the cheap tests first: this runs for every row of every plan
+        if p.min_tokens and (p.stop_token_ids or not p.ignore_eos) and r.num_output_tokens < p.min_tokens:
+            held = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+            triples += [(b, t, p.min_tokens) for t in sorted(held) if t < vocab_size]
     if not triples:
         return None
     return HeldTokens(*(_tensor(list(column), device, torch.int64) for column in zip(*triples)))

@@ -255,7 +255,7 @@ class WorkerService:
         def lookup(seq_id: int, freed: set[int] = freed) -> list | None:
             if seq_id not in state and seq_id in held and seq_id not in freed:
                 q = held[seq_id]
-                state[seq_id] = [q.num_computed_tokens, len(q.block_ids), len(q.token_ids), q.finished, q.beam]
+                state[seq_id] = [q.num_computed_tokens, len(q.block_table), len(q.token_ids), q.finished, q.beam]
             return state.get(seq_id)
 
         # Beam steps come first: a new beam copies its parent (which this plan may free), as the runner does.
