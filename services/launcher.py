@@ -150,6 +150,7 @@ class Service:
     argv: list[str]
     pass_fds: tuple[int, ...] = ()
     env: dict[str, str] | None = None                  # None: serve's own
+    own_process_group: bool = False                    # out of reach of a terminal's Ctrl-C (sent to serve's group)
     proc: subprocess.Popen | None = None
     restarts: int = 0
     deaths_before_ready: int = 0
@@ -157,7 +158,8 @@ class Service:
     died_at: float | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, pass_fds=self.pass_fds, env=self.env, preexec_fn=dies_with_serve())
+        self.proc = subprocess.Popen(self.argv, pass_fds=self.pass_fds, env=self.env, preexec_fn=dies_with_serve(),
+                                     process_group=0 if self.own_process_group else None)
         self.started_at = time.monotonic()
         self.died_at = None
 
@@ -290,7 +292,9 @@ def serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.redis_url is None:
             try:
                 stack.redis_server = RedisServer(args.redis_port or free_port())
-                stack.redis = Service("redis-server", stack.redis_server.argv)
+                # A terminal's Ctrl-C goes to serve's whole process group; Redis must outlive the services that
+                # are finishing with it, so only serve stops it, last.
+                stack.redis = Service("redis-server", stack.redis_server.argv, own_process_group=True)
                 stack.redis.start()
                 stack.redis_server.wait_until_serving(stack.redis.proc)
             except (RuntimeError, FileNotFoundError) as e:

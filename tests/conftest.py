@@ -188,7 +188,9 @@ def start_stack(tmp_dir: _Path, *extra: str, api_key: str | None = "test-key", t
         argv += ["--api-key", api_key]
     log_path = tmp_dir / "serve.log"
     env = {**_os.environ, "PYTHONUNBUFFERED": "1", **({REDIS_URL_ENV: redis_url} if redis_url else {})}
-    proc = _subprocess.Popen(argv, cwd=REPO, stdout=open(log_path, "w"), stderr=_subprocess.STDOUT, env=env)
+    # A process group of its own, as a shell gives a job: stop_stack's Ctrl-C reaches serve and its services alone.
+    proc = _subprocess.Popen(argv, cwd=REPO, stdout=open(log_path, "w"), stderr=_subprocess.STDOUT, env=env,
+                             start_new_session=True)
     stack = ServeStack(proc, f"http://127.0.0.1:{port}", grpc_port, "", prefix, api_key, log_path)
     if wait_ready(stack.base_url, timeout_s, alive=lambda: proc.poll() is None):
         stack.redis_url = served_redis_url(proc.pid)
@@ -214,7 +216,11 @@ def served_redis_url(serve_pid: int) -> str:
 
 
 def stop_stack(stack: ServeStack) -> None:
-    stack.proc.send_signal(_signal.SIGINT)
+    """Ctrl-C as a terminal sends it: SIGINT to serve's whole process group."""
+    try:
+        _os.killpg(stack.proc.pid, _signal.SIGINT)
+    except ProcessLookupError:                  # serve and every process of its group have exited already
+        pass
     try:
         stack.proc.wait(timeout=30)
     except _subprocess.TimeoutExpired:

@@ -244,3 +244,24 @@ def test_one_request_id_from_clients_of_two_gateways(second_stack, two_grpc_gate
         assert [k for k in client.scan_iter(f"{second_stack.prefix}:*") if shared_id.encode() in k] == []
     finally:
         client.close()
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------------------------------------
+def test_ctrl_c_stops_everything_and_redis_last(tmp_path):
+    """A terminal's Ctrl-C is sent to serve's whole process group (stop_stack sends it so). The embedded Redis is in
+    a group of its own, out of its reach: the services finish with it, and serve stops it last. Before, it died with
+    them, and the services' last reads and writes met a closed connection."""
+    stack = start_stack(tmp_path, api_key=None, grpc=False)
+    try:
+        assert complete(stack.base_url, "The capital of France is", None)
+        children = descendants(stack.proc.pid)
+        [redis_server] = [p for p in children if p.name() == "redis-server"]
+        services = [p for p in children if p.pid in stack.service_pids("scheduler") + stack.service_pids("gateway")]
+        assert services and all(os.getpgid(p.pid) == stack.proc.pid for p in services)
+        assert os.getpgid(redis_server.pid) == redis_server.pid
+    finally:
+        stop_stack(stack)
+    assert stack.proc.returncode == 0, stack.log()[-3000:]
+    _, alive = psutil.wait_procs(children, timeout=STOP_S)
+    assert not alive, f"left behind: {alive}"
+    assert "cannot reach Redis" not in stack.log(), stack.log()[-3000:]
