@@ -150,7 +150,6 @@ class Service:
     argv: list[str]
     pass_fds: tuple[int, ...] = ()
     env: dict[str, str] | None = None                  # None: serve's own
-    own_process_group: bool = False                    # out of reach of a terminal's Ctrl-C (sent to serve's group)
     proc: subprocess.Popen | None = None
     restarts: int = 0
     deaths_before_ready: int = 0
@@ -158,8 +157,12 @@ class Service:
     died_at: float | None = None
 
     def start(self) -> None:
+        # A process group of its own: a terminal's Ctrl-C (SIGINT to its whole foreground group) reaches serve
+        # alone, which stops the services once each, gateways first and Redis last (Stack.shutdown). In serve's
+        # group each service got the terminal's SIGINT and serve's SIGTERM together, and Redis quit before the
+        # services had finished with it.
         self.proc = subprocess.Popen(self.argv, pass_fds=self.pass_fds, env=self.env, preexec_fn=dies_with_serve(),
-                                     process_group=0 if self.own_process_group else None)
+                                     process_group=0)
         self.started_at = time.monotonic()
         self.died_at = None
 
@@ -292,9 +295,7 @@ def serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.redis_url is None:
             try:
                 stack.redis_server = RedisServer(args.redis_port or free_port())
-                # A terminal's Ctrl-C goes to serve's whole process group; Redis must outlive the services that
-                # are finishing with it, so only serve stops it, last.
-                stack.redis = Service("redis-server", stack.redis_server.argv, own_process_group=True)
+                stack.redis = Service("redis-server", stack.redis_server.argv)
                 stack.redis.start()
                 stack.redis_server.wait_until_serving(stack.redis.proc)
             except (RuntimeError, FileNotFoundError) as e:

@@ -3,6 +3,7 @@ loop that outlives Redis going away (keep_running)."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Callable, TypeVar
@@ -19,10 +20,29 @@ def setup_logging(service: str) -> None:
 
 
 def stop_event() -> threading.Event:
-    """Set on SIGINT or SIGTERM, so a service finishes what it holds and exits cleanly."""
+    """Set on SIGINT or SIGTERM, so a service finishes what it holds and exits cleanly.
+
+    The handler only writes a byte to a pipe; a thread of its own reads it and sets the event. Python runs a
+    handler in the main thread between two bytecodes, which may be inside stop.wait, or inside the handler of the
+    signal before, while that thread holds the event's lock: a handler that set the event itself would wait for
+    that lock for ever. A served scheduler given SIGINT and SIGTERM together hung so until serve killed it."""
     stop = threading.Event()
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+
+    def set_when_signalled() -> None:
+        os.read(read_end, 1)
+        stop.set()
+
+    def on_signal(*_) -> None:
+        try:
+            os.write(write_end, b"\0")
+        except BlockingIOError:              # the pipe is full of earlier signals' bytes: one is enough
+            pass
+
+    threading.Thread(target=set_when_signalled, name="stop on signal", daemon=True).start()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     return stop
 
 
