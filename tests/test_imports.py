@@ -4,10 +4,14 @@ a lower layer reaching up: services/cli.py <-> loadtest/ was one."""
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("engine", "kernels", "loadtest", "schemas", "services")
+from conftest import REPO
+
+# The packages the project installs, as pyproject.toml names them: one added there is walked here too.
+PACKAGES = [name.rstrip("*") for name in
+            tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]]
 
 
 def module_name(path: Path) -> str:

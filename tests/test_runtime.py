@@ -7,9 +7,9 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
+
 ROUNDS = 400
 SIGNALS = 400                 # a burst: spread over the time a round takes, some land inside a handler
 
